@@ -1,0 +1,3 @@
+from kanc.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""Group-rational activation: the reference definition and its dispatching entry point.
+
+F_g(x) = P_g(x) / Q_g(x) over the last dimension, split into G contiguous groups:
+    P_g(x) = a_g0 + a_g1 x + ... + a_gm x^m
+    Q_g(x) = 1 + |b_g1| |x| + ... + |b_gn| |x|^n        (>= 1: no poles)
+``numerator`` is (G, m+1) and ``denominator`` is (G, n). Math runs in fp32 (x^5 overflows fp16
+past |x| = 9.19) and the result is stored in the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_rational_args(x: Tensor, numerator: Tensor, denominator: Tensor) -> int:
+    """Validate shapes; return the group count G."""
+    if numerator.dim() != 2 or denominator.dim() != 2:
+        raise ValueError(
+            f"numerator and denominator must be 2-D (groups, degree), got {tuple(numerator.shape)} "
+            f"and {tuple(denominator.shape)}"
+        )
+    groups = denominator.shape[0]
+    if numerator.shape[0] != groups:
+        raise ValueError(f"numerator has {numerator.shape[0]} groups but denominator has {groups}")
+    channels = x.shape[-1] if x.dim() > 0 else 0
+    if x.dim() == 0 or channels % groups != 0:
+        raise ValueError(f"last dimension ({channels}) must be divisible by the number of groups ({groups})")
+    return groups
+
+
+def rational_ref(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
+    """Pure-PyTorch group rational (the living definition every kernel is checked against).
+
+    Differentiable in x, numerator and denominator through autograd.
+    """
+    groups = check_rational_args(x, numerator, denominator)
+    shape = x.shape
+    xf = x.float().reshape(*shape[:-1], groups, shape[-1] // groups)
+    a = numerator.float().unsqueeze(-1)  # (G, m+1, 1): a[:, k] broadcasts over (..., G, C/G)
+    b = denominator.float().abs().unsqueeze(-1)
+    p = a[:, -1]
+    for k in range(a.shape[1] - 2, -1, -1):
+        p = p * xf + a[:, k]
+    ax = xf.abs()
+    q = torch.ones_like(xf)
+    if b.shape[1] > 0:
+        q = b[:, -1] * ax
+        for k in range(b.shape[1] - 2, -1, -1):
+            q = (q + b[:, k]) * ax
+        q = q + 1.0
+    return (p / q).reshape(shape).to(x.dtype)
+
+
+def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
+    """F(x) with the best available implementation: a Triton kernel where the checker allows, else the reference."""
+    return rational_ref(x, numerator, denominator)

@@ -1,0 +1,1 @@
+"""kanc.frontend (see design.md section 2)."""

@@ -1,0 +1,1 @@
+"""kanc.passes (see design.md section 2)."""

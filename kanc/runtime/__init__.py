@@ -1,0 +1,1 @@
+"""kanc.runtime (see design.md section 2)."""
