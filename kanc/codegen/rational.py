@@ -4,7 +4,7 @@ F_g(x) = P_g(x) / Q_g(x) over the last dimension, split into G contiguous groups
     P_g(x) = a_g0 + a_g1 x + ... + a_gm x^m
     Q_g(x) = 1 + |b_g1| |x| + ... + |b_gn| |x|^n        (>= 1: no poles)
 ``numerator`` is (G, m+1) and ``denominator`` is (G, n). Math runs in fp32 (x^5 overflows fp16
-past |x| = 9.19) and the result is stored in the input's dtype.
+past |x| = 9.19; fp64 inputs stay fp64) and the result is stored in the input's dtype.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ def rational_ref(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
     """
     groups = check_rational_args(x, numerator, denominator)
     shape = x.shape
-    xf = x.float().reshape(*shape[:-1], groups, shape[-1] // groups)
-    a = numerator.float().unsqueeze(-1)  # (G, m+1, 1): a[:, k] broadcasts over (..., G, C/G)
-    b = denominator.float().abs().unsqueeze(-1)
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(math_dtype).reshape(*shape[:-1], groups, shape[-1] // groups)
+    a = numerator.to(math_dtype).unsqueeze(-1)  # (G, m+1, 1): a[:, k] broadcasts over (..., G, C/G)
+    b = denominator.to(math_dtype).abs().unsqueeze(-1)
     p = a[:, -1]
     for k in range(a.shape[1] - 2, -1, -1):
         p = p * xf + a[:, k]
