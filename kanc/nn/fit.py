@@ -1,14 +1,198 @@
-"""Rational fits (placeholder: identity only; the fitter and shipped table replace this)."""
+"""Fitting the safe rational P/Q to an activation, in exactly the form kanc evaluates.
+
+KAT's published GELU coefficients were fitted with another denominator than the one its kernels
+evaluate (max error 1.47 on [-3, 3]); here the fit's objective calls ``rational_ref`` itself.
+
+Method (deterministic, float64): a linearised least-squares start (P - f (Q - 1) = f, signed
+denominator), then L-BFGS on the exact evaluated form under an L_p loss with p doubling from 2 to
+32, which drives the fit towards minimax. Named activations are shipped precomputed in
+``fits.json``; regenerate it with ``python -m kanc.nn.fit --write``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
 import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from kanc.codegen.rational import rational_ref
+
+TABLE_PATH = Path(__file__).with_name("fits.json")
+DEFAULT_DEGREES = (5, 4)
+DEFAULT_INTERVAL = (-3.0, 3.0)
+DEFAULT_POINTS = 4001
+
+ACTIVATION_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda x: x,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": None}
 
 
-def rational_coefficients(init, degrees=(5, 4)):
+@dataclass(frozen=True)
+class RationalFit:
+    """Coefficients of one fit: numerator a_0..a_m, denominator b_1..b_n, and its max error."""
+
+    numerator: tuple[float, ...]
+    denominator: tuple[float, ...]
+    max_error: float
+    interval: tuple[float, float]
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return torch.tensor(self.numerator), torch.tensor(self.denominator)
+
+
+def evaluate(numerator: Tensor, denominator: Tensor, x: Tensor) -> Tensor:
+    """One-group rational at points x (1-D), through the same reference the layers use."""
+    return rational_ref(x.reshape(-1, 1), numerator.reshape(1, -1), denominator.reshape(1, -1)).reshape(x.shape)
+
+
+def _linear_start(x: Tensor, y: Tensor, m: int, n: int) -> tuple[Tensor, Tensor]:
+    """Least squares of P(x) - y (Q(x) - 1) = y, linear in (a, signed b)."""
+    cols = [x**k for k in range(m + 1)] + [-y * x.abs() ** k for k in range(1, n + 1)]
+    sol = torch.linalg.lstsq(torch.stack(cols, 1), y.unsqueeze(1)).solution.squeeze(1)
+    return sol[: m + 1], sol[m + 1 :]
+
+
+def _refine(a: Tensor, b: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """L-BFGS on the evaluated form, L_p loss with growing p (towards minimax)."""
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    for p in (2, 4, 8, 16, 32):
+        opt = torch.optim.LBFGS(
+            [a, b], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
+        )
+
+        def closure(p: int = p) -> Tensor:
+            opt.zero_grad()
+            err = evaluate(a, b, x) - y
+            scale = err.detach().abs().max() + 1e-30  # keeps |err/scale|^p in range for large p
+            loss = ((err / scale).abs() ** p).mean() ** (1.0 / p) * scale
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return a.detach(), b.detach()
+
+
+def fit_rational(
+    fn: Callable[[Tensor], Tensor],
+    degrees: tuple[int, int] = DEFAULT_DEGREES,
+    interval: tuple[float, float] = DEFAULT_INTERVAL,
+    points: int = DEFAULT_POINTS,
+) -> RationalFit:
+    """Fit F = P/Q (degrees (m, n), Q = 1 + sum |b_k| |x|^k) to ``fn`` on a dense grid of ``interval``."""
     m, n = degrees
-    if init == "identity":
-        num = torch.zeros(m + 1)
-        num[1] = 1.0
-        return num, torch.zeros(n)
-    raise NotImplementedError(init)
+    if m < 0 or n < 0:
+        raise ValueError(f"degrees must be non-negative, got {degrees}")
+    lo, hi = float(interval[0]), float(interval[1])
+    if not lo < hi:
+        raise ValueError(f"fit interval must have lo < hi, got {interval}")
+    x = torch.linspace(lo, hi, points, dtype=torch.float64)
+    with torch.no_grad():
+        y = fn(x).to(torch.float64)
+    if y.shape != x.shape or not torch.isfinite(y).all():
+        raise ValueError("the function to fit must map a 1-D tensor to finite values of the same shape")
+    with torch.random.fork_rng(devices=[]):  # L-BFGS is deterministic; keep the user's RNG untouched anyway
+        a, b = _refine(*_linear_start(x, y, m, n), x, y)
+    err = float((evaluate(a, b, x) - y).abs().max())
+    return RationalFit(tuple(a.tolist()), tuple(b.abs().tolist()), err, (lo, hi))
+
+
+def _key(name: str, degrees: tuple[int, int]) -> str:
+    return f"{name}/{degrees[0]}/{degrees[1]}"
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[str, RationalFit]:
+    if not TABLE_PATH.exists():
+        return {}
+    raw = json.loads(TABLE_PATH.read_text())
+    return {
+        k: RationalFit(tuple(v["numerator"]), tuple(v["denominator"]), v["max_error"], tuple(v["interval"]))
+        for k, v in raw["fits"].items()
+    }
+
+
+def canonical_name(name: str) -> str:
+    """Map aliases (swish, gelu_new, ...) to a shipped activation name; ValueError when unknown."""
+    key = name.lower()
+    key = ALIASES.get(key, key) or key
+    if key not in ACTIVATION_FUNCTIONS:
+        known = ", ".join(sorted(ACTIVATION_FUNCTIONS))
+        raise ValueError(f"unknown rational init {name!r}: use one of {known}, or pass a callable")
+    return key
+
+
+@lru_cache(maxsize=64)
+def _named_fit(name: str, degrees: tuple[int, int]) -> RationalFit:
+    shipped = _table().get(_key(name, degrees))
+    return shipped if shipped is not None else fit_rational(ACTIVATION_FUNCTIONS[name], degrees)
+
+
+def _identity(degrees: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    m, n = degrees
+    if m < 1:
+        raise ValueError(f"the identity needs numerator degree >= 1, got {degrees}")
+    num = torch.zeros(m + 1)
+    num[1] = 1.0
+    return num, torch.zeros(n)
+
+
+def rational_coefficients(
+    init: str | Callable[[Tensor], Tensor], degrees: tuple[int, int] = DEFAULT_DEGREES
+) -> tuple[Tensor, Tensor]:
+    """(numerator (m+1,), denominator (n,)) float32 coefficients for a named activation or a callable."""
+    degrees = (int(degrees[0]), int(degrees[1]))
+    if callable(init):
+        num, den = fit_rational(init, degrees).tensors()
+        return num.float(), den.float()
+    name = canonical_name(init)
+    if name == "identity":
+        return _identity(degrees)
+    num, den = _named_fit(name, degrees).tensors()
+    return num.float(), den.float()
+
+
+def build_table(degrees: tuple[tuple[int, int], ...] = (DEFAULT_DEGREES,)) -> dict:
+    """Fit every named activation at every degree pair: the content of fits.json."""
+    fits = {}
+    for deg in degrees:
+        for name, fn in ACTIVATION_FUNCTIONS.items():
+            if name != "identity":
+                fits[_key(name, deg)] = asdict(fit_rational(fn, deg))
+    return {
+        "about": "Safe rational fits P/Q, Q = 1 + sum |b_k| |x|^k, made by kanc.nn.fit (python -m kanc.nn.fit --write)",
+        "interval": list(DEFAULT_INTERVAL),
+        "points": DEFAULT_POINTS,
+        "fits": fits,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Regenerate or print kanc's shipped rational fits.")
+    parser.add_argument("--write", action="store_true", help=f"write {TABLE_PATH.name} (else print it)")
+    args = parser.parse_args(argv)
+    table = build_table(((5, 4), (4, 4), (3, 2)))
+    for key, fit in table["fits"].items():
+        print(f"{key:20s} max |F - f| on [-3, 3] = {fit['max_error']:.2e}")
+    if args.write:
+        TABLE_PATH.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {TABLE_PATH}")
+    assert all(math.isfinite(f["max_error"]) for f in table["fits"].values())
+
+
+if __name__ == "__main__":
+    main()
