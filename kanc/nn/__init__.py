@@ -1,5 +1,17 @@
 """Kolmogorov-Arnold layers (pure PyTorch definitions; kernels are picked by kanc.codegen)."""
 
+from kanc.nn.fit import fit_rational, rational_coefficients
+from kanc.nn.init import init_grkan_linear_, variance_gain
+from kanc.nn.mlp import GRKANMlp, Mlp
 from kanc.nn.rational import GRKANLinear, GroupRational
 
-__all__ = ["GRKANLinear", "GroupRational"]
+__all__ = [
+    "GRKANLinear",
+    "GRKANMlp",
+    "GroupRational",
+    "Mlp",
+    "fit_rational",
+    "init_grkan_linear_",
+    "rational_coefficients",
+    "variance_gain",
+]
