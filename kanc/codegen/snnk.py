@@ -7,6 +7,7 @@ feature map followed by one trainable linear layer:
     y      = Phi(x) W^T + b          W: (d_out, width) trainable ("weight")
 
 Feature kinds g and their width:
+Inputs are scaled by ``input_scale`` s first (Phi(s x)): the kernel bandwidth, 1 by default.
 - "relu": max(Gx, floor)                          width m  (arc-cosine kernel for floor = 0)
 - "exp":  exp(Gx - |x|^2 / 2)                     width m  (positive random features: with
           Psi_j(w) = m^-1/2 exp(g_j.w - |w|^2/2 + b), E[Phi(x).Psi(w)] = exp(w.x + b) exactly)
@@ -49,14 +50,15 @@ def check_snnk_args(x: Tensor, projection: Tensor, kind: str) -> None:
         raise ValueError(f"last dimension of x {tuple(x.shape)} != in_features {projection.shape[1]}")
 
 
-def snnk_features_ref(x: Tensor, projection: Tensor, kind: str, floor: float = 0.0) -> Tensor:
-    """Phi(x) over the last dimension: (..., d) -> (..., width), width = m, or 2m for "cos".
+def snnk_features_ref(x: Tensor, projection: Tensor, kind: str, floor: float = 0.0, input_scale: float = 1.0) -> Tensor:
+    """Phi(s x) over the last dimension: (..., d) -> (..., width), width = m, or 2m for "cos".
 
-    ``floor`` is the ReLU floor c of max(Gx, c) (ignored by the other kinds). Differentiable in x.
+    ``floor`` is the ReLU floor c of max(Gx, c) (ignored by the other kinds); ``input_scale`` s sets the kernel's
+    bandwidth (exp: E[Phi(x).Phi'(w)] = exp(w.x) needs the weight tower at w / s). Differentiable in x.
     """
     check_snnk_args(x, projection, kind)
     dtype = _math_dtype(x)
-    xf = x.to(dtype)
+    xf = x.to(dtype) * input_scale
     z = xf @ projection.to(dtype).T
     scale = 1.0 / math.sqrt(projection.shape[0])
     if kind == "relu":
@@ -69,7 +71,13 @@ def snnk_features_ref(x: Tensor, projection: Tensor, kind: str, floor: float = 0
 
 
 def snnk_block_ref(
-    x: Tensor, projection: Tensor, weight: Tensor, bias: Tensor | None, kind: str, floor: float = 0.0
+    x: Tensor,
+    projection: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    kind: str,
+    floor: float = 0.0,
+    input_scale: float = 1.0,
 ) -> Tensor:
     """linear(Phi(x), weight, bias): the bundled SNNK block, in fp32 math, stored in x's dtype."""
     check_snnk_args(x, projection, kind)
@@ -77,13 +85,19 @@ def snnk_block_ref(
     if weight.dim() != 2 or weight.shape[1] != width:
         raise ValueError(f"weight must be (out_features, {width}) for kind {kind!r}, got {tuple(weight.shape)}")
     dtype = _math_dtype(x)
-    phi = snnk_features_ref(x.to(dtype), projection, kind, floor)
+    phi = snnk_features_ref(x.to(dtype), projection, kind, floor, input_scale)
     b = bias.to(dtype) if bias is not None else None
     return torch.nn.functional.linear(phi, weight.to(dtype), b).to(x.dtype)
 
 
 def snnk_block(
-    x: Tensor, projection: Tensor, weight: Tensor, bias: Tensor | None, kind: str, floor: float = 0.0
+    x: Tensor,
+    projection: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    kind: str,
+    floor: float = 0.0,
+    input_scale: float = 1.0,
 ) -> Tensor:
     """The SNNK block with the best available implementation (currently the reference)."""
-    return snnk_block_ref(x, projection, weight, bias, kind, floor)
+    return snnk_block_ref(x, projection, weight, bias, kind, floor, input_scale)
