@@ -97,10 +97,11 @@ class SNNKFeatures(nn.Module):
         W / s times e^b, so Psi(W, b) Phi(x) is unbiased for exp(W x + b); cos: m^-1/2 [cos(s W G^T); sin(s W G^T)]
         (bias dropped), the symmetric Fourier map, whose products estimate the Gaussian kernel exp(-s^2 |x - w|^2 / 2).
         """
-        w, g = weight.detach().double(), self.projection.double()
+        g = self.projection.double()
+        w = weight.detach().to(g)
         if self.kind == "exp":
             psi = snnk_features_ref(w, g, "exp", input_scale=1.0 / self.input_scale)
-            return psi * torch.exp(bias.detach().double()).unsqueeze(1) if bias is not None else psi
+            return psi * torch.exp(bias.detach().to(g)).unsqueeze(1) if bias is not None else psi
         return snnk_features_ref(w, g, self.kind, self.floor, self.input_scale)
 
     def extra_repr(self) -> str:
@@ -114,6 +115,7 @@ def _variance_std(features: SNNKFeatures, samples: int = 4096) -> float:
     """Weight std that keeps unit output variance for N(0, 1) inputs: 1 / sqrt(width E[Phi_j^2])."""
     gen = torch.Generator().manual_seed(features.seed + 1)
     x = torch.randn(samples, features.in_features, generator=gen, dtype=torch.float64)
+    x = x.to(features.projection.device)
     second_moment = float(features(x).square().mean())
     return 1.0 / math.sqrt(features.out_features * max(second_moment, 1e-300))
 
@@ -215,8 +217,9 @@ class SNNKMlp(nn.Module):
 
         ``ridge`` is relative to the mean feature energy (scale free); the bias is not penalized.
         """
-        x = inputs.detach().reshape(-1, self.in_features).double()
-        y = targets.detach().reshape(-1, self.out_features).double()
+        device = self.features.projection.device
+        x = inputs.detach().reshape(-1, self.in_features).to(device, torch.float64)
+        y = targets.detach().reshape(-1, self.out_features).to(device, torch.float64)
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"inputs give {x.shape[0]} rows but targets give {y.shape[0]}")
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
@@ -226,7 +229,7 @@ class SNNKMlp(nn.Module):
         a = torch.cat([phi, torch.ones_like(phi[:, :1])], 1) if has_bias else phi
         gram = a.T @ a
         penalty = ridge * float(torch.diagonal(gram)[: phi.shape[1]].mean()) + 1e-12
-        reg = torch.full((a.shape[1],), penalty, dtype=torch.float64)
+        reg = torch.full((a.shape[1],), penalty, dtype=torch.float64, device=device)
         if has_bias:
             reg[-1] = 1e-12 * max(1.0, float(gram[-1, -1]))
         sol = _solve_spd(gram + torch.diag(reg), a.T @ y)
@@ -239,7 +242,8 @@ class SNNKMlp(nn.Module):
         """Synthetic N(0, 1) calibration inputs (seeded): max(4 width, 1024) rows unless given."""
         rows = rows or max(4 * self.features.out_features, 1024)
         gen = torch.Generator().manual_seed(self.features.seed + 4)
-        return torch.randn(rows, self.in_features, generator=gen, dtype=torch.float64)
+        x = torch.randn(rows, self.in_features, generator=gen, dtype=torch.float64)
+        return x.to(self.features.projection.device)
 
     def fit_to(
         self, block_fn: Callable[[Tensor], Tensor], calibration: Tensor | None = None, ridge: float = 1e-3

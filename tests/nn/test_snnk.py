@@ -301,3 +301,25 @@ def test_from_mlp_errors():
         SNNKMlp.from_mlp(w1, b1, w2.T, b2, "gelu", 16)
     with pytest.raises(ValueError, match="finite"):
         SNNKMlp(8, 3, 16).fit_(torch.full((4, 8), float("nan")), torch.zeros(4, 3))
+
+
+def test_only_the_readout_trains_and_compile_matches_eager():
+    block = SNNKMlp(16, 6, 32, kind="exp", seed=3)
+    assert [n for n, p in block.named_parameters()] == ["linear.weight", "linear.bias"]
+    x = torch.randn(5, 9, 16, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), block(x))
+    compiled(x).square().sum().backward()
+    assert block.linear.weight.grad is not None and x.grad is not None
+    assert not block.features.projection.requires_grad
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("init", ["warm", "preserve", "variance"])
+def test_from_mlp_on_cuda(init):
+    params = [t.cuda() for t in _mlp()]
+    block = SNNKMlp.from_mlp(*params, "gelu", 256, kind="relu", init=init)
+    assert block.features.projection.is_cuda and block.linear.weight.is_cuda
+    x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+    assert block(x).dtype == torch.bfloat16
