@@ -323,3 +323,19 @@ def test_from_mlp_on_cuda(init):
     assert block.features.projection.is_cuda and block.linear.weight.is_cuda
     x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
     assert block(x).dtype == torch.bfloat16
+
+
+def test_cos_features_are_universal_random_features_for_cos():
+    """URF identity (cos with xi = +-1/2pi): E[cos(g.x) exp(g.w - |w|^2/2)] = exp(-|x|^2/2) cos(w.x), so the cos
+    half of Phi against the exp weight tower estimates cos(w.x) up to the per-input factor exp(|x|^2/2)."""
+    x, w, _ = _kernel_problem("cos")
+    truth = torch.cos(x @ w.T)
+    errors = []
+    for m in (256, 4096):
+        feats = SNNKFeatures(8, m, "cos", orthogonal=False, seed=0, input_scale=1.0).double()
+        exp_feats = SNNKFeatures(8, m, "exp", orthogonal=False, seed=0, input_scale=1.0).double()
+        cos_half = feats(x)[:, :m]
+        est = (cos_half @ exp_feats.weight_features(w).T) * torch.exp(0.5 * x.square().sum(1, keepdim=True))
+        errors.append(rel_error(est, truth))
+    print(f"cos URF: rel error m=256 {errors[0]:.3f}, m=4096 {errors[1]:.3f}")
+    assert errors[1] < 0.1 and 2.5 < errors[0] / errors[1] < 6.5  # one seed: 4x within Monte Carlo spread
