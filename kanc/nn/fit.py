@@ -3,9 +3,9 @@
 KAT's published GELU coefficients were fitted with another denominator than the one its kernels
 evaluate (max error 1.47 on [-3, 3]); here the fit's objective calls ``rational_ref`` itself.
 
-Method (no randomness, float64; reproducible up to BLAS summation order): a linearised
-least-squares start (P - f (Q - 1) = f, signed denominator), then L-BFGS on the exact evaluated
-form under an L_p loss with p doubling from 2 to 32, which drives the fit towards minimax.
+Method (deterministic, bitwise across runs; float64): a linearised least-squares start
+(P - f (Q - 1) = f, signed denominator), then L-BFGS on the exact evaluated form under an L_p loss
+with p doubling from 2 to 32, which drives the fit towards minimax.
 Named activations are shipped precomputed in ``fits.json``; regenerate it with ``python -m kanc.nn.fit --write``.
 """
 
@@ -63,10 +63,39 @@ def evaluate(numerator: Tensor, denominator: Tensor, x: Tensor) -> Tensor:
 
 
 def _linear_start(x: Tensor, y: Tensor, m: int, n: int) -> tuple[Tensor, Tensor]:
-    """Least squares of P(x) - y (Q(x) - 1) = y, linear in (a, signed b)."""
+    """Least squares of P(x) - y (Q(x) - 1) = y, linear in (a, signed b).
+
+    Solved through the normal equations of the column-scaled design with Gaussian elimination in Python floats:
+    MKL's lstsq differs in the last bits from run to run (memory alignment) and L-BFGS amplifies that; the
+    column dot products here are single-threaded native reductions, so the start is bitwise reproducible.
+    """
     cols = [x**k for k in range(m + 1)] + [-y * x.abs() ** k for k in range(1, n + 1)]
-    sol = torch.linalg.lstsq(torch.stack(cols, 1), y.unsqueeze(1)).solution.squeeze(1)
-    return sol[: m + 1], sol[m + 1 :]
+    scale = [float(c.norm()) or 1.0 for c in cols]
+    cols = [c / s for c, s in zip(cols, scale)]
+    k = len(cols)
+    gram = [[float((cols[i] * cols[j]).sum()) for j in range(k)] for i in range(k)]
+    rhs = [float((c * y).sum()) for c in cols]
+    for i in range(k):
+        gram[i][i] += 1e-13  # a whisper of ridge: the scaled Gram matrix has unit diagonal
+    sol = _gauss_solve(gram, rhs)
+    out = torch.tensor([v / s for v, s in zip(sol, scale)], dtype=torch.float64)
+    return out[: m + 1], out[m + 1 :]
+
+
+def _gauss_solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
+    """Dense solve with partial pivoting in Python floats (tiny systems; deterministic by construction)."""
+    k = len(rhs)
+    aug = [row[:] + [r] for row, r in zip(matrix, rhs)]
+    for col in range(k):
+        piv = max(range(col, k), key=lambda r: abs(aug[r][col]))
+        aug[col], aug[piv] = aug[piv], aug[col]
+        for r in range(col + 1, k):
+            f = aug[r][col] / aug[col][col]
+            aug[r] = [a - f * b for a, b in zip(aug[r], aug[col])]
+    sol = [0.0] * k
+    for r in range(k - 1, -1, -1):
+        sol[r] = (aug[r][k] - sum(aug[r][c] * sol[c] for c in range(r + 1, k))) / aug[r][r]
+    return sol
 
 
 def _refine(a: Tensor, b: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
