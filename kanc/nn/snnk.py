@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from kanc.codegen.snnk import check_kind, snnk_block, snnk_features_ref, snnk_width
-from kanc.nn.fit import ACTIVATION_FUNCTIONS
+from kanc.nn.fit import ACTIVATION_FUNCTIONS, ALIASES
 
 SNNK_INITS = ("warm", "preserve", "variance")
 
@@ -44,7 +44,7 @@ def random_projection(
 def _resolve_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     if callable(activation):
         return activation
-    key = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(activation, activation)
+    key = ALIASES.get(activation.lower(), activation.lower()) or activation  # swish, gelu_new, ...
     if key not in ACTIVATION_FUNCTIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {', '.join(sorted(ACTIVATION_FUNCTIONS))}")
     return ACTIVATION_FUNCTIONS[key]

@@ -295,6 +295,8 @@ def test_from_mlp_errors():
     w1, b1, w2, b2 = _mlp(8, 12, 3)
     with pytest.raises(ValueError, match="init must be one of warm, preserve, variance"):
         SNNKMlp.from_mlp(w1, b1, w2, b2, "gelu", 16, init="copy")
+    warm = SNNKMlp.from_mlp(w1, b1, w2, b2, "gelu_pytorch_tanh", 16, init="warm")  # HF alias accepted
+    assert warm.linear.weight.shape == (3, 16)
     with pytest.raises(ValueError, match="unknown activation 'mish'"):
         SNNKMlp.from_mlp(w1, b1, w2, b2, "mish", 16)
     with pytest.raises(ValueError, match="w2 must be"):
