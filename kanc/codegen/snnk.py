@@ -6,13 +6,15 @@ feature map followed by one trainable linear layer:
     Phi(x) = m^-1/2 g(G x)          G: (m, d) fixed projection ("projection")
     y      = Phi(x) W^T + b          W: (d_out, width) trainable ("weight")
 
-Feature kinds g and their width:
 Inputs are scaled by ``input_scale`` s first (Phi(s x)): the kernel bandwidth, 1 by default.
+Feature kinds g and their width:
 - "relu": max(Gx, floor)                          width m  (arc-cosine kernel for floor = 0)
 - "exp":  exp(Gx - |x|^2 / 2)                     width m  (positive random features: with
           Psi_j(w) = m^-1/2 exp(g_j.w - |w|^2/2 + b), E[Phi(x).Psi(w)] = exp(w.x + b) exactly)
 - "cos":  [cos(Gx); sin(Gx)]                      width 2m (random Fourier features, the complex
-          exp(i Gx) stored as 2m reals; E[Phi(x).Phi(y)] = exp(-|x - y|^2 / 2))
+          exp(i Gx) stored as 2m reals; E[Phi(x).Phi(y)] = exp(-|x - y|^2 / 2)). The unbiased URF
+          for cos(w.x) would also multiply by exp(|x|^2 / 2), which overflows fp32 once |x|^2 > 176;
+          kanc keeps the bounded map and fits the readout ("preserve") instead.
 Math runs in fp32 (fp64 inputs stay fp64) and the result is stored in the input's dtype.
 """
 
