@@ -1,0 +1,186 @@
+"""ONNX export of (converted) models, verified with onnxruntime at the example shape and a second shape.
+
+kanc's ops fall back to their pure-PyTorch reference under ``torch.onnx.is_in_onnx_export()``, so a GR-KAN
+rational becomes Abs/Add/Div/MatMul/Mul and an SNNK block MatMul/Relu/Exp/Cos: no custom ONNX domain.
+The file is written atomically: on any failure (export, onnxruntime, tolerance) nothing is left at ``path``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from kanc.errors import KancError
+
+DYNAMIC_AXES = ("batch", "seq")
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote and how well onnxruntime matched PyTorch.
+
+    ``max_abs_diff`` maps output name -> max |ORT - PyTorch| at the example shape; ``checks`` holds one entry
+    per verified shape: ``{"shapes": [...], "max_abs_diff": {name: float}}``.
+    """
+
+    path: Path
+    opset: int | None
+    dynamic: tuple[str, ...]
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    checks: list[dict] = field(default_factory=list)
+
+    @property
+    def worst(self) -> float:
+        """Largest difference over all outputs and all verified shapes (0.0 when not verified)."""
+        return max((d for c in self.checks for d in c["max_abs_diff"].values()), default=0.0)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    path: str | os.PathLike,
+    *,
+    dynamic: Sequence[str] | None = DYNAMIC_AXES,
+    opset: int | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+) -> ExportResult:
+    """Export ``model`` to ONNX at ``path`` (torch.onnx dynamo exporter) and check it with onnxruntime.
+
+    ``dynamic`` names the axes left symbolic: "batch" is dim 0 of every input, "seq" is dim 1 of token ids (B, T) and
+    token embeddings (B, T, D). With ``verify``, onnxruntime (CPU) runs the file at the example shape
+    and, when axes are dynamic, at a second shape; a difference above ``atol`` raises :class:`KancError`.
+    """
+    inputs = _as_tuple(example_inputs)
+    axes = _check_axes(dynamic)
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise KancError(f"output directory does not exist: {path.parent}")
+    model = model.eval()
+    _check_runs(model, inputs)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", prefix=f".{path.stem}.", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        _export(model, inputs, tmp, axes, opset)
+        result = ExportResult(path=path, opset=opset, dynamic=axes)
+        if verify:
+            shapes = [inputs] + ([_second_inputs(inputs, axes)] if axes else [])
+            for probe in shapes:
+                diffs = _compare(model, probe, tmp)
+                result.checks.append({"shapes": [list(t.shape) for t in probe], "max_abs_diff": diffs})
+            result.max_abs_diff = result.checks[0]["max_abs_diff"]
+            if result.worst > atol or result.worst != result.worst:
+                raise KancError(f"onnxruntime differs from PyTorch by {result.worst:.3g} (> atol {atol:g})")
+        os.replace(tmp, path)
+        return result
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        raise KancError("example_inputs must be a tensor or a non-empty sequence of tensors")
+    return inputs
+
+
+def _check_axes(dynamic: Sequence[str] | None) -> tuple[str, ...]:
+    axes = tuple(dynamic or ())
+    bad = [a for a in axes if a not in DYNAMIC_AXES]
+    if bad:
+        raise KancError(f"unknown dynamic axis {bad[0]!r}; choose from {', '.join(DYNAMIC_AXES)}")
+    return axes
+
+
+def _check_runs(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    """Fail early, in one line, when the model does not accept the example inputs (wrong shape or dtype)."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:  # noqa: BLE001 - any forward failure is a user-facing bad-input error
+        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
+        raise KancError(f"model does not run on inputs {shapes}: {_first_line(e)}") from e
+
+
+def _has_seq(t: Tensor) -> bool:
+    """Dim 1 is a sequence for token ids (B, T) and token embeddings (B, T, D); a float (B, D) has none."""
+    return t.dim() == 3 or (t.dim() == 2 and not t.is_floating_point())
+
+
+def _dim_spec(t: Tensor, axes: tuple[str, ...]) -> dict[int, object] | None:
+    spec: dict[int, object] = {}
+    if "batch" in axes and t.dim() >= 1:
+        spec[0] = torch.export.Dim.DYNAMIC
+    if "seq" in axes and _has_seq(t):
+        spec[1] = torch.export.Dim.DYNAMIC
+    return spec or None
+
+
+def _export(model: nn.Module, inputs: tuple[Tensor, ...], file: str, axes: tuple[str, ...], opset: int | None) -> None:
+    dynamic_shapes = tuple(_dim_spec(t, axes) for t in inputs) if axes else None
+    kwargs = {"opset_version": opset} if opset is not None else {}
+    try:
+        torch.onnx.export(
+            model,
+            inputs,
+            file,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            verbose=False,
+            **kwargs,
+        )
+    except Exception as e:  # noqa: BLE001 - exporter failures are many types; report the cause in one line
+        raise KancError(f"model does not export to ONNX: {_first_line(e)}") from e
+
+
+def _second_inputs(inputs: tuple[Tensor, ...], axes: tuple[str, ...]) -> tuple[Tensor, ...]:
+    """Inputs at another shape along the dynamic axes: batch + 1, sequence - 1 (never past the example length)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for t in inputs:
+        shape = list(t.shape)
+        if "batch" in axes and t.dim() >= 1:
+            shape[0] += 1
+        if "seq" in axes and _has_seq(t):
+            shape[1] = shape[1] - 1 if shape[1] > 1 else shape[1] + 1
+        if t.is_floating_point():
+            out.append(torch.randn(shape, generator=gen).to(t.dtype))
+        else:
+            lo, hi = int(t.min()), int(t.max()) + 1
+            out.append(torch.randint(lo, hi, shape, generator=gen).to(t.dtype))
+    return tuple(out)
+
+
+def _compare(model: nn.Module, inputs: tuple[Tensor, ...], file: str) -> dict[str, float]:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(file, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise KancError(f"onnxruntime cannot run the exported model: {_first_line(e)}") from e
+    with torch.no_grad():
+        expected = [t for t in torch.utils._pytree.tree_leaves(model(*inputs)) if isinstance(t, Tensor)]
+    outputs = [o.name for o in session.get_outputs()]
+    if len(expected) != len(got):
+        raise KancError(f"ONNX model has {len(got)} outputs but PyTorch returns {len(expected)}")
+    return {
+        name: float((torch.from_numpy(g).double() - e.double()).abs().max()) if e.numel() else 0.0
+        for name, g, e in zip(outputs, got, expected, strict=True)
+    }
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the exporter colours its messages
+    lines = [s for s in text.strip().splitlines() if s.strip()]
+    return lines[0].strip() if lines else type(e).__name__

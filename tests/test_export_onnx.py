@@ -1,0 +1,115 @@
+"""kanc.export_onnx: GR-KAN / SNNK models export to standard ONNX ops and onnxruntime matches PyTorch at two shapes."""
+
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from kanc.errors import KancError
+from kanc.export import export_onnx
+from kanc.nn import GRKANMlp, SNNKMlp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from digits_vit import ViT  # noqa: E402
+
+STANDARD_OPS = {"Abs", "Add", "Div", "MatMul", "Mul", "Reshape", "Clip", "Relu", "Exp", "Cos", "Sin", "Concat"}
+
+
+def _op_types(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+class _Logits(nn.Module):
+    """GPT-2 returning only the logits tensor (no cache, no ModelOutput)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, use_cache=False).logits
+
+
+def _gpt2_grkan() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    for block in model.transformer.h:  # converted by hand until kanc.compile lands: same shapes, GR-KAN blocks
+        block.mlp = GRKANMlp(64, 256, 64, groups=8, act_init="gelu")
+    return _Logits(model).eval()
+
+
+def test_gpt2_grkan_exports_and_matches_at_two_shapes(tmp_path):
+    out = tmp_path / "gpt2.onnx"
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    result = export_onnx(_gpt2_grkan(), ids, out)
+    assert out.is_file()
+    assert [c["shapes"] for c in result.checks] == [[[2, 16]], [[3, 15]]]
+    assert result.worst < 1e-4
+    assert {"Abs", "Div"} <= _op_types(out)  # the rational is decomposed, no custom domain
+    assert all(n.domain in ("", "ai.onnx") for n in onnx.load(str(out)).graph.node)
+
+
+def test_vit_grkan_and_mlp_export_with_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    for kind in ("grkan", "mlp"):
+        out = tmp_path / f"vit_{kind}.onnx"
+        model = ViT(dim=32, depth=2, heads=4, mlp=kind)
+        result = export_onnx(model, torch.randn(2, 1, 8, 8), out, dynamic=("batch",))
+        assert [c["shapes"] for c in result.checks] == [[[2, 1, 8, 8]], [[3, 1, 8, 8]]]
+        assert result.worst < 1e-4, kind
+
+
+def test_snnk_block_exports_with_standard_ops(tmp_path):
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(64, 16) / 4, torch.randn(16, 64) / 8
+    model = nn.Sequential(nn.LayerNorm(16), SNNKMlp.from_mlp(w1, torch.zeros(64), w2, None, "gelu", 32, seed=3))
+    out = tmp_path / "snnk.onnx"
+    result = export_onnx(model, torch.randn(2, 5, 16), out)
+    assert [c["shapes"] for c in result.checks] == [[[2, 5, 16]], [[3, 4, 16]]]
+    assert result.worst < 1e-4
+    assert _op_types(out) - {"LayerNormalization", "Shape", "Gather", "Unsqueeze"} <= STANDARD_OPS
+
+
+def test_static_export_checks_one_shape(tmp_path):
+    result = export_onnx(GRKANMlp(16, 32, 16), torch.randn(3, 16), tmp_path / "m.onnx", dynamic=None)
+    assert len(result.checks) == 1 and result.dynamic == ()
+
+
+def test_bad_shape_is_one_line_error_and_leaves_nothing(tmp_path):
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(KancError, match="does not run on inputs"):
+        export_onnx(GRKANMlp(16, 32, 16), torch.randn(2, 7), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_axis_rejected(tmp_path):
+    with pytest.raises(KancError, match="unknown dynamic axis 'time'"):
+        export_onnx(GRKANMlp(16, 32, 16), torch.randn(2, 16), tmp_path / "m.onnx", dynamic=("time",))
+
+
+class _NotExportable(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x  # data-dependent Python control flow: torch.export rejects it
+
+
+def test_model_that_does_not_export_leaves_nothing(tmp_path):
+    out = tmp_path / "x.onnx"
+    with pytest.raises(KancError, match="does not export to ONNX"):
+        export_onnx(_NotExportable(), torch.randn(2, 4), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ort_mismatch_fails_and_leaves_nothing(tmp_path, monkeypatch):
+    import kanc.export as kexport
+
+    real = kexport._compare
+    monkeypatch.setattr(kexport, "_compare", lambda m, i, f: {k: v + 1.0 for k, v in real(m, i, f).items()})
+    out = tmp_path / "m.onnx"
+    with pytest.raises(KancError, match="onnxruntime differs from PyTorch by 1"):
+        export_onnx(GRKANMlp(16, 32, 16), torch.randn(2, 16), out)
+    assert list(tmp_path.iterdir()) == []
