@@ -60,13 +60,13 @@ def onnx_cmd(
     as_json: bool,
 ) -> None:
     """Export MODEL to OUT.onnx and check it with onnxruntime at the example shape and a second shape."""
-    from kanc.api import load
-    from kanc.export import export_onnx
-
     axes = tuple(a.strip() for a in dynamic.split(",") if a.strip() and a.strip() != "none")
     inputs = tuple(_example(_parse_shape(s), dtype, vocab) for s in shapes)
     if not model.is_file():
         raise KancError(f"model file not found: {model}")
+    from kanc.api import load
+    from kanc.export import export_onnx
+
     module = load(str(model), trust_pickle=trust_pickle, arch=arch)
     click.echo(f"exporting {model} -> {out}", err=True)
     result = export_onnx(module, inputs, out, dynamic=axes or None, opset=opset, atol=atol)
