@@ -113,3 +113,19 @@ def test_ort_mismatch_fails_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KancError, match="onnxruntime differs from PyTorch by 1"):
         export_onnx(GRKANMlp(16, 32, 16), torch.randn(2, 16), out)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["grkan", "snnk"])
+def test_compiled_gpt2_exports(tmp_path, target):
+    """Once kanc.compile lands: the compiled GPT-2-tiny exports and matches onnxruntime at two shapes."""
+    pytest.importorskip("kanc.api")
+    transformers = pytest.importorskip("transformers")
+    import kanc
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64)
+    model = _Logits(kanc.compile(transformers.GPT2LMHeadModel(cfg).eval(), target=target)).eval()
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    result = export_onnx(model, ids, tmp_path / f"gpt2_{target}.onnx")
+    assert [c["shapes"] for c in result.checks] == [[[2, 16]], [[3, 15]]]
+    assert result.worst < 1e-4
