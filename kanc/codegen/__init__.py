@@ -4,6 +4,19 @@ Only this package imports triton, and only lazily: ``import kanc`` works without
 """
 
 from kanc.codegen.checker import kernels_disabled, kernels_enabled, set_kernels_enabled
+from kanc.codegen.launches import Launch, recording
 from kanc.codegen.rational import group_rational, rational_ref
+from kanc.codegen.tuning import autotuning, pick_config, set_autotune
 
-__all__ = ["group_rational", "kernels_disabled", "kernels_enabled", "rational_ref", "set_kernels_enabled"]
+__all__ = [
+    "Launch",
+    "autotuning",
+    "group_rational",
+    "kernels_disabled",
+    "kernels_enabled",
+    "pick_config",
+    "rational_ref",
+    "recording",
+    "set_autotune",
+    "set_kernels_enabled",
+]

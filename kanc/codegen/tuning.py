@@ -1,0 +1,210 @@
+"""Kernel configs keyed on shapes, chosen by measurement and cached as JSON per device.
+
+Each launcher asks :func:`pick_config` for a config of one kernel at one key (the shape bucket and
+dtype it launches at). The answer is, in order:
+
+1. the cached choice for (device, kernel, key), unless re-tuning is forced;
+2. when autotuning is on: every candidate timed with ``bench`` (CUDA: ``triton.testing.do_bench``;
+   under ``TRITON_INTERPRET=1``: a CPU wall-clock timer), the fastest kept and written to the cache;
+3. otherwise the first candidate (the launcher's heuristic default).
+
+This replaces ``triton.autotune`` for kanc's kernels because its choices must persist across runs
+(a second run starts tuned), be inspectable (``kanc tune`` reports them) and work under the
+interpreter, where ``triton.autotune`` with several configs needs a GPU benchmarker.
+
+Modes (``KANC_AUTOTUNE``): ``0`` never time, ``1`` time on a cache miss (default on CUDA), ``force``
+re-time every key met (what ``kanc tune`` uses). Under the interpreter the default is ``0``: a run of
+the interpreter costs ~1.5 ms per program, so timing there is only for tests of this module.
+The cache lives in ``$KANC_CACHE_DIR/tuning/<device>.json`` (default ``~/.cache/kanc``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_VERSION = 1
+MODES = ("0", "1", "force")
+Config = dict[str, Any]
+Key = tuple[Any, ...]
+
+_mode_override: str | None = None
+_caches: dict[str, TuningCache] = {}
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Root of kanc's on-disk caches (``KANC_CACHE_DIR`` or ``~/.cache/kanc``)."""
+    return Path(os.environ.get("KANC_CACHE_DIR") or Path.home() / ".cache" / "kanc")
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """A stable name of the device a kernel runs on: the GPU's name and capability, or the CPU interpreter."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
+    return "cpu-interpreter"
+
+
+def cache_path(device: torch.device | str | None = None) -> Path:
+    """The JSON file holding the tuned configs of one device."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", device_name(device)).strip("_")
+    return cache_dir() / "tuning" / f"{slug}.json"
+
+
+def autotune_mode() -> str:
+    """The active mode: ``set_autotune`` / :func:`autotuning` first, then ``KANC_AUTOTUNE``, then the default."""
+    if _mode_override is not None:
+        return _mode_override
+    env = os.environ.get("KANC_AUTOTUNE")
+    if env is not None:
+        if env not in MODES:
+            raise ValueError(f"KANC_AUTOTUNE must be one of {', '.join(MODES)}, got {env!r}")
+        return env
+    return "0" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "1"
+
+
+def set_autotune(mode: str | None) -> None:
+    """Set the mode for this process (``None`` goes back to the environment)."""
+    global _mode_override
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"autotune mode must be one of {', '.join(MODES)}, got {mode!r}")
+    _mode_override = mode
+
+
+@contextlib.contextmanager
+def autotuning(mode: str = "force") -> Iterator[None]:
+    """Run a block with the given autotune mode, restoring the previous one after."""
+    global _mode_override
+    previous = _mode_override
+    set_autotune(mode)
+    try:
+        yield
+    finally:
+        _mode_override = previous
+
+
+class TuningCache:
+    """The tuned configs of one device: ``{kernel: {key: {"config": {...}, "timings_ms": [...]}}}`` on disk."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        self.path, self.device = path, device
+        self.entries: dict[str, dict[str, dict[str, Any]]] = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return  # no cache yet, or an unreadable one: start empty, the next save replaces it
+        if isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("kernels"), dict):
+            self.entries = data["kernels"]
+
+    def get(self, kernel: str, key: Key) -> Config | None:
+        entry = self.entries.get(kernel, {}).get(_key_text(key))
+        return dict(entry["config"]) if entry else None
+
+    def put(self, kernel: str, key: Key, config: Config, timings_ms: Sequence[float] | None = None) -> None:
+        record: dict[str, Any] = {"config": dict(config)}
+        if timings_ms is not None:
+            record["timings_ms"] = [float(t) for t in timings_ms]
+        self.entries.setdefault(kernel, {})[_key_text(key)] = record
+
+    def save(self) -> None:
+        """Write atomically (temp file + rename) so a crash never leaves a half-written cache."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"version": CACHE_VERSION, "device": self.device, "kernels": self.entries}
+        fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".json", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def get_cache(device: torch.device | str | None = None) -> TuningCache:
+    """The (process-wide, lazily loaded) cache of one device."""
+    path = cache_path(device)
+    with _lock:
+        cache = _caches.get(str(path))
+        if cache is None:
+            cache = _caches[str(path)] = TuningCache(path, device_name(device))
+        return cache
+
+
+def clear_memory_caches() -> None:
+    """Forget the loaded caches (the next lookup reads the files again); for tests and ``kanc tune``."""
+    with _lock:
+        _caches.clear()
+
+
+def pick_config(
+    kernel: str,
+    key: Key,
+    candidates: Sequence[Config],
+    bench: Callable[[Config], float] | None,
+    device: torch.device | str | None = None,
+) -> Config:
+    """The config to launch ``kernel`` with at ``key`` (see the module docstring for the order of choice).
+
+    ``bench(config)`` returns a time in ms for one config, or raises for a config that does not fit the device
+    (too many registers or too much shared memory): such configs are skipped.
+    """
+    if not candidates:
+        raise ValueError(f"no candidate configs for kernel {kernel!r}")
+    mode = autotune_mode()
+    cache = get_cache(device)
+    cached = cache.get(kernel, key)
+    if cached is not None and mode != "force":
+        return cached
+    if mode == "0" or bench is None:
+        return dict(candidates[0])
+    best, timings = _time_candidates(candidates, bench)
+    with _lock:
+        cache.put(kernel, key, best, timings)
+        cache.save()
+    return dict(best)
+
+
+def _time_candidates(candidates: Sequence[Config], bench: Callable[[Config], float]) -> tuple[Config, list[float]]:
+    timings = []
+    for config in candidates:
+        try:
+            timings.append(float(bench(config)))
+        except Exception:  # noqa: BLE001 - out of resources / compile failure: this config cannot run here
+            timings.append(float("inf"))
+    best = min(range(len(candidates)), key=timings.__getitem__)
+    if timings[best] == float("inf"):
+        raise RuntimeError("no candidate config could run on this device")
+    return dict(candidates[best]), timings
+
+
+def cpu_bench(fn: Callable[[], Any], warmup: int = 1, reps: int = 3) -> float:
+    """Median wall-clock time of ``fn()`` in ms: the benchmarker under the interpreter (no GPU events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _key_text(key: Key) -> str:
+    """JSON object keys are strings: ``(1024, 768, 'torch.bfloat16')`` -> ``"1024,768,torch.bfloat16"``."""
+    return ",".join(str(k) for k in key)
