@@ -1,0 +1,123 @@
+"""Hierarchical torch.fx tracing: the whole model if it traces, else each child on its own, recursively.
+
+Arbitrary models do not trace whole (Hugging Face transformers 5.x do not; neither does data-dependent
+Python control flow), so ``trace_hierarchical`` tries the model first and, where ``symbolic_trace`` fails,
+records why and descends into the children. Linear-like modules, activation modules and kanc's layers are
+leaves (``kanc.frontend.leaves.is_leaf``). A GraphModule of aten ops (``ExportedProgram.module()``) is used
+as it is: it is already a graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from kanc.frontend.leaves import is_leaf, linear_kind
+
+
+class LeafTracer(fx.Tracer):
+    """fx.Tracer that keeps linear-like, activation and kanc modules whole (as call_module nodes)."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_modules=(math,))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_module(module: nn.Module) -> fx.GraphModule:
+    """Trace ``module`` alone with LeafTracer (raises whatever tracing raises)."""
+    graph = LeafTracer().trace(module)
+    name = type(module).__name__
+    return fx.GraphModule(module, graph, class_name=name if name.isidentifier() else "GraphModule")
+
+
+@dataclass
+class TracedPart:
+    """A module that traced: its path in the model ("" for the root) and its graph."""
+
+    path: str
+    module: nn.Module
+    graph_module: fx.GraphModule
+    aten: bool = False
+
+    def absolute(self, relative: str) -> str:
+        """Model path of a path relative to this part."""
+        if self.aten or not self.path:
+            return relative
+        return f"{self.path}.{relative}" if relative else self.path
+
+
+@dataclass
+class TraceFailure:
+    """A module that did not trace, and why (its children were tried instead)."""
+
+    path: str
+    type_name: str
+    reason: str
+    container: bool = False  # ModuleList / ModuleDict: no forward of its own, nothing to report
+
+
+@dataclass
+class Trace:
+    """The model cut into traced parts, plus the failures that made the cut."""
+
+    model: nn.Module
+    parts: list[TracedPart] = field(default_factory=list)
+    failures: list[TraceFailure] = field(default_factory=list)
+
+    @property
+    def aten(self) -> bool:
+        return any(p.aten for p in self.parts)
+
+    def part(self, path: str) -> TracedPart | None:
+        return next((p for p in self.parts if p.path == path), None)
+
+    def reasons(self) -> dict[str, str]:
+        """path -> why it did not trace (containers left out)."""
+        return {f.path: f.reason for f in self.failures if not f.container}
+
+
+def is_aten_graph(module: nn.Module) -> bool:
+    """A GraphModule whose calls are aten OpOverloads (what ExportedProgram.module() returns)."""
+    if not isinstance(module, fx.GraphModule):
+        return False
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in module.graph.nodes)
+
+
+def trace_hierarchical(model: nn.Module) -> Trace:
+    """Trace ``model`` whole, else its children recursively; leaves and subtrees without linears are not traced."""
+    trace = Trace(model)
+    if is_aten_graph(model):
+        trace.parts.append(TracedPart("", model, model, aten=True))
+        return trace
+    _visit(trace, "", model)
+    return trace
+
+
+def _visit(trace: Trace, path: str, module: nn.Module) -> None:
+    if is_leaf(module) or not _worth_tracing(module):
+        return
+    try:
+        trace.parts.append(TracedPart(path, module, trace_module(module)))
+        return
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: try the children
+        container = isinstance(module, nn.ModuleList | nn.ModuleDict) or type(module).forward is nn.Module.forward
+        trace.failures.append(TraceFailure(path, type(module).__name__, _reason(e), container))
+    for name, child in module.named_children():
+        _visit(trace, f"{path}.{name}" if path else name, child)
+
+
+def _worth_tracing(module: nn.Module) -> bool:
+    """Has a linear-like descendant: without one there is no MLP block to find."""
+    return any(linear_kind(m) is not None for m in module.modules())
+
+
+def _reason(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
+    text = lines[0] if lines else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."

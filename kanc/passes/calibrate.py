@@ -1,0 +1,141 @@
+"""Running a model on the user's inputs and catching what each MLP block really sees (its input rows)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from kanc.errors import KancError
+from kanc.passes.patterns import MLPBlock
+
+DEFAULT_MAX_ROWS = 16384
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``: a tensor is one argument, a tuple/list positional arguments, a dict keyword arguments."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def move_inputs(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: move_inputs(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(move_inputs(v, device) for v in inputs)
+    return inputs
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """model.eval() inside, every module's own training flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    for m, _ in flags:
+        m.training = False  # not model.eval(): ExportedProgram.module() refuses it
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def rows_of(x: Tensor, channels_first: bool) -> Tensor:
+    """(..., C) or (B, C, ...) -> (N, C)."""
+    if channels_first:
+        x = x.movedim(1, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _subsample(rows: Tensor, max_rows: int, seed: int) -> Tensor:
+    if rows.shape[0] <= max_rows:
+        return rows
+    gen = torch.Generator().manual_seed(seed)
+    return rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows].to(rows.device)]
+
+
+def capture_block_inputs(
+    model: nn.Module, blocks: Sequence[MLPBlock], inputs: Any, max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0
+) -> dict[tuple, Tensor]:
+    """Block key -> float64 input rows the block sees when ``model`` runs on ``inputs`` (eval mode, no grad)."""
+    seen: dict[tuple, list[Tensor]] = {b.key: [] for b in blocks}
+    aten = [b for b in blocks if b.fc1.module is None]
+    hooks = [_hook(b, seen) for b in blocks if b.fc1.module is not None]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            if aten:
+                _interpret(model, aten, inputs, seen)
+            else:
+                call_model(model, inputs)
+    except KancError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
+        raise KancError(f"the model does not run on the given inputs: {type(e).__name__}: {e}") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for i, (key, chunks) in enumerate(seen.items()):
+        if chunks:
+            out[key] = _subsample(torch.cat(chunks).double(), max_rows, seed + i)
+    return out
+
+
+def _hook(block: MLPBlock, seen: dict) -> Any:
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor):
+            seen[block.key].append(rows_of(args[0].detach(), block.channels_first).cpu())
+
+    return block.fc1.module.register_forward_pre_hook(pre_hook)
+
+
+def _interpret(gm: nn.Module, blocks: Sequence[MLPBlock], inputs: Any, seen: dict) -> None:
+    """Aten graphs have no module calls to hook: run the graph and read each fc1's input value."""
+    wanted = {b.fc1.input: b for b in blocks}
+
+    class Catch(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            if n in wanted and isinstance(value, Tensor):
+                seen[wanted[n].key].append(rows_of(value.detach(), False).cpu())
+            return value
+
+    args = list(inputs.values()) if isinstance(inputs, Mapping) else inputs
+    args = list(args) if isinstance(args, tuple | list) else [args]
+    Catch(gm).run(*args)
+
+
+def top_up(rows: Tensor, target: int, seed: int) -> Tensor:
+    """Add Gaussian rows with the real rows' per-channel mean and std until there are ``target`` rows."""
+    missing = target - rows.shape[0]
+    if missing <= 0:
+        return rows
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = rows.mean(0), rows.std(0, unbiased=False) if rows.shape[0] > 1 else torch.ones_like(rows[0])
+    extra = torch.randn(missing, rows.shape[1], generator=gen, dtype=rows.dtype).to(rows.device) * std + mean
+    return torch.cat([rows, extra])
+
+
+def synthetic_rows(width: int, rows: int, seed: int, device: torch.device | None = None) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, width, generator=gen, dtype=torch.float64).to(device or "cpu")
+
+
+def output_tensors(out: Any, prefix: str = "output") -> list[tuple[str, Tensor]]:
+    """Named tensors of a model output (tensor, tuple/list, dict or HF ModelOutput); other objects are skipped."""
+    if isinstance(out, Tensor):
+        return [(prefix, out)]
+    if isinstance(out, Mapping):
+        items = [output_tensors(v, f"{k}" if prefix == "output" else f"{prefix}.{k}") for k, v in out.items()]
+        return [t for group in items for t in group]
+    if isinstance(out, tuple | list):
+        items = [output_tensors(v, f"{prefix}[{i}]") for i, v in enumerate(out)]
+        return [t for group in items for t in group]
+    return []

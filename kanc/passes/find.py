@@ -1,0 +1,179 @@
+"""``find_mlp_blocks``: trace the model hierarchically and match the pattern table around every activation."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import networkx as nx
+from torch import nn
+
+from kanc.frontend.dataflow import dataflow_graph, node_id
+from kanc.frontend.leaves import is_kanc_layer, linear_kind
+from kanc.frontend.tracing import Trace, trace_hierarchical
+from kanc.passes.patterns import Miss, MLPBlock, View
+from kanc.passes.surgery import lca
+from kanc.passes.table import PATTERNS
+
+ROOT = "<root>"
+
+
+@dataclass
+class Skip:
+    """Something that looked like (part of) an MLP block and was not converted, and why."""
+
+    name: str
+    code: str
+    message: str
+    pattern: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "code": self.code, "message": self.message, "pattern": self.pattern}
+
+
+@dataclass
+class FindResult:
+    """The blocks found (after include/exclude), the skips with reasons, and hit/skip counters.
+
+    ``counters`` keys: ``found:<pattern>`` per matched block, ``skip:<code>`` per skip. ``converted`` counts kanc
+    layers already in the model (a converted model has no blocks left to find).
+    """
+
+    model: nn.Module
+    trace: Trace
+    graph: nx.DiGraph
+    blocks: list[MLPBlock] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    counters: Counter = field(default_factory=Counter)
+    converted: Counter = field(default_factory=Counter)
+
+    def block(self, name: str) -> MLPBlock:
+        return next(b for b in self.blocks if b.name == name)
+
+    def as_dict(self) -> dict:
+        return {
+            "blocks": [block_info(b) for b in self.blocks],
+            "skipped": [s.as_dict() for s in self.skipped],
+            "counters": dict(sorted(self.counters.items())),
+            "already_converted": dict(self.converted),
+            "not_traced": self.trace.reasons(),
+        }
+
+
+def block_info(block: MLPBlock) -> dict:
+    info = {
+        "name": block.name,
+        "pattern": block.pattern,
+        "fc1": block.fc1.path,
+        "fc2": block.fc2.path,
+        "activation": block.act.spec.name,
+        "in_features": block.in_features,
+        "hidden": block.hidden,
+        "out_features": block.out_features,
+        "shape": block.shape_text(),
+    }
+    if block.up is not None:
+        info["up"] = block.up.path
+    if block.between:
+        info["between"] = [p.kind for p in block.between]
+    return info
+
+
+def find_mlp_blocks(
+    model: nn.Module, *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
+) -> FindResult:
+    """Find every MLP block of ``model`` (no change to the model).
+
+    Before: any nn.Module (or an aten-level GraphModule from ``ExportedProgram.module()``).
+    After: ``blocks`` in graph order, each named by its owner module; every near miss, every module that did not
+    trace (with linear layers of its own) and every block left out by ``include``/``exclude`` is a counted skip.
+    """
+    trace = trace_hierarchical(model)
+    result = FindResult(model, trace, dataflow_graph(trace))
+    aliased = _aliased(model)
+    for part in trace.parts:
+        view = View(part, trace, result.graph, aliased)
+        for node in list(part.graph_module.graph.nodes):
+            act = view.act(node)
+            if act is not None:
+                _match(view, act, result)
+    _name_blocks(result)
+    _skip_untraced(result)
+    _filter(result, include, exclude)
+    result.converted = Counter(type(m).__name__ for m in model.modules() if is_kanc_layer(m))
+    for block in result.blocks:
+        result.counters[f"found:{block.pattern}"] += 1
+    for skip in result.skipped:
+        result.counters[f"skip:{skip.code}"] += 1
+    return result
+
+
+def _aliased(model: nn.Module) -> set[int]:
+    seen = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    return {k for k, v in seen.items() if v > 1}
+
+
+def _match(view: View, act, result: FindResult) -> None:
+    best: tuple[Miss, str] | None = None
+    for row in PATTERNS:
+        outcome = row.check(view, act)
+        if isinstance(outcome, MLPBlock):
+            outcome.pattern = row.name
+            outcome.owner = _owner(view, outcome)
+            result.blocks.append(outcome)
+            return
+        if isinstance(outcome, Miss) and (best is None or outcome.depth > best[0].depth):
+            best = (outcome, row.name)
+    if best is not None:
+        where = act.path or f"{view.scope(act.node) or ROOT}:{act.node.name}"
+        result.skipped.append(Skip(where, best[0].code, best[0].message, best[1]))
+
+
+def _owner(view: View, block: MLPBlock) -> str:
+    if block.split is not None:
+        return lca(list(block.split))
+    return lca([view.scope(n) for n in block.nodes()])
+
+
+def _name_blocks(result: FindResult) -> None:
+    owners = Counter(b.owner for b in result.blocks)
+    for block in result.blocks:
+        base = block.owner or ROOT
+        if owners[block.owner] > 1 or not block.owner:
+            fc1 = block.fc1.path[len(block.owner) + 1 :] if block.owner else block.fc1.path
+            block.name = f"{base}/{fc1}" if owners[block.owner] > 1 else base
+        else:
+            block.name = base
+        for node in block.nodes():
+            result.graph.nodes[node_id(block.fc1.part, node)]["block"] = block.name
+
+
+def _skip_untraced(result: FindResult) -> None:
+    model = result.model
+    for failure in result.trace.failures:
+        if failure.container:
+            continue
+        module = model.get_submodule(failure.path) if failure.path else model
+        linears = [n for n, c in module.named_children() if linear_kind(c) is not None]
+        if linears:
+            message = f"did not trace ({failure.reason}); its {len(linears)} linear layer(s) were not examined"
+            result.skipped.append(Skip(failure.path or ROOT, "not_traced", message))
+
+
+def matches(name: str, globs: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def _filter(result: FindResult, include: Iterable[str] | None, exclude: Iterable[str] | None) -> None:
+    include, exclude = list(include or []), list(exclude or [])
+    kept = []
+    for block in result.blocks:
+        if include and not matches(block.name, include):
+            result.skipped.append(Skip(block.name, "not_included", "not matched by --include", block.pattern))
+        elif exclude and matches(block.name, exclude):
+            result.skipped.append(Skip(block.name, "excluded", "matched by --exclude", block.pattern))
+        else:
+            kept.append(block)
+    result.blocks = kept
