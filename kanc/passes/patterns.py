@@ -83,6 +83,7 @@ class Act:
     part: TracedPart = field(repr=False)
     spec: ActSpec
     path: str | None  # model path of the activation module; None for functions and methods
+    shared: bool = False  # the module is called elsewhere too: remove it by editing the graph, not by a swap
 
 
 @dataclass(eq=False)
@@ -107,6 +108,7 @@ class MLPBlock:
     act: Act
     fc2: Linear
     between: list[Passthrough] = field(default_factory=list)
+    pre: list[Passthrough] = field(default_factory=list)  # identities between fc1 and the activation
     up: Linear | None = None
     mul: fx.Node | None = None
     chunk: fx.Node | None = None
@@ -152,7 +154,7 @@ class MLPBlock:
         """The block's nodes in its (single) graph, in graph order; empty for split blocks."""
         if self.split is not None:
             return []
-        found = {self.fc1.node, self.act.node, self.fc2.node, *(p.node for p in self.between)}
+        found = {self.fc1.node, self.act.node, self.fc2.node, *(p.node for p in self.between + self.pre)}
         found |= {n for n in (self.mul, self.chunk) if n is not None}
         if self.up is not None:
             found.add(self.up.node)
@@ -209,7 +211,8 @@ class View:
         module = self.module(node)
         if module is not None:
             spec = module_activation(module)
-            return Act(node, self.part, spec, self.part.absolute(node.target)) if spec else None
+            shared = self.calls[node.target] > 1 or id(module) in self.aliased
+            return Act(node, self.part, spec, self.part.absolute(node.target), shared) if spec else None
         spec = function_activation(node)
         return Act(node, self.part, spec, None) if spec else None
 
@@ -220,14 +223,25 @@ class View:
             return None
         return Passthrough(node, kind, module, self.part.absolute(node.target) if module is not None else None)
 
-    def shared(self, lin: Linear | Act | Passthrough) -> bool:
+    def shared(self, lin: Linear) -> bool:
         """Called more than once in this graph, or reachable under two model paths (tied/shared weights)."""
-        module = getattr(lin, "module", None)
-        if isinstance(lin, Act) and lin.path is not None:
-            module = self.module(lin.node)
-        if module is None:
+        if lin.module is None:
             return False
-        return self.calls[lin.node.target] > 1 or id(module) in self.aliased
+        return self.calls[lin.node.target] > 1 or id(lin.module) in self.aliased
+
+    def linear_before(self, node: object) -> tuple[Linear, list[Passthrough]] | None:
+        """The linear layer feeding ``node``, possibly through Identity modules (timm's ConvMlp without a norm)."""
+        pre: list[Passthrough] = []
+        while isinstance(node, fx.Node):
+            lin = self.linear(node)
+            if lin is not None:
+                return lin, pre[::-1]
+            step = self.passthrough(node)
+            if step is None or step.kind != "identity" or len(node.users) != 1 or not node.args:
+                return None
+            pre.append(step)
+            node = node.args[0]
+        return None
 
     def scope(self, node: fx.Node) -> str:
         return node_scope(self.part, node)
@@ -312,10 +326,11 @@ def _shared_miss(view: View, parts: list, depth: int) -> Miss | None:
 
 
 def check_plain(view: View, act: Act, kinds: tuple[str, ...]) -> MLPBlock | Miss | None:
-    """fc1 -> act -> (dropout | identity | norm)* -> fc2, both layers of one of ``kinds``."""
-    fc1 = view.linear(act.node.args[0])
-    if fc1 is None or fc1.kind not in kinds or _is_gate(act):
+    """fc1 -> (identity)* -> act -> (dropout | identity | norm)* -> fc2, both layers of one of ``kinds``."""
+    before = view.linear_before(act.node.args[0])
+    if before is None or before[0].kind not in kinds or _is_gate(act):
         return None
+    fc1, pre = before
     if len(fc1.node.users) != 1:
         others = ", ".join(u.name for u in fc1.node.users if u is not act.node)
         return Miss("fc1_reused", f"{fc1.path}'s output is also used by {others}: a residual would be crossed", 1)
@@ -325,8 +340,8 @@ def check_plain(view: View, act: Act, kinds: tuple[str, ...]) -> MLPBlock | Miss
     fc2, between = walked
     if fc2.kind not in kinds:
         return Miss("mixed_layout", f"{fc1.path} is {fc1.kind} but {fc2.path} is {fc2.kind}", 3)
-    miss = _check_fc2(fc1.out_features, fc1, fc2, between, 3) or _shared_miss(view, [fc1, act, fc2], 3)
-    return miss or MLPBlock("", fc1, act, fc2, between)
+    miss = _check_fc2(fc1.out_features, fc1, fc2, between, 3) or _shared_miss(view, [fc1, fc2], 3)
+    return miss or MLPBlock("", fc1, act, fc2, between, pre)
 
 
 def _is_gate(act: Act) -> bool:
@@ -356,7 +371,7 @@ def check_gated(view: View, act: Act) -> MLPBlock | Miss | None:
     if isinstance(walked, Miss):
         return walked
     down, between = walked
-    miss = _check_fc2(gate.out_features, gate, down, between, 4) or _shared_miss(view, [gate, up, act, down], 4)
+    miss = _check_fc2(gate.out_features, gate, down, between, 4) or _shared_miss(view, [gate, up, down], 4)
     return miss or MLPBlock("", gate, act, down, between, up=up, mul=mul)
 
 
@@ -399,15 +414,16 @@ def check_glu_chunk(view: View, act: Act) -> MLPBlock | Miss | None:
     if isinstance(walked, Miss):
         return walked
     fc2, between = walked
-    miss = _check_fc2(fc1.out_features // 2, fc1, fc2, between, 4) or _shared_miss(view, [fc1, act, fc2], 4)
+    miss = _check_fc2(fc1.out_features // 2, fc1, fc2, between, 4) or _shared_miss(view, [fc1, fc2], 4)
     return miss or MLPBlock("", fc1, act, fc2, between, mul=mul, chunk=chunk, gate_index=index)
 
 
 def check_split(view: View, act: Act) -> MLPBlock | Miss | None:
     """fc1 -> act returned by one module, whose output feeds only fc2 at the start of the next (BERT)."""
-    fc1 = view.linear(act.node.args[0])
-    if fc1 is None or view.part.aten or _is_gate(act):
+    before = view.linear_before(act.node.args[0])
+    if before is None or view.part.aten or _is_gate(act):
         return None
+    fc1, pre = before
     walked = _walk_to_output(view, act.node)
     if walked is None:
         return None
@@ -429,10 +445,10 @@ def check_split(view: View, act: Act) -> MLPBlock | Miss | None:
     fc2, between = walked
     between = tail + between
     miss = _check_fc2(fc1.out_features, fc1, fc2, between, 5)
-    miss = miss or _shared_miss(view, [fc1, act], 5) or _shared_miss(other, [fc2], 5)
+    miss = miss or _shared_miss(view, [fc1], 5) or _shared_miss(other, [fc2], 5)
     if miss:
         return miss
-    return MLPBlock("", fc1, act, fc2, between, split=(view.part.path, consumer))
+    return MLPBlock("", fc1, act, fc2, between, pre, split=(view.part.path, consumer))
 
 
 def _walk_to_output(view: View, start: fx.Node) -> list[Passthrough] | None:

@@ -214,7 +214,8 @@ def _normalise(model: nn.Module, block: MLPBlock, rewrite: Rewrite) -> tuple[lis
     """Turn node edits on activation modules into swaps; whatever node edits remain need the owner's graph."""
     edits: list[Edit] = []
     for edit in rewrite.edits:
-        if isinstance(edit, DropNode | ReplaceNode) and edit.node is block.act.node and block.act.path is not None:
+        act = block.act
+        if isinstance(edit, DropNode | ReplaceNode) and edit.node is act.node and act.path and not act.shared:
             edits.append(SetModule(block.act.path, nn.Identity() if isinstance(edit, DropNode) else edit.module))
         else:
             edits.append(edit)

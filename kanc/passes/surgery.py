@@ -123,20 +123,21 @@ class NodeMap:
         return self.memo[old]
 
     def _find(self, old: fx.Node) -> fx.Node:
+        candidates = None
         if old.op == "call_module":
             absolute = f"{self.old_prefix}.{old.target}" if self.old_prefix else old.target
-            found = self.by_target.get(relative(absolute, self.owner), [])
-            if len(found) == 1:
-                return found[0]
-            raise KancError(f"cannot find {absolute} in the trace of {self.owner or '<root>'}")
-        anchors = [a for a in old.all_input_nodes]
-        if not anchors:
+            candidates = self.by_target.get(relative(absolute, self.owner), [])
+            if len(candidates) == 1:
+                return candidates[0]
+        inputs = old.all_input_nodes
+        if not inputs:
             raise KancError(f"cannot locate {old.name} in the trace of {self.owner or '<root>'}")
-        mapped = [self(a) for a in anchors]
-        for cand in mapped[0].users:
-            if cand.op == old.op and cand.target == old.target and cand.all_input_nodes == mapped:
-                if _same_constants(cand, old):
-                    return cand
+        mapped = [self(a) for a in inputs]  # a module called twice: told apart by what it is called on
+        candidates = candidates if candidates is not None else list(mapped[0].users)
+        for cand in candidates:
+            same = cand.op == old.op and (cand.target == old.target or old.op == "call_module")
+            if same and cand.all_input_nodes == mapped and _same_constants(cand, old):
+                return cand
         raise KancError(f"cannot locate {old.name} in the trace of {self.owner or '<root>'}")
 
 
