@@ -128,14 +128,17 @@ def synthetic_rows(width: int, rows: int, seed: int, device: torch.device | None
     return torch.randn(rows, width, generator=gen, dtype=torch.float64).to(device or "cpu")
 
 
-def output_tensors(out: Any, prefix: str = "output") -> list[tuple[str, Tensor]]:
-    """Named tensors of a model output (tensor, tuple/list, dict or HF ModelOutput); other objects are skipped."""
+def output_tensors(out: Any, root: str = "output", prefix: str | None = None) -> list[tuple[str, Tensor]]:
+    """Named tensors of a model output (tensor, tuple/list, dict or HF ModelOutput); other objects are skipped.
+
+    A bare tensor is ``root``; a dict's entries go by their keys, a tuple's by ``root[i]``.
+    """
     if isinstance(out, Tensor):
-        return [(prefix, out)]
+        return [(prefix or root, out)]
     if isinstance(out, Mapping):
-        items = [output_tensors(v, f"{k}" if prefix == "output" else f"{prefix}.{k}") for k, v in out.items()]
-        return [t for group in items for t in group]
-    if isinstance(out, tuple | list):
-        items = [output_tensors(v, f"{prefix}[{i}]") for i, v in enumerate(out)]
-        return [t for group in items for t in group]
-    return []
+        groups = [output_tensors(v, root, f"{prefix}.{k}" if prefix else str(k)) for k, v in out.items()]
+    elif isinstance(out, tuple | list):
+        groups = [output_tensors(v, root, f"{prefix or root}[{i}]") for i, v in enumerate(out)]
+    else:
+        return []
+    return [t for group in groups for t in group]

@@ -101,7 +101,9 @@ def test_groups_adjust_or_skip():
     adjusted = kanc.compile(mlp, "grkan", groups=8, verify=False)
     assert adjusted[0].rational.groups == 6 and adjusted[2].rational.groups == 6  # largest divisor <= 8
     notes = kanc.report(adjusted).converted[0]["notes"]
-    assert "groups=6 for width 12 (not divisible by 8)" in notes and "groups=6 for width 60 (not divisible by 8)" in notes
+    assert (
+        "groups=6 for width 12 (not divisible by 8)" in notes and "groups=6 for width 60 (not divisible by 8)" in notes
+    )
     skipped = kanc.compile(mlp, "grkan", groups=8, group_policy="skip", verify=False)
     report = kanc.report(skipped)
     assert report.converted == [] and report.counters["skip:groups"] == 1
