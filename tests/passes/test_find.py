@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+import zoo
 from torch import nn
 
-import zoo
 from kanc.passes import PATTERNS, find_mlp_blocks
 
 

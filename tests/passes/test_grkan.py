@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
+import zoo
 from torch import fx, nn
 
 import kanc
-import zoo
 from kanc.errors import KancError
 from kanc.frontend.tracing import trace_module
 from kanc.nn import GRKANLinear, GroupRational

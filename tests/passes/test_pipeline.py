@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
+import zoo
 from torch import fx
 
-import zoo
 from kanc.errors import KancError
 from kanc.passes import counters, find_mlp_blocks, rewrite_to_grkan, run_pipeline, snapshot, verify_equivalence
 from kanc.passes.pipeline import PassRecord, lint_model

@@ -3,10 +3,10 @@ the uncalibrated warm start), real calibration rows, options, training and round
 
 import pytest
 import torch
+import zoo
 from torch import fx, nn
 
 import kanc
-import zoo
 from kanc.nn import SNNKMlp
 from kanc.passes.layers import ChannelsLast
 from kanc.testing import rel_error
