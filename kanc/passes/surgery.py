@@ -201,6 +201,8 @@ def finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
+        elif isinstance(node.type, str):
+            node.type = None  # a string annotation (from __future__ import annotations) breaks pickling the module
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
