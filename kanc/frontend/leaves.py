@@ -81,9 +81,14 @@ def is_activation_module(module: nn.Module) -> bool:
     return isinstance(module, TORCH_ACTIVATIONS + hf_activation_classes())
 
 
+# kanc classes that are plain MLPs (the baseline kanc.nn.Mlp), not converted layers: traced and converted like any.
+_KANC_PLAIN = {("kanc.nn.mlp", "Mlp")}
+
+
 def is_kanc_layer(module: nn.Module) -> bool:
     """A layer defined by kanc itself (kanc.nn, kanc.passes): already converted, never matched again."""
-    return type(module).__module__.startswith("kanc.")
+    cls = type(module)
+    return cls.__module__.startswith("kanc.") and (cls.__module__, cls.__qualname__) not in _KANC_PLAIN
 
 
 def linear_kind(module: nn.Module) -> str | None:

@@ -123,3 +123,10 @@ def test_inspect_graph_marks_blocks():
     found = find_mlp_blocks(zoo.gpt2(layers=1))
     marked = {n for n, a in found.graph.nodes(data=True) if a.get("block")}
     assert marked == {f"transformer.h.0.mlp::{n}" for n in ("c_fc", "act", "c_proj")}
+
+
+def test_kanc_baseline_mlp_is_found_but_kanc_layers_are_leaves():
+    from kanc.nn import GRKANMlp, Mlp
+
+    assert find_mlp_blocks(nn.Sequential(Mlp(16, 64))).counters == {"found:plain": 1}
+    assert find_mlp_blocks(nn.Sequential(GRKANMlp(16, 64))).counters == {}
