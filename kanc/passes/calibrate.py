@@ -16,7 +16,13 @@ DEFAULT_MAX_ROWS = 16384
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)``: a tensor is one argument, a tuple/list positional arguments, a dict keyword arguments."""
+    """``model(inputs)``: a tensor is one argument, a tuple/list positional arguments, a dict keyword arguments.
+
+    Inputs are moved to the device of the model's first parameter (calibration files load on the CPU).
+    """
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None:
+        inputs = move_inputs(inputs, device)
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, tuple | list):
@@ -107,6 +113,8 @@ def _interpret(gm: nn.Module, blocks: Sequence[MLPBlock], inputs: Any, seen: dic
                 seen[wanted[n].key].append(rows_of(value.detach(), False).cpu())
             return value
 
+    device = next((p.device for p in gm.parameters()), None)
+    inputs = move_inputs(inputs, device) if device is not None else inputs
     args = list(inputs.values()) if isinstance(inputs, Mapping) else inputs
     args = list(args) if isinstance(args, tuple | list) else [args]
     Catch(gm).run(*args)
