@@ -26,7 +26,7 @@ def test_compile_returns_a_copy_with_a_report():
     assert report.target == "grkan" and report.model_type == "Branchy" and report.blocks == ["a", "b", "c"]
     assert report.params_after > report.params_before  # rationals add (m+1+n) x G per layer
     assert report.fidelity["outputs"]["output"] < 1e-2
-    branch = "a" if float(model.norm(x).mean()) > 0 else "b"  # data-dependent: only one of a, b ran
+    branch = "a" if float(model.norm(x).mean().detach()) > 0 else "b"  # data-dependent: only one of a, b ran
     assert set(report.fidelity["blocks"]) == {branch, "c"}
     assert [p["name"] for p in report.passes] == ["find_mlp_blocks", "rewrite_to_grkan", "verify_equivalence"]
     assert {s["code"] for s in report.skipped} == set()
