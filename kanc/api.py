@@ -119,7 +119,10 @@ def _verify_inputs(model: nn.Module, example_inputs: Any, calibration: Any) -> A
 
 
 def default_inputs(model: nn.Module) -> Any:
-    """Token ids for a Hugging Face model that takes ``input_ids`` (seeded), else None."""
+    """A .pt2 model's example inputs, token ids for a Hugging Face model that takes ``input_ids`` (seeded), or None."""
+    exported = model.__dict__.get(_EXPORTED_ATTR)
+    if exported is not None and not exported.example_inputs[1]:
+        return tuple(exported.example_inputs[0])
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if getattr(model, "main_input_name", None) != "input_ids" or not isinstance(vocab, int):

@@ -177,6 +177,8 @@ def test_pt2_file_converts_to_pt2(tmp_path):
     torch.export.save(ep, tmp_path / "m.pt2")
     code, stdout, stderr = kanc_cli("convert", tmp_path / "m.pt2", "-t", "snnk", "--json")
     assert code == 0, stderr
-    assert json.loads(stdout)["format"] == "pt2"
+    payload = json.loads(stdout)
+    assert payload["format"] == "pt2"
+    assert payload["report"]["fidelity"]["inputs"] == "input[0] (4, 16)"  # the program's own example inputs
     again = torch.export.load(tmp_path / "m_snnk.pt2").module()
     assert again(torch.randn(9, 16)).shape == (9, 16)

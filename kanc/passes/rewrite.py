@@ -134,7 +134,8 @@ def _rewrite(
     ctx = RewriteContext()
     if calibration is not None:
         ctx.calibration, ctx.evaluation = _split_rows(calibrate.capture_block_inputs(model, found.blocks, calibration))
-    planned = _plan(found, target, opts, ctx, result, progress)
+    with calibrate.eval_mode(model):  # fits and measurements see the eval-mode block (dropout off)
+        planned = _plan(found, target, opts, ctx, result, progress)
     _apply(result, planned)
     for converted, _ in planned:
         result.converted.append(converted)
@@ -177,13 +178,7 @@ def _plan(
 def _build(
     model: nn.Module, block: MLPBlock, target: str, opts: Any, ctx: RewriteContext
 ) -> tuple[ConvertedBlock, list[Edit]] | Miss:
-    if target == "snnk" and opts.init == "preserve" and block.key in ctx.calibration:
-        width = 2 * opts.features_for(block.hidden) if opts.kind == "cos" else opts.features_for(block.hidden)
-        rows = ctx.calibration[block.key]
-        ctx.calibration[block.key] = calibrate.top_up(rows, max(4 * width, 1024), seed=int(opts.seed) + ctx.index)
-        topped = rows.shape[0] < ctx.calibration[block.key].shape[0]
-    else:
-        topped = False
+    topped = _top_up(block, target, opts, ctx)
     rewrite = getattr(pattern(block.pattern), target)(block, opts, ctx)
     if isinstance(rewrite, Miss):
         return rewrite
@@ -195,15 +190,30 @@ def _build(
     notes = list(rewrite.notes)
     if topped:
         notes.append("few calibration rows: topped up with Gaussian rows of the same mean and std")
+    info = ConvertedBlock(
+        block.name, block.pattern, target, block.shape_text(), block.act.spec.name, mode, owner,
+        *_param_counts(block, rewrite, target), error, inputs, notes, {**rewrite.options}, block, rewrite.replacement,
+    )  # fmt: skip
+    return info, edits
+
+
+def _top_up(block: MLPBlock, target: str, opts: Any, ctx: RewriteContext) -> bool:
+    """SNNK's ridge fit wants >= 4 rows per feature: add Gaussian rows shaped like the real ones when short."""
+    if target != "snnk" or opts.init != "preserve" or block.key not in ctx.calibration:
+        return False
+    m = opts.features_for(block.hidden)
+    rows = ctx.calibration[block.key]
+    width = 2 * m if opts.kind == "cos" else m
+    ctx.calibration[block.key] = calibrate.top_up(rows, max(4 * width, 1024), seed=int(opts.seed) + ctx.index)
+    return rows.shape[0] < ctx.calibration[block.key].shape[0]
+
+
+def _param_counts(block: MLPBlock, rewrite: Rewrite, target: str) -> tuple[int, int]:
     before = sum(lin.weights.weight.numel() + _numel(lin.weights.bias) for lin in block.linears())
     after = sum(p.numel() for m in rewrite.modules for p in m.parameters())
     if block.gated and target == "grkan":
-        after += before
-    info = ConvertedBlock(
-        block.name, block.pattern, target, block.shape_text(), block.act.spec.name, mode, owner, before, after,
-        error, inputs, notes, {**rewrite.options}, block, rewrite.replacement,
-    )  # fmt: skip
-    return info, edits
+        after += before  # the gate/up/down matmuls stay; only the rational is new
+    return before, after
 
 
 def _numel(t: Tensor | None) -> int:
@@ -258,6 +268,7 @@ def _apply(result: PassResult, planned: list[tuple[ConvertedBlock, list[Edit]]])
     for _, edits in planned:
         for edit in edits:
             if isinstance(edit, SetModule):
+                edit.module.train(get_module(result.model, edit.path).training)
                 set_module(result.model, edit.path, edit.module)
                 result.touched.append(edit.path.rpartition(".")[0])
     result.touched = sorted(set(result.touched))

@@ -179,7 +179,7 @@ def apply_node_edit(gm: fx.GraphModule, edit: NodeEdit) -> str | None:
         graph.erase_node(edit.node)
         return None
     name = _unique_name(gm, edit.name)
-    gm.add_submodule(name, edit.module)
+    gm.add_submodule(name, edit.module.train(gm.training))
     if isinstance(edit, ReplaceNode):
         with graph.inserting_before(edit.node):
             new = graph.call_module(name, (edit.node.args[0],))

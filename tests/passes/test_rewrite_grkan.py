@@ -198,3 +198,11 @@ def test_bad_options_are_one_line_errors():
         kanc.compile(zoo.sequential_mlp(), "grkan", init="warm")
     with pytest.raises(KancError, match="unknown target 'kan'"):
         kanc.compile(zoo.sequential_mlp(), "kan")
+
+
+def test_new_layers_follow_the_training_flag():
+    for model in (zoo.sequential_mlp().eval(), zoo.FunctionalMlp().eval()):
+        converted = kanc.compile(model, "grkan", verify=False)
+        assert not any(m.training for m in converted.modules())
+    trained = kanc.compile(zoo.sequential_mlp().train(), "snnk", verify=False)
+    assert all(m.training for m in trained.modules())
