@@ -424,17 +424,16 @@ def check_split(view: View, act: Act) -> MLPBlock | Miss | None:
     if before is None or view.part.aten or _is_gate(act):
         return None
     fc1, pre = before
-    walked = _walk_to_output(view, act.node)
-    if walked is None:
+    tail = _walk_to_output(view, act.node)
+    if tail is None:
         return None
-    tail = walked
     if len(fc1.node.users) != 1:
         return Miss("fc1_reused", f"{fc1.path}'s output is also used elsewhere", 3)
     target = sole_consumer(view.graph, view.part)
     if target is None:
-        return Miss(
-            "split_flow", f"{view.part.path or '<root>'} returns the activation, but its consumer is unknown", 3
-        )
+        where = view.part.path or "<root>"
+        message = f"{where} returns {fc1.path} -> {act.spec.name}, and no next module is seen consuming it alone"
+        return Miss("split_flow", message, 3)
     consumer = view.graph.nodes[target]["part"]
     part = view.trace.part(consumer)
     placeholder = next(n for n in part.graph_module.graph.nodes if node_id(part, n) == target)

@@ -328,7 +328,8 @@ def _snnk_module(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> SNN
         if opts.init == "variance":
             snnk.reset_variance_()
         else:
-            snnk.fit_to(block.reference(), ctx.calibration.get(block.key), opts.ridge)
+            rows = ctx.calibration.get(block.key)
+            snnk.fit_to(block.reference(), rows.to(device) if rows is not None else None, opts.ridge)
     snnk.linear.to(device=device, dtype=dtype)
     return snnk.to(device)
 

@@ -206,3 +206,14 @@ def test_new_layers_follow_the_training_flag():
         assert not any(m.training for m in converted.modules())
     trained = kanc.compile(zoo.sequential_mlp().train(), "snnk", verify=False)
     assert all(m.training for m in trained.modules())
+
+
+def test_relu_blocks_reach_1e2_with_higher_degrees():
+    """ReLU's kink bounds a (5, 4) rational at ~1.5% on the block's pre-activations; (7, 6) gets below 1%."""
+    case = zoo.case("method")
+    model, x = zoo.build(case), case.inputs()
+    errors = [
+        kanc.report(kanc.compile(model, "grkan", degrees=d, example_inputs=x)).fidelity["outputs"]["output"]
+        for d in ((5, 4), (7, 6))
+    ]
+    assert errors[1] < 1e-2 < errors[0] < 2e-2
