@@ -194,7 +194,7 @@ def bars_svg(report: ProfileReport, top_n: int = 20, width: int = 560) -> str:
     ranked = sorted(totals.items(), key=lambda kv: -sum(kv[1].values()))[:top_n]
     longest = max((sum(v.values()) for _, v in ranked), default=1.0) or 1.0
     row_h, left, right, top = 18, 190, 70, 10
-    height = top + row_h * max(len(ranked), 1) + 30
+    height = top + row_h * max(len(ranked), 1) + 44  # room for the legend
     scale = (width - left - right) / longest
     out = [
         f'<svg id="layer-times" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '

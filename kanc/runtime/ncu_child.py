@@ -1,6 +1,7 @@
 """The process Nsight Compute profiles: ``python -m kanc.runtime.ncu_child SPEC.json``.
 
-SPEC names the model and inputs kanc pickled for it (``model``, ``inputs``), ``device``, ``train`` and ``warmup``.
+SPEC names the model and inputs kanc pickled for it (``model``, ``inputs``), ``device``, ``train``, ``warmup`` and
+the parent's ``sys_path`` (pickles name classes by module).
 The child runs the warm-up steps, then exactly one step inside the CUDA profiler range (ncu is started with
 ``--profile-from-start off``), so the counters cover one step of kanc's kernels after compilation and tuning.
 """
@@ -20,6 +21,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m kanc.runtime.ncu_child SPEC.json", file=sys.stderr)
         return 2
     spec = json.loads(open(argv[0]).read())
+    sys.path[1:1] = [p for p in spec.get("sys_path", []) if p not in sys.path]  # the parent's, for its classes
     device = torch.device(spec.get("device", "cuda"))
     model = torch.load(spec["model"], weights_only=False, map_location=device)  # written by kanc itself
     inputs = torch.load(spec["inputs"], weights_only=False, map_location=device)

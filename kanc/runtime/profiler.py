@@ -4,8 +4,9 @@ Phases (each over the same step, see ``steps.run_step``):
 
 1. warm-up steps (compilation, autotuning, allocator);
 2. plain timed steps: the step time, with no instrumentation;
-3. hooked steps: every module's forward and backward between hooks (``timeline``), kanc's kernel launches
-   recorded (``kanc.codegen.recording``) and charged to the module that made them;
+3. hooked steps (one more first, unmeasured, for the call tree and shapes): every module's forward and
+   backward between hooks (``timeline``), kanc's kernel launches recorded (``kanc.codegen.recording``) and
+   charged to the module that made them;
 4. on CUDA, one more pass under ``torch.profiler`` for each kernel's own GPU time;
 5. memory-stall counters of kanc's kernels (``stalls``: Nsight Compute, else proton, else a note).
 
@@ -30,7 +31,7 @@ from kanc.errors import KancError
 from kanc.runtime import stalls as stall_tools
 from kanc.runtime.counts import Counts, module_counts
 from kanc.runtime.devices import DevicePeaks, device_peaks
-from kanc.runtime.report import KernelRow, LayerRow, ProfileReport, find, rates
+from kanc.runtime.report import KernelRow, LayerRow, ProfileReport, find, layer_kind, rates
 from kanc.runtime.steps import Inputs, input_summary, model_device, prepare_inputs, run_step, synchronize, time_steps
 from kanc.runtime.timeline import OUTSIDE, Clock, ModuleCall, StepTimes, Tracer, analyse
 
@@ -71,6 +72,8 @@ def profile(
         raise KancError("device cuda requested but no CUDA GPU is available (use --device cpu)")
     was_training = model.training
     saved_grads = {p: p.grad for p in model.parameters()}
+    for p in saved_grads:
+        p.grad = None  # steps start from no gradient; the caller's are put back after
     model.to(device=device, dtype=dtype)
     model.train(train)
     try:
@@ -173,12 +176,13 @@ def _run_hooked(model, step, device, iters, result: _Hooked, backward_hooks: boo
         tracer = Tracer(model, clock, launches, backward_hooks)
         tracer.attach()
         try:
+            tracer.run(step, capture=True)  # unmeasured: the call tree and shapes (capturing costs time)
+            launches.clear()
             for i in range(iters):
-                first = len(launches)
-                marks = tracer.run(step, capture=i == 0)
+                marks = tracer.run(step)
                 result.steps.append(analyse(marks, clock))
                 if i == 0:
-                    result.step_launches = list(launches[first:])
+                    result.step_launches = list(launches)
         finally:
             tracer.detach()
     result.launches = list(launches)
@@ -321,7 +325,8 @@ class _Builder:
             calls=len(calls),
             time_ms=ms,
             share=ms / self.total_ms if self.total_ms else 0.0,
-            path=_path(type(mod).__name__, bool(launches), children),
+            path=_path(type(mod), bool(launches), children),
+            kind=layer_kind(type(mod)),
             kernels=sorted({launch.kernel for launch in launches}),
             launches=len(launches),
             atomics=sum(launch.atomics for launch in launches),
@@ -407,10 +412,12 @@ class _Builder:
         return layer.time_ms * mine / total, "layer time split by programs (CPU)"
 
 
-def _path(type_name: str, launched: bool, children: set[str]) -> str:
+def _path(module_type: type, launched: bool, children: set[str]) -> str:
     if launched:
         return "kernel"
-    if type_name in KANC_LAYERS and not (type_name == "GRKANLinear" and "rational" in children):
+    names = {base.__name__ for base in module_type.__mro__}
+    kanc_layer = names & KANC_LAYERS
+    if kanc_layer and not (kanc_layer == {"GRKANLinear"} and "rational" in children):
         return "reference"
     return "torch"
 

@@ -30,6 +30,16 @@ LAYER_KINDS = {
     "SNNKFeatures": "SNNK features",
     "Linear": "linear",
 }
+
+
+def layer_kind(module_type: type) -> str:
+    """The short name of a layer type, from the type or its nearest base in LAYER_KINDS."""
+    for base in module_type.__mro__:
+        if base.__name__ in LAYER_KINDS:
+            return LAYER_KINDS[base.__name__]
+    return module_type.__name__
+
+
 # An atomic add per 100 elements or more is where kanc calls atomics the likely cause of a slow kernel.
 ATOMICS_PER_ELEMENT = 0.01
 
@@ -91,6 +101,7 @@ class LayerRow:
     time_ms: float
     share: float
     path: str  # "kernel", "reference" (a kanc layer that ran without a kernel), "torch", "none"
+    kind: str = ""  # "rational", "GR-KAN linear", ... (LAYER_KINDS of the type or its nearest base), else the type
     kernels: list[str] = field(default_factory=list)
     launches: int = 0
     atomics: int = 0
@@ -272,14 +283,22 @@ def _roofline_findings(report: ProfileReport) -> list[Finding]:
         if r.bound is None or r.roofline_ms is None or row.time_ms <= 0:
             continue
         if r.bound == "memory":
-            where = f"at {r.bandwidth_fraction:.0%} of {report.peaks.memory} bandwidth"
+            where = f"at {percent(r.bandwidth_fraction)} of {report.peaks.memory} bandwidth"
         else:
-            where = f"at {r.compute_fraction:.0%} of the {r.compute_peak} peak"
-        kind = LAYER_KINDS.get(row.type, row.type)
+            where = f"at {percent(r.compute_fraction)} of the {r.compute_peak} peak"
+        kind = row.kind or row.type
         cause = _cause(row, [stalls[k] for k in row.kernels if k in stalls])
         text = f"{row.label}: {kind} {row.direction} {where}: {cause}"
         out.append(Finding(text, row.label, "roofline", max(row.time_ms - r.roofline_ms, 0.0)))
     return out
+
+
+def percent(fraction: float | None) -> str:
+    """31%, 4.2%, 0.05%: two significant digits below 10%."""
+    if fraction is None:
+        return "-"
+    value = fraction * 100
+    return f"{value:.0f}%" if value >= 10 else f"{value:.2g}%"
 
 
 def _cause(row: LayerRow, stalls: list[dict[str, Any]]) -> str:
@@ -321,7 +340,7 @@ def _share_findings(report: ProfileReport) -> list[Finding]:
     ranked = sorted((row for row in report.layers if row.name and row.time_ms > 0), key=lambda r: -r.time_ms)
     out = []
     for row in ranked[:2]:
-        kind = LAYER_KINDS.get(row.type, row.type)
+        kind = row.kind or row.type
         text = f"{row.label} ({kind} {row.direction}) takes {row.share:.0%} of step time ({row.time_ms:.3g} ms)"
         out.append(Finding(text, row.label, "share", None))
     return out

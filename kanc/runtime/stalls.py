@@ -291,7 +291,7 @@ def collect_ncu(
     spec_path.write_text(json.dumps(spec))
     child = [sys.executable, "-m", "kanc.runtime.ncu_child", str(spec_path)]
     report = workdir / "kanc_ncu"
-    env = {**os.environ, "KANC_AUTOTUNE": "0"}  # never time configs under the profiler's replays
+    env = _child_env()
     errors = []
     for with_metrics in (True, False):  # explicit metrics first; sections only if this ncu rejects one of them
         run = _run([*ncu_command(ncu, kernels, child, report, with_metrics)], timeout, env)
@@ -310,6 +310,13 @@ def collect_ncu(
     return StallReport("ncu", note + f", {sum(k.launches for k in found)} launches of {len(found)} kernels", found)
 
 
+def _child_env() -> dict[str, str]:
+    """The child imports this very kanc, and never times configs under the profiler's kernel replays."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "KANC_AUTOTUNE": "0"}
+
+
 def _run(cmd: list[str], timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
@@ -324,14 +331,21 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def write_child_inputs(model: Any, args: tuple, kwargs: dict, workdir: Path) -> dict[str, str]:
-    """Pickle the model and inputs for the child (kanc wrote these files itself, so the child trusts them)."""
+def write_child_inputs(model: Any, args: tuple, kwargs: dict, workdir: Path) -> dict[str, Any]:
+    """Pickle the model and inputs for the child (kanc wrote these files itself, so the child trusts them).
+
+    Pickles name classes by module, so the child gets this process's ``sys.path``; a class defined in ``__main__``
+    (a script) cannot be found by another process and is refused with a ValueError saying so.
+    """
     import torch
 
+    local = sorted({type(m).__qualname__ for m in model.modules() if type(m).__module__ == "__main__"})
+    if local:
+        raise ValueError(f"{local[0]} is defined in the __main__ script; move it into an importable module")
     model_path, inputs_path = workdir / "model.pt", workdir / "inputs.pt"
     torch.save(model, model_path)
     torch.save({"args": args, "kwargs": kwargs}, inputs_path)
-    return {"model": str(model_path), "inputs": str(inputs_path)}
+    return {"model": str(model_path), "inputs": str(inputs_path), "sys_path": [p for p in sys.path if p]}
 
 
 def new_workdir() -> Path:

@@ -134,6 +134,8 @@ def tune(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KancError("device cuda requested but no CUDA GPU is available (use --device cpu)")
     was_training, saved = model.training, {p: p.grad for p in model.parameters()}
+    for p in saved:
+        p.grad = None  # steps start from no gradient; the caller's are put back after
     model.to(device=device, dtype=dtype)
     model.train(train)
     try:
