@@ -154,17 +154,22 @@ def _tune(model, inputs, train, warmup, iters, device, dtype) -> TuneReport:
 
     path = tuning.cache_path(device)
     before_ms, configs_before = _measure(step, device, warmup, iters)
-    snapshot = copy.deepcopy(tuning.get_cache(device).entries)
+    live = tuning.get_cache(device).entries
+    snapshot = copy.deepcopy(live)
+    before_ids = {(kernel, key): id(entry) for kernel, keys in live.items() for key, entry in keys.items()}
     with tuning.autotuning("force"), recording() as launches:
         step()
         synchronize(device)
+    # force mode writes a fresh record for every key it meets: those are the entries this run tuned
+    written = {(kernel, key) for kernel, keys in tuning.get_cache(device).entries.items()
+               for key, entry in keys.items() if before_ids.get((kernel, key)) != id(entry)}  # fmt: skip
     report = TuneReport(tuning.device_name(device), str(path), train, before_ms, [], [], configs_before, {})
     if not launches:
         report.notes.append(f"no kanc kernel ran on {device.type}: nothing to tune ({_why(device)})")
         return report
     tuning.clear_memory_caches()  # read the cache back from disk, as the next process will
     report.after_ms, report.configs_after = _measure(step, device, warmup, iters)
-    report.entries = _entries(snapshot, tuning.get_cache(device).entries, {launch.kernel for launch in launches})
+    report.entries = _entries(snapshot, tuning.get_cache(device).entries, written)
     if not report.entries:
         report.notes.append("the kernels launched took no tunable config (no candidates were timed)")
     return report
@@ -191,16 +196,16 @@ def _configs(launches: list[Launch]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _entries(before: dict, after: dict, kernels: set[str]) -> list[TunedEntry]:
-    """Cache entries of the launched kernels that the tuning run wrote (new, or re-timed)."""
+def _entries(before: dict, after: dict, written: set[tuple[str, str]]) -> list[TunedEntry]:
+    """The cache entries the tuning run wrote, as read back from disk, beside the config cached before."""
     out = []
-    for kernel in sorted(kernels):
-        for key, entry in sorted(after.get(kernel, {}).items()):
-            old = before.get(kernel, {}).get(key)
-            if old == entry:
-                continue
-            timings = [float(t) for t in entry.get("timings_ms", [])]
-            out.append(TunedEntry(kernel, key, dict(entry["config"]), dict(old["config"]) if old else None, timings))
+    for kernel, key in sorted(written):
+        entry = after.get(kernel, {}).get(key)
+        if entry is None:
+            continue
+        old = before.get(kernel, {}).get(key)
+        timings = [float(t) for t in entry.get("timings_ms", [])]
+        out.append(TunedEntry(kernel, key, dict(entry["config"]), dict(old["config"]) if old else None, timings))
     return out
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from kanc.codegen import tuning
 from kanc.codegen.launches import Launch, record
 from kanc.nn import GRKANMlp, GroupRational, SNNKMlp
 
@@ -63,6 +64,51 @@ class AtomicRational(GroupRational):
 
     def forward(self, x):
         return _FakeKernel.apply(super().forward(x))
+
+
+CANDIDATES = [{"BLOCK": 64}, {"BLOCK": 128}, {"BLOCK": 256}]
+FAKE_MS = {64: 3.0, 128: 1.0, 256: 2.0}  # what the stand-in benchmark reports per config
+
+
+class _Tunable(torch.autograd.Function):
+    """A stand-in launcher: asks the tuning cache for its config (as kanc's launchers do) and records the launch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        _launch("_tuned_fwd_kernel", x)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        _launch("_tuned_bwd_kernel", grad)
+        return grad * 2
+
+
+def _launch(kernel, x):
+    key = (x.numel(), str(x.dtype))
+    config = tuning.pick_config(kernel, key, CANDIDATES, lambda c: FAKE_MS[c["BLOCK"]], x.device)
+    record(Launch("kanc::tunable", kernel, (x.numel() // config["BLOCK"] + 1,), config, 0, (tuple(x.shape),), ""))
+    return config
+
+
+class TunableLayer(nn.Module):
+    def forward(self, x):
+        return _Tunable.apply(x)
+
+
+@pytest.fixture
+def tunable_layer():
+    return TunableLayer
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """An empty kanc cache (tuned configs) for the test."""
+    monkeypatch.setenv("KANC_CACHE_DIR", str(tmp_path / "cache"))
+    tuning.clear_memory_caches()
+    yield tmp_path / "cache"
+    tuning.set_autotune(None)
+    tuning.clear_memory_caches()
 
 
 @pytest.fixture
