@@ -40,8 +40,10 @@ def layer_kind(module_type: type) -> str:
     return module_type.__name__
 
 
-# An atomic add per 100 elements or more is where kanc calls atomics the likely cause of a slow kernel.
+# Atomics are named the likely cause of a slow layer when there is one atomic add per 100 elements or more, and
+# enough of them to matter (KAT's Triton backward: 10 per element; a per-program reduction: ~1e-4 per element).
 ATOMICS_PER_ELEMENT = 0.01
+MIN_ATOMICS = 100_000
 
 
 @dataclass
@@ -304,7 +306,7 @@ def percent(fraction: float | None) -> str:
 def _cause(row: LayerRow, stalls: list[dict[str, Any]]) -> str:
     """The most likely reason a layer is below its roof, from the launch facts and the stall counters."""
     reasons = []
-    if row.elements and row.atomics / row.elements >= ATOMICS_PER_ELEMENT:
+    if row.elements and row.atomics >= MIN_ATOMICS and row.atomics / row.elements >= ATOMICS_PER_ELEMENT:
         reasons.append(f"atomics dominate ({row.atomics:,} atomic adds, {row.atomics / row.elements:.2g} per element)")
     for s in stalls:
         ls, lg, occ = s.get("long_scoreboard_fraction"), s.get("lg_throttle_fraction"), s.get("achieved_occupancy_pct")

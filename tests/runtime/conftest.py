@@ -24,11 +24,15 @@ class Block(nn.Module):
 
 
 def small_kan_model(dim: int = 32) -> nn.Module:
-    """A hand-converted model: embedding layer, a GR-KAN block, an SNNK block, a head."""
+    """A hand-converted model: embedding layer, a GR-KAN block (KAT's), an MLP block whose activation is a
+    standalone group rational (module "2.mlp.1"), an SNNK block (module "3.mlp"), a head."""
     torch.manual_seed(0)
+    rational_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), GroupRational(2 * dim, groups=8, init="gelu"),
+                                 nn.Linear(2 * dim, dim))  # fmt: skip
     return nn.Sequential(
         nn.Linear(16, dim),
         Block(dim, GRKANMlp(dim, 2 * dim, dim, groups=8)),
+        Block(dim, rational_mlp),
         Block(dim, SNNKMlp(dim, dim, 64, kind="relu")),
         nn.Linear(dim, 10),
     )
