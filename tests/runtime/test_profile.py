@@ -180,3 +180,11 @@ def test_module_counts_agree_with_rows_for_snnk(kan_model):
 
     call = CallShapes((2, 12, 32), torch.float32, (2, 12, 32), torch.float32, False)
     assert row.flops == module_counts(kan_model[3].mlp, call, "forward").flops
+
+
+def test_runtime_imports_neither_passes_nor_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, kanc.runtime; bad = {'kanc.passes', 'triton'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
