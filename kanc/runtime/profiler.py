@@ -108,8 +108,8 @@ def _profile(model, inputs, train, warmup, iters, device, dtype, stall_mode, pea
     )
     peaks = peaks or device_peaks(device)
     kernels = {launch.kernel for launch in hooked.step_launches}
-    stall_report = _collect_stalls(stall_mode, device, sorted(kernels), model, args, kwargs, train, warmup, step)
-    builder = _Builder(model, hooked, peaks, device, iters)
+    stall_report = _collect_stalls(stall_mode, device, sorted(kernels), model, args, kwargs, train, step)
+    builder = _Builder(hooked, peaks)
     layers = builder.layer_rows()
     kernel_rows = builder.kernel_rows(layers, kernel_times, stall_report)
     report = ProfileReport(
@@ -123,7 +123,7 @@ def _profile(model, inputs, train, warmup, iters, device, dtype, stall_mode, pea
         stalls=stall_report,
         findings=[],
         notes=hooked.notes + [peaks.note] if peaks.note else hooked.notes,
-        trace_events=_trace_events(model, hooked, builder),
+        trace_events=_trace_events(hooked, builder),
     )
     report.findings = find(report)
     return report
@@ -220,7 +220,7 @@ def _profiler_pass(
 
 
 # ------------------------------------------------------------------------------------------------- stalls
-def _collect_stalls(mode, device, kernels, model, args, kwargs, train, warmup, step) -> stall_tools.StallReport:
+def _collect_stalls(mode, device, kernels, model, args, kwargs, train, step) -> stall_tools.StallReport:
     none = stall_tools.StallReport
     if mode == "none":
         return none(None, "stall collection switched off (stalls='none')", [])
@@ -266,8 +266,8 @@ def _ncu(model, args, kwargs, train, device, kernels) -> stall_tools.StallReport
 class _Builder:
     """Turns the hooked phase into report rows."""
 
-    def __init__(self, model: nn.Module, hooked: _Hooked, peaks: DevicePeaks, device, iters: int) -> None:
-        self.hooked, self.peaks, self.device, self.iters = hooked, peaks, device, iters
+    def __init__(self, hooked: _Hooked, peaks: DevicePeaks) -> None:
+        self.hooked, self.peaks = hooked, peaks
         self.total_ms = statistics.fmean(s.total_ms for s in hooked.steps)
         self.time: dict[tuple[int, str], float] = defaultdict(float)
         for s in hooked.steps:
@@ -504,7 +504,7 @@ def _step_info(step_ms: list[float], hooked: _Hooked) -> dict[str, Any]:
     }
 
 
-def _trace_events(model: nn.Module, hooked: _Hooked, builder: _Builder) -> list[dict[str, Any]]:
+def _trace_events(hooked: _Hooked, builder: _Builder) -> list[dict[str, Any]]:
     """Chrome trace events: one track per direction, the measured steps laid end to end (microseconds)."""
     tids = {"step": 0, "forward": 1, "backward": 2}
     events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "kanc profile"}}]

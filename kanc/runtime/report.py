@@ -16,7 +16,7 @@ import torch
 from kanc.errors import KancError
 from kanc.runtime.counts import Counts
 from kanc.runtime.devices import DevicePeaks
-from kanc.runtime.stalls import KernelStalls, StallReport
+from kanc.runtime.stalls import StallReport
 
 SCHEMA_NAME = "kanc.profile"
 SCHEMA_VERSION = 1
@@ -407,7 +407,3 @@ def _title(report: ProfileReport) -> str:
 
 def _ellipsize(text: str, width: int) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3) :]
-
-
-def stalls_by_kernel(stalls: StallReport) -> dict[str, KernelStalls]:
-    return {k.kernel: k for k in stalls.kernels}

@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,7 +264,3 @@ def _call_shapes(args: Any, kwargs: Any, output: Any, children: set[str]) -> Cal
         bool(x is not None and x.requires_grad),
         frozenset(children),
     )
-
-
-def iter_calls(calls: list[ModuleCall], module: int) -> Iterator[ModuleCall]:
-    return (c for c in calls if c.module == module)
