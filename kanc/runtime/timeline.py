@@ -12,7 +12,6 @@ gradient) is charged to it.
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from collections import defaultdict
@@ -42,36 +41,6 @@ def first_tensor(value: Any, floating: bool = False) -> Tensor | None:
             if found is not None:
                 return found
     return None
-
-
-class WorkerThreads:
-    """Lets a ``kanc.codegen.recording()`` sink hear launches made on autograd's worker threads.
-
-    ``kanc.codegen.launches`` keeps its listeners per thread, and on CUDA the backward runs on a device thread of
-    the autograd engine, so backward launches would go unheard. A hook running on such a thread calls ``join()``,
-    which adds the sink to that thread's listeners; ``release()`` (from any thread) takes it out again.
-    """
-
-    def __init__(self, sink: list) -> None:
-        self.sink, self.owner = sink, threading.get_ident()
-        self._lists: list[list] = []
-
-    def join(self) -> None:
-        if threading.get_ident() == self.owner:
-            return
-        from kanc.codegen import launches
-
-        listeners = launches._listeners()  # this thread's list (the module exposes no per-thread API)
-        if not any(s is self.sink for s in listeners):
-            listeners.append(self.sink)
-            self._lists.append(listeners)
-
-    def release(self) -> None:
-        for listeners in self._lists:
-            for i in range(len(listeners) - 1, -1, -1):
-                if listeners[i] is self.sink:
-                    del listeners[i]
-        self._lists.clear()
 
 
 class Clock:
@@ -138,7 +107,6 @@ class Tracer:
         self.capture = False
         self._open_calls: list[ModuleCall] = []
         self._handles: list[Any] = []
-        self.threads = WorkerThreads(launches)
 
     # -- hooks
     def attach(self) -> None:
@@ -153,7 +121,6 @@ class Tracer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.threads.release()
 
     def mark(self, kind: str, module: int = OUTSIDE, early: bool = False) -> None:
         self.marks.append(Mark(kind, module, self.clock.stamp(), len(self.launches), early))
@@ -181,7 +148,6 @@ class Tracer:
 
     def _bpre(self, index: int) -> Callable:
         def hook(module: nn.Module, grad_output: Any) -> None:
-            self.threads.join()  # CUDA backward runs on an autograd worker thread
             self.mark("b>", index)
 
         return hook

@@ -9,11 +9,8 @@ process would, and runs with timing off again, so it measures exactly what later
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,7 +22,6 @@ from kanc.codegen.launches import Launch, recording
 from kanc.errors import KancError
 from kanc.runtime.report import _clean
 from kanc.runtime.steps import Inputs, model_device, prepare_inputs, run_step, synchronize, time_steps
-from kanc.runtime.timeline import WorkerThreads
 
 
 @dataclass
@@ -157,11 +153,11 @@ def _tune(model, inputs, train, warmup, iters, device, dtype) -> TuneReport:
         run_step(model, args, kwargs, train)
 
     path = tuning.cache_path(device)
-    before_ms, configs_before = _measure(step, model, device, warmup, iters)
+    before_ms, configs_before = _measure(step, device, warmup, iters)
     live = tuning.get_cache(device).entries
     snapshot = copy.deepcopy(live)
     before_ids = {(kernel, key): id(entry) for kernel, keys in live.items() for key, entry in keys.items()}
-    with tuning.autotuning("force"), _recording(model) as launches:
+    with tuning.autotuning("force"), recording() as launches:
         step()
         synchronize(device)
     # force mode writes a fresh record for every key it meets: those are the entries this run tuned
@@ -172,40 +168,23 @@ def _tune(model, inputs, train, warmup, iters, device, dtype) -> TuneReport:
         report.notes.append(f"no kanc kernel ran on {device.type}: nothing to tune ({_why(device)})")
         return report
     tuning.clear_memory_caches()  # read the cache back from disk, as the next process will
-    report.after_ms, report.configs_after = _measure(step, model, device, warmup, iters)
+    report.after_ms, report.configs_after = _measure(step, device, warmup, iters)
     report.entries = _entries(snapshot, tuning.get_cache(device).entries, written)
     if not report.entries:
         report.notes.append("the kernels launched took no tunable config (no candidates were timed)")
     return report
 
 
-def _measure(
-    step, model: nn.Module, device, warmup: int, iters: int
-) -> tuple[list[float], dict[str, list[dict[str, Any]]]]:
+def _measure(step, device, warmup: int, iters: int) -> tuple[list[float], dict[str, list[dict[str, Any]]]]:
     """Step times with timing off, and the distinct configs each kernel launched with."""
     with tuning.autotuning("0"):
         for _ in range(warmup):
             step()
         synchronize(device)
-        with _recording(model) as launches:
+        with recording() as launches:
             step()
         times = time_steps(step, device, iters)
     return times, _configs(launches)
-
-
-@contextlib.contextmanager
-def _recording(model: nn.Module) -> Iterator[list[Launch]]:
-    """``recording()`` that also hears the backward's launches on autograd's worker thread (CUDA)."""
-    with recording() as launches:
-        threads = WorkerThreads(launches)
-        handle = model.register_full_backward_pre_hook(lambda module, grad: threads.join())
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="For backward hooks to be called")
-                yield launches
-        finally:
-            handle.remove()
-            threads.release()
 
 
 def _configs(launches: list[Launch]) -> dict[str, list[dict[str, Any]]]:
