@@ -25,6 +25,9 @@ ol.findings li{margin:3px 0} .note{color:#718096} svg text{font:11px system-ui,H
 """
 
 
+_SHORT = {"forward": "fwd", "backward": "bwd"}
+
+
 def render(report: ProfileReport) -> str:
     parts = [
         "<!DOCTYPE html>",
@@ -253,7 +256,7 @@ def _layer_table(report: ProfileReport) -> str:
         x = r.rates
         cls = {"reference": "ref", "kernel": "kern"}.get(r.path, "")
         rows.append(
-            f'<tr><td class="l">{escape(r.label)}</td><td class="l">{escape(r.type)}</td><td>{r.direction[:3]}</td>'
+            f'<tr><td class="l">{escape(r.label)}</td><td class="l">{escape(r.type)}</td><td>{r.dir}</td>'
             f'<td class="{cls}">{escape(_path_label(r))}</td><td>{_cell(r.time_ms, ".4g")}</td>'
             f"<td>{_cell(r.share, '.1%')}</td><td>{_cell(r.flops, '.4g', 1e-9)}</td>"
             f"<td>{_cell(r.bytes, '.4g', 1e-6)}</td><td>{_cell(x.intensity, '.3g')}</td>"
@@ -282,8 +285,9 @@ def _kernel_table(report: ProfileReport) -> str:
     rows = []
     for k in report.kernels:
         config = ", ".join(f"{a}={b}" for a, b in k.config.items())
+        direction = _SHORT.get(k.direction, k.direction)
         rows.append(
-            f'<tr><td class="l">{escape(k.kernel)}</td><td class="l">{escape(k.layer)}</td><td>{k.direction[:3]}</td>'
+            f'<tr><td class="l">{escape(k.kernel)}</td><td class="l">{escape(k.layer)}</td><td>{direction}</td>'
             f'<td>{k.launches}</td><td>{escape(str(tuple(k.grid)))}</td><td class="l">{escape(config)}</td>'
             f'<td>{k.atomics:,}</td><td>{_cell(k.time_ms, ".4g")}</td><td class="l">{escape(k.time_source)}</td>'
             f"<td>{_cell(k.rates.achieved_gbps, '.4g')}</td><td>{_cell(k.rates.bandwidth_fraction, '.1%')}</td></tr>"

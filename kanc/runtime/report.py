@@ -92,6 +92,9 @@ def rates(counts: Counts | None, time_ms: float | None, peaks: DevicePeaks, dtyp
     )
 
 
+DIRECTION_SHORT = {"forward": "fwd", "backward": "bwd"}
+
+
 @dataclass
 class LayerRow:
     """One module in one direction: its exclusive time (children that ran are rows of their own)."""
@@ -120,6 +123,11 @@ class LayerRow:
     @property
     def label(self) -> str:
         return self.name or "(model)"
+
+    @property
+    def dir(self) -> str:
+        """ "fwd" or "bwd", for tables."""
+        return DIRECTION_SHORT.get(self.direction, self.direction)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -375,8 +383,8 @@ def terminal_table(report: ProfileReport, rows: int = 15) -> str:
         frac = r.bandwidth_fraction if r.bound == "memory" else r.compute_fraction
         body.append(
             (
-                _ellipsize(row.label, 40),
-                row.direction[:3],
+                _ellipsize(f"{row.label} ({row.type})" if row.type and row.name else row.label, 48),
+                row.dir,
                 row.path,
                 _fmt(row.time_ms, ".4g"),
                 _fmt(row.share, ".0%"),
