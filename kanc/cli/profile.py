@@ -1,15 +1,196 @@
-"""Placeholder; replaced by its owner."""
+"""``kanc profile MODEL`` and ``kanc tune MODEL``: where a model's time goes, and tuning kanc's kernels for it.
+
+kanc profile model.pt --trust-pickle --input-shape 8,197,768 --train -o prof/
+kanc tune model.pt --trust-pickle --input-shape 8,197,768 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import click
 
+from kanc.errors import KancError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise KancError(f"bad --input-shape {text!r}: expected integers like 8,197,768") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise KancError(f"bad --input-shape {text!r}: dimensions must be positive integers")
+    return shape
+
+
+def _load_model(path: Path, trust_pickle: bool, arch: str | None, arch_kwargs: str | None):
+    """kanc.api.load when present (it also rebuilds kanc-converted models), else the frontend's loader."""
+    if not path.exists():
+        raise KancError(f"model file not found: {path}")
+    try:
+        from kanc.api import load
+    except ImportError:
+        from kanc.frontend.loading import load_model
+
+        return load_model(path, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs).module
+    kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "arch": arch}
+    if arch_kwargs:
+        kwargs["arch_kwargs"] = arch_kwargs
+    module = load(str(path), **kwargs)
+    return getattr(module, "module", module)
+
+
+def _load_inputs(path: Path):
+    import torch
+
+    if not path.is_file():
+        raise KancError(f"inputs file not found: {path}")
+    try:
+        inputs = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one line for the user
+        raise KancError(f"cannot read inputs from {path} (expected torch.save of tensors): {_first(e)}") from None
+    if not isinstance(inputs, (torch.Tensor, tuple, list, dict)):
+        raise KancError(f"{path} holds a {type(inputs).__name__}; expected a tensor, a tuple/list or a dict of tensors")
+    return inputs
+
+
+def _example_inputs(shapes: tuple[str, ...], inputs_file: Path | None, input_dtype: str, vocab: int):
+    import torch
+
+    if inputs_file is not None and shapes:
+        raise click.UsageError("give either --input-shape or --inputs, not both")
+    if inputs_file is not None:
+        return _load_inputs(inputs_file)
+    if not shapes:
+        raise click.UsageError("give the example input: --input-shape 8,197,768 (repeatable) or --inputs FILE")
+    gen = torch.Generator().manual_seed(0)
+    if input_dtype == "long":
+        tensors = [torch.randint(0, vocab, _parse_shape(s), generator=gen) for s in shapes]
+    else:
+        tensors = [torch.randn(_parse_shape(s), generator=gen) for s in shapes]
+    return tuple(tensors)
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KancError("--device cuda but no CUDA GPU is available (use --device cpu)")
+    return device
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+def _first(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _common(fn):
+    """The options both commands share: the model file and how to load it, the example inputs, device and dtype."""
+    options = [
+        click.argument("model", type=click.Path(path_type=Path)),
+        click.option(
+            "--input-shape",
+            "shapes",
+            multiple=True,
+            help="Example input shape, e.g. 8,197,768 (repeat for several positional inputs).",
+        ),  # fmt: skip
+        click.option(
+            "--inputs",
+            "inputs_file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="A torch.save'd tensor, tuple/list (positional) or dict (keyword) of inputs.",
+        ),  # fmt: skip
+        click.option(
+            "--input-dtype",
+            type=click.Choice(["float", "long"]),
+            default="float",
+            help="Random inputs from --input-shape: floats N(0, 1), or token ids below --vocab.",
+        ),  # fmt: skip
+        click.option("--vocab", type=int, default=100, help="Token ids are drawn below this (--input-dtype long)."),
+        click.option(
+            "--dtype",
+            type=click.Choice(DTYPES),
+            default=None,
+            help="Cast the model and floating inputs to this dtype (default: keep the model's).",
+        ),  # fmt: skip
+        click.option(
+            "--device",
+            type=click.Choice(["cuda", "cpu"]),
+            default=None,
+            help="Where to run (default: cuda when available).",
+        ),  # fmt: skip
+        click.option("--warmup", type=click.IntRange(min=0), default=3, help="Warm-up steps before measuring."),
+        click.option("--iters", type=click.IntRange(min=1), default=10, help="Measured steps."),
+        click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled full model (runs code)."),
+        click.option("--arch", default=None, help="module:Class or file.py:Class when MODEL holds only weights."),
+        click.option("--arch-kwargs", default=None, help="JSON object of keyword arguments for --arch."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
 
 @click.command("profile")
-def profile_cmd() -> None:
-    """(not yet implemented)"""
-    raise click.ClickException("not implemented yet")
+@_common
+@click.option("--train", is_flag=True, help="Profile forward and backward (default: forward only).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
+              help="Write report.json, trace.json and report.html into this directory.")  # fmt: skip
+@click.option("--stalls", type=click.Choice(["auto", "ncu", "proton", "none"]), default="auto",
+              help="Memory-stall counters: Nsight Compute, Triton's proton, or none (GPU only).")  # fmt: skip
+@click.option("--rows", type=click.IntRange(min=1), default=15, help="Layers shown in the terminal table.")
+def profile_cmd(model: Path, shapes, inputs_file, input_dtype, vocab, dtype, device, warmup, iters, trust_pickle,
+                arch, arch_kwargs, as_json, train, out, stalls, rows) -> None:  # fmt: skip
+    """Profile MODEL: time per layer and per kernel against the roofline, memory stalls, findings."""
+    from kanc.runtime import profile
+
+    example = _example_inputs(shapes, inputs_file, input_dtype, vocab)
+    device = _device(device)
+    if out is not None and out.exists() and not out.is_dir():
+        raise KancError(f"output path {out} exists and is not a directory")
+    module = _load_model(model, trust_pickle, arch, arch_kwargs)
+    click.echo(f"profiling {model} on {device} ({'train step' if train else 'forward'}, {iters} steps)", err=True)
+    report = profile(module, example, train=train, warmup=warmup, iters=iters, device=device, dtype=_dtype(dtype),
+                     stalls=stalls, name=model.stem)  # fmt: skip
+    report.model["source"] = str(model)
+    if out is not None:
+        report.write(out)
+        click.echo(f"wrote {out}/report.json, trace.json, report.html", err=True)
+    if as_json:
+        click.echo(json.dumps({"output": str(out) if out else None, "report": report.to_json()}))
+    else:
+        click.echo(report.table(rows))
 
 
 @click.command("tune")
-def tune_cmd() -> None:
-    """(not yet implemented)"""
-    raise click.ClickException("not implemented yet")
+@_common
+@click.option("--train/--no-train", default=True, help="Tune the backward kernels too (forward and backward).")
+def tune_cmd(model: Path, shapes, inputs_file, input_dtype, vocab, dtype, device, warmup, iters, trust_pickle,
+             arch, arch_kwargs, as_json, train) -> None:  # fmt: skip
+    """Autotune every kanc kernel at MODEL's shapes, write the per-device config cache, report before/after."""
+    from kanc.runtime import tune
+
+    example = _example_inputs(shapes, inputs_file, input_dtype, vocab)
+    device = _device(device)
+    module = _load_model(model, trust_pickle, arch, arch_kwargs)
+    click.echo(f"tuning {model} on {device} ({'forward and backward' if train else 'forward'})", err=True)
+    result = tune(module, example, train=train, warmup=warmup, iters=iters, device=device, dtype=_dtype(dtype))
+    if not result.entries:
+        raise KancError(result.notes[0] if result.notes else "nothing was tuned")
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        click.echo(result.table())

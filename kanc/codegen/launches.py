@@ -9,6 +9,9 @@ atomic adds the launch issues). Nothing is kept unless a caller is listening:
 
 The profiler (``kanc.runtime``) uses this to put real launch facts beside measured times; a call that took
 the reference path records nothing, which is how a report tells "kernel" from "reference".
+
+Recordings are process-wide: a recording hears launches from every thread, because autograd runs the
+backward of CUDA tensors on its own worker threads (a per-thread recording would miss every backward kernel).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-_local = threading.local()
+_lock = threading.Lock()
+_listeners: list[list[Launch]] = []
 
 
 @dataclass(frozen=True)
@@ -47,30 +51,28 @@ class Launch:
         return math.prod(self.grid)
 
 
-def _listeners() -> list[list[Launch]]:
-    if not hasattr(_local, "listeners"):
-        _local.listeners = []
-    return _local.listeners
-
-
 def is_recording() -> bool:
     """Whether any caller listens (launchers may skip building a Launch when not)."""
-    return bool(_listeners())
+    return bool(_listeners)
 
 
 def record(launch: Launch) -> None:
-    """Append ``launch`` to every active :func:`recording` of this thread (a no-op when none is active)."""
-    for sink in _listeners():
-        sink.append(launch)
+    """Append ``launch`` to every active :func:`recording` (a no-op when none is active)."""
+    if not _listeners:
+        return
+    with _lock:
+        for sink in _listeners:
+            sink.append(launch)
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[list[Launch]]:
     """Collect the launches made inside the block (nested recordings each see all of them)."""
     sink: list[Launch] = []
-    listeners = _listeners()
-    listeners.append(sink)
+    with _lock:
+        _listeners.append(sink)
     try:
         yield sink
     finally:
-        del listeners[next(i for i, s in enumerate(listeners) if s is sink)]  # by identity: equal lists differ
+        with _lock:  # by identity: two recordings holding equal lists are still different recordings
+            del _listeners[next(i for i, s in enumerate(_listeners) if s is sink)]

@@ -101,3 +101,15 @@ def test_launch_recording_only_while_listening():
         record(launch)
     assert inner == [launch] and outer == [launch, launch]
     assert launch.programs == 6
+
+
+def test_recording_hears_other_threads():
+    """Autograd runs CUDA backward on worker threads: their launches must reach the caller's recording."""
+    import threading
+
+    launch = Launch("kanc::x", "_x_kernel", (1,), {})
+    with recording() as seen:
+        worker = threading.Thread(target=record, args=(launch,))
+        worker.start()
+        worker.join()
+    assert seen == [launch]
