@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kanc.codegen.autograd import reference_vjp, register_reference_double_backward, vjp_with_graph
 from kanc.codegen.checker import use_kernel
-from kanc.codegen.rational import check_rational_args, rational_ref, reference_vjp
+from kanc.codegen.rational import check_rational_args, rational_ref
 
 
 def check_linear_args(x: Tensor, numerator: Tensor, denominator: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -95,3 +96,12 @@ def _backward(ctx, grad: Tensor):
 
 
 _grkan_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _first_order(grad: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, weight: Tensor, has_bias: bool):
+    """The backward op's outputs by differentiable reference ops (the bias gradient is the row sum of grad)."""
+    grads = vjp_with_graph(grkan_linear_ref, grad, x, numerator, denominator, weight)
+    return *grads, grad.reshape(-1, weight.shape[0]).sum(0) if has_bias else None
+
+
+register_reference_double_backward(_grkan_linear_backward_op, _first_order)

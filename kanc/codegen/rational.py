@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kanc.codegen.autograd import reference_vjp, register_reference_double_backward, vjp_with_graph
 from kanc.codegen.checker import use_kernel
 
 
@@ -68,18 +69,6 @@ def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
     return rational_ref(x, numerator, denominator)
 
 
-def reference_vjp(fn, grad: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
-    """Gradients of ``fn(*inputs)`` against ``grad`` by autograd on the reference (an op's fallback backward).
-
-    Gradients come back contiguous (as the fake implementations promise) and zero for inputs that do not reach
-    the output.
-    """
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        grads = torch.autograd.grad(fn(*leaves), leaves, grad, allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, leaves))
-
-
 @torch.library.custom_op("kanc::group_rational", mutates_args=())
 def _group_rational_op(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
     if use_kernel(x, numerator, denominator):
@@ -119,3 +108,6 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 _group_rational_op.register_autograd(_backward, setup_context=_setup_context)
+register_reference_double_backward(
+    _group_rational_backward_op, lambda grad, x, num, den: vjp_with_graph(rational_ref, grad, x, num, den)
+)

@@ -30,8 +30,8 @@ import math
 import torch
 from torch import Tensor
 
+from kanc.codegen.autograd import reference_vjp, register_reference_double_backward, vjp_with_graph
 from kanc.codegen.checker import use_kernel
-from kanc.codegen.rational import reference_vjp
 
 SNNK_KINDS = ("relu", "exp", "cos")
 MAX_KERNEL_FEATURES = 512  # m of the fused kernel: the (rows, m) feature tiles must fit in registers
@@ -195,3 +195,13 @@ def _backward(ctx, grad: Tensor):
 
 
 _snnk_block_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _first_order(grad, x, projection, weight, has_bias, weight_grad, kind, floor, input_scale):
+    """The backward op's outputs by differentiable reference ops (db is the row sum of grad)."""
+    fn = lambda x, w: snnk_block_ref(x, projection, w, None, kind, floor, input_scale)
+    dx, dw = vjp_with_graph(fn, grad, x, weight)
+    return dx, dw if weight_grad else None, grad.reshape(-1, weight.shape[0]).sum(0) if has_bias else None
+
+
+register_reference_double_backward(_snnk_block_backward_op, _first_order)

@@ -13,6 +13,23 @@ from kanc.codegen import debug, launches, tuning
 from kanc.codegen.checker import interpreting
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_INTERPRETER = tl.constexpr(interpreting())  # read when triton compiles a kernel; kernels import after the env is set
+
+
+@triton.jit
+def cast_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` to nearest even, as GPUs and torch round.
+
+    Triton's interpreter truncates fp32 -> bf16 (and its "rtne" mode does not carry into the exponent), which biases
+    sums toward zero; there the rounding is done on the bits as torch does (NaN kept quiet).
+    """
+    if _INTERPRETER and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(x != x, 0x7FC0, bits)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 def next_pow2(n: int) -> int:

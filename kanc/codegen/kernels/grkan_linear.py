@@ -17,6 +17,7 @@ import triton.language as tl
 
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
+from kanc.codegen.kernels.common import cast_to
 from kanc.codegen.kernels.rational import _coef_grads, _rational_grads, _rational_pq, group_span, groups_touched
 
 OP = "kanc::grkan_linear"
@@ -71,11 +72,13 @@ def _grkan_linear_fwd_kernel(
         f = _rational_tile(x_ptr, rm, rk, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ)
         w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = _dot(f.to(y_ptr.dtype.element_ty), w, acc, DOT, IEEE)  # F rounded to the I/O dtype, as the reference
+        acc = _dot(
+            cast_to(f, y_ptr.dtype.element_ty), w, acc, DOT, IEEE
+        )  # F rounded to the I/O dtype, as the reference
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    tl.store(y_ptrs, cast_to(acc, y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -98,15 +101,15 @@ def _grkan_linear_dw_kernel(
         mmask = rm < M
         f = _rational_tile(x_ptr, rm, rk, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ)
         dyt = tl.load(dy_ptr + rm[None, :] * stride_dym + rn[:, None], mask=nmask[:, None] & mmask[None, :], other=0.0)
-        acc = _dot(dyt, f.to(dy_ptr.dtype.element_ty), acc, DOT, IEEE)
+        acc = _dot(dyt, cast_to(f, dy_ptr.dtype.element_ty), acc, DOT, IEEE)
         if HAS_BIAS:
             if pid_k == 0:
                 db += tl.sum(dyt.to(tl.float32), axis=1)
     dw_ptrs = dw_ptr + rn[:, None] * stride_dwn + rk[None, :]
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
+    tl.store(dw_ptrs, cast_to(acc, dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
     if HAS_BIAS:
         if pid_k == 0:
-            tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=nmask)
+            tl.store(db_ptr + rn, cast_to(db, db_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
@@ -134,7 +137,7 @@ def _grkan_linear_dx_kernel(
     x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
     g = rk // D
     dx, gq, y = _rational_grads(x, df, num_ptr, den_ptr, g, kmask, NP, NQ)
-    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     g_first = (pid_k * BLOCK_K) // D
     g_last = (tl.minimum(pid_k * BLOCK_K + BLOCK_K, K) - 1) // D
     _coef_grads(acc_ptr, x, gq, y, mask, g, kmask, g_first, g_last, NP, NQ, G_SPAN)
@@ -220,7 +223,7 @@ def grkan_linear_backward(grad, x, numerator, denominator, weight, has_bias: boo
     _launch_dw(x2, dy2, num, den, dw, db, has_bias, groups)
     dx, acc = _launch_dx(x2, dy2, weight, num, den, groups)
     np_ = num.shape[1]
-    dnum = acc[:, :np_].to(numerator.dtype)
+    dnum = acc[:, :np_].to(numerator.dtype).contiguous()
     dden = (acc[:, np_:] * torch.sign(den)).to(denominator.dtype)
     return dx.view(x.shape), dnum, dden, dw, db
 

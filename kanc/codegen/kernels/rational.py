@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kanc.codegen.kernels import common
+from kanc.codegen.kernels.common import cast_to
 
 OP = "kanc::group_rational"
 
@@ -120,7 +121,7 @@ def _rational_fwd_kernel(
     rows, cols, cmask, mask = _tile(tl.program_id(0), tl.program_id(1), R, C, BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     p, q = _rational_pq(x, num_ptr, den_ptr, cols // D, cmask, NP, NQ)
-    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], (p / q).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], cast_to(p / q, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -150,7 +151,7 @@ def _rational_bwd_kernel(
     dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g = cols // D
     dx, gq, y = _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP, NQ)
-    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     g_first = (pid_c * BLOCK_C) // D
     g_last = (tl.minimum(pid_c * BLOCK_C + BLOCK_C, C) - 1) // D
     _coef_grads(acc_ptr, x, gq, y, mask, g, cmask, g_first, g_last, NP, NQ, G_SPAN)
@@ -245,4 +246,4 @@ def rational_backward(
     atomics = grid[0] * groups_touched(channels, group_size, cfg["BLOCK_C"]) * (np_ + nq)
     shapes = [x.shape, num.shape, den.shape]
     common.record(OP, _rational_bwd_kernel, grid, cfg, shapes, x.dtype, "backward", atomics, coefficients=np_ + nq)
-    return dx, acc[:, :np_].to(numerator.dtype), (acc[:, np_:] * torch.sign(den)).to(denominator.dtype)
+    return dx, acc[:, :np_].to(numerator.dtype).contiguous(), (acc[:, np_:] * torch.sign(den)).to(denominator.dtype)

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
+from kanc.codegen.kernels.common import cast_to
 from kanc.codegen.kernels.grkan_linear import _dot
 
 OP = "kanc::snnk_block"
@@ -94,7 +95,7 @@ def _snnk_fwd_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        tl.store(y_ptrs, cast_to(acc, y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -137,9 +138,9 @@ def _snnk_bwd_kernel(
     if STORE_PHI:
         p_ptrs = phi_ptr + rm[:, None] * stride_pm + rf[None, :]
         pmask = mmask[:, None] & fmask[None, :]
-        tl.store(p_ptrs, phi.to(phi_ptr.dtype.element_ty), mask=pmask)
+        tl.store(p_ptrs, cast_to(phi, phi_ptr.dtype.element_ty), mask=pmask)
         if KIND == 2:
-            tl.store(p_ptrs + M_FEAT, phi_s.to(phi_ptr.dtype.element_ty), mask=pmask)
+            tl.store(p_ptrs + M_FEAT, cast_to(phi_s, phi_ptr.dtype.element_ty), mask=pmask)
     for d0 in range(0, D_IN, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         dmask = rd < D_IN
@@ -151,7 +152,7 @@ def _snnk_bwd_kernel(
         if KIND == 1:
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rd[None, :] * stride_xd, mask=mask, other=0.0)
             dx -= (scale * scale) * x.to(tl.float32) * t[:, None]
-        tl.store(dx_ptr + rm[:, None] * stride_dxm + rd[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + rm[:, None] * stride_dxm + rd[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
