@@ -29,9 +29,12 @@ def _fn(x, num, den, w, b=None):
 
 
 def _ref(x, num, den, w, b=None):
-    """grkan_linear_ref's definition, linear(F(x)), with the matmul in fp32: F(x) is still rounded to x's dtype (as the
-    kernels feed tl.dot), but CPU bf16/fp16 matmuls round partial sums where the kernels accumulate in fp32."""
-    f = rational_ref(x, num, den).float()
+    """grkan_linear_ref's definition, linear(F(x)), at fp32 math. F(x) is rounded to x's dtype in the forward (as the
+    reference stores it and the kernels feed it to tl.dot), but dF stays fp32 in the backward, as in the kernels'
+    accumulators: 16-bit references round dF and the partial sums of their matmuls, which is less accurate, not more.
+    """
+    f32 = rational_ref(x.float(), num, den)
+    f = f32 + (f32.to(x.dtype).float() - f32).detach()  # rounded value, unrounded gradient
     return torch.nn.functional.linear(f, w.float(), None if b is None else b.float()).to(x.dtype)
 
 

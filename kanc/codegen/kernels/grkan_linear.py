@@ -45,7 +45,8 @@ def _dot(a, b, acc, DOT: tl.constexpr, IEEE: tl.constexpr):
 def _rational_tile(
     x_ptr, rm, rk, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP: tl.constexpr, NQ: tl.constexpr
 ):
-    """F(x) of one (BLOCK_M, BLOCK_K) tile in fp32, zero outside the matrix (F(0) = a_0 would leak into sums)."""
+    """F(x) of one (BLOCK_M, BLOCK_K) tile in fp32, exactly zero outside the matrix (padding never relies on the
+    other operand being masked too)."""
     mask = mmask[:, None] & kmask[None, :]
     x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
     p, q = _rational_pq(x, num_ptr, den_ptr, rk // D, kmask, NP, NQ)
