@@ -62,12 +62,13 @@ def _check(inputs, **tol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_reference_ragged(dtype, bias, device):
-    """M = 45, N = 37, K = 48 with 16/32 tiles: every dimension ragged; G = 3 (D = 16) groups meet 32-wide K tiles
-    at unequal positions."""
+@pytest.mark.parametrize("k_in,groups", [(48, 3), (64, 2)])
+def test_matches_reference_ragged(k_in, groups, dtype, bias, device):
+    """M = 45, N = 37 with 16/32 tiles, every dimension ragged. K = 48, G = 3: groups (D = 16) meet 32-wide K tiles at
+    unequal positions; K = 64, G = 2: each K tile lies in one group (scalar coefficients)."""
     a, b, c = _tiles(16, 32, 32)
     with a, b, c:
-        _check(_inputs((3, 15, 48), 37, 3, dtype, device, bias))
+        _check(_inputs((3, 15, k_in), 37, groups, dtype, device, bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -189,3 +190,25 @@ def test_compiled_mlp_block_holds_the_fused_op(shared, device, compile_capture):
     n_ops = sum(str(n.target) == "kanc.grkan_linear.default" for gm in graphs.graphs["forward"] for n in gm.graph.nodes)
     assert n_ops == 2
     assert not {"aten.abs.default", "aten.div.Tensor", "aten.mm.default", "aten.addmm.default"} & forward
+
+
+def test_torch_export_keeps_one_op_per_layer(device):
+    block = GRKANMlp(16, 32, groups=4).to(device)
+    exported = torch.export.export(block, (torch.randn(3, 16, device=device),))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets.count("kanc.grkan_linear.default") == 2
+    assert not {"aten.abs.default", "aten.linear.default", "aten.addmm.default"} & set(targets)
+
+
+def test_onnx_export_decomposes_even_with_kernels_available(device, tmp_path):
+    """The exporter must see standard ops: the checker sends ONNX export to the reference."""
+    onnx = pytest.importorskip("onnx")
+    from kanc.export import export_onnx
+
+    torch.manual_seed(0)
+    result = export_onnx(GRKANMlp(16, 32, groups=4).to(device), torch.randn(3, 16, device=device), tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert {"Abs", "Div"} <= ops and all(
+        n.domain in ("", "ai.onnx") for n in onnx.load(str(tmp_path / "m.onnx")).graph.node
+    )
+    assert result.worst < 1e-4

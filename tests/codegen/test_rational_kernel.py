@@ -43,6 +43,7 @@ def _check(inputs, **tol):
         ((37, 48), 8, (16, 32)),  # D = 6: groups start at unequal offsets in every tile
         ((5, 2, 3, 12), 12, (8, 32)),  # D = 1, a 4-d input, columns ragged
         ((19, 40), 1, (8, 32)),  # one group, columns ragged (40 = 32 + 8)
+        ((21, 64), 2, (16, 32)),  # D = 32 = BLOCK_C: each tile in one group (scalar coefficients)
     ],
 )
 def test_matches_reference(shape, groups, tiles, dtype, device):
@@ -148,18 +149,18 @@ def test_reference_without_kernels(device):
 
 
 def test_autotune_times_candidates_and_caches(device):
-    inputs = _inputs((9, 16), 2, torch.float32, device)
+    inputs = _inputs((40, 96), 2, torch.float32, device)
     with tuning.autotuning("1"):
         group_rational(*inputs)
     cache = tuning.get_cache(device)
     key = next(iter(cache.entries[FWD]))
-    assert key == "16,16,2,6,4,float32"
+    assert key == "64,96,2,6,4,float32"
     entry = cache.entries[FWD][key]
     assert len(entry["timings_ms"]) > 1 and all(t > 0 for t in entry["timings_ms"])
     best = min(range(len(entry["timings_ms"])), key=entry["timings_ms"].__getitem__)
     from kanc.codegen.kernels.rational import elementwise_candidates
 
-    assert entry["config"] == elementwise_candidates(9, 16, 8)[best]
+    assert entry["config"] == elementwise_candidates(40, 96, 48)[best]
     assert tuning.cache_path(device).is_file()
     with recording() as launches:
         group_rational(*inputs)  # second call: the cached choice, no timing

@@ -43,14 +43,24 @@ def _dot(a, b, acc, DOT: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _rational_tile(
-    x_ptr, rm, rk, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP: tl.constexpr, NQ: tl.constexpr
-):
+    x_ptr, rm, rk, k0, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D,
+    NP: tl.constexpr, NQ: tl.constexpr, UNIFORM: tl.constexpr,
+):  # fmt: skip
     """F(x) of one (BLOCK_M, BLOCK_K) tile in fp32, exactly zero outside the matrix (padding never relies on the
     other operand being masked too)."""
     mask = mmask[:, None] & kmask[None, :]
     x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-    p, q = _rational_pq(x, num_ptr, den_ptr, rk // D, kmask, NP, NQ)
+    p, q = _rational_pq(x, num_ptr, den_ptr, _groups(k0, rk, D, UNIFORM), kmask, NP, NQ, UNIFORM)
     return tl.where(mask, p / q, 0.0)
+
+
+@triton.jit
+def _groups(k0, rk, D, UNIFORM: tl.constexpr):
+    """Group of a K tile starting at k0 (a scalar) when it lies in one group, else the group of each column."""
+    if UNIFORM:
+        return k0 // D
+    else:
+        return rk // D
 
 
 @triton.jit
@@ -59,7 +69,7 @@ def _grkan_linear_fwd_kernel(
     M, N, K, D,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
     HAS_BIAS: tl.constexpr, NP: tl.constexpr, NQ: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M, BLOCK_N) tile of y = F(x) W^T + b; F applied to each x tile as it is loaded."""
     pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -70,7 +80,7 @@ def _grkan_linear_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kmask = rk < K
-        f = _rational_tile(x_ptr, rm, rk, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ)
+        f = _rational_tile(x_ptr, rm, rk, k0, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ, UNIFORM)
         w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc = _dot(
@@ -88,7 +98,7 @@ def _grkan_linear_dw_kernel(
     M, N, K, D,
     stride_xm, stride_xk, stride_dym, stride_dwn,
     HAS_BIAS: tl.constexpr, NP: tl.constexpr, NQ: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_N, BLOCK_K) tile of dW = dy^T F(x), F recomputed per x tile; db from the first K tile's programs."""
     pid_n, pid_k = _swizzle(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
@@ -100,7 +110,9 @@ def _grkan_linear_dw_kernel(
     for m0 in range(0, M, BLOCK_M):
         rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         mmask = rm < M
-        f = _rational_tile(x_ptr, rm, rk, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ)
+        f = _rational_tile(
+            x_ptr, rm, rk, pid_k * BLOCK_K, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ, UNIFORM
+        )
         dyt = tl.load(dy_ptr + rm[None, :] * stride_dym + rn[:, None], mask=nmask[:, None] & mmask[None, :], other=0.0)
         acc = _dot(dyt, cast_to(f, dy_ptr.dtype.element_ty), acc, DOT, IEEE)
         if HAS_BIAS:
@@ -136,8 +148,8 @@ def _grkan_linear_dx_kernel(
         df = _dot(dy, w, df, DOT, IEEE)
     mask = mmask[:, None] & kmask[None, :]
     x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-    g = rk // D
-    dx, gq, y = _rational_grads(x, df, num_ptr, den_ptr, g, kmask, NP, NQ)
+    g = _groups(pid_k * BLOCK_K, rk, D, G_SPAN == 1)
+    dx, gq, y = _rational_grads(x, df, num_ptr, den_ptr, g, kmask, NP, NQ, G_SPAN == 1)
     tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     g_first = (pid_k * BLOCK_K) // D
     g_last = (tl.minimum(pid_k * BLOCK_K + BLOCK_K, K) - 1) // D
@@ -146,35 +158,44 @@ def _grkan_linear_dx_kernel(
 
 # ---------------------------------------------------------------------------------------------------- launchers
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): tiles of the output (M, N) and the reduction K.
-_GPU_TILES = [
-    (128, 128, 64, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (128, 256, 64, 8, 3),
-    (64, 64, 64, 4, 4),
-    (128, 128, 32, 4, 4),
-    (64, 256, 32, 4, 4),
-    (256, 128, 64, 8, 3),
-]
-_INTERPRETER_TILES = [(64, 64, 64, 4, 1), (32, 32, 32, 4, 1), (16, 16, 16, 4, 1)]
+# GPU tiles per kernel, each as (output rows, output cols, reduction, num_warps, num_stages) in that kernel's own
+# names; the first is the default. Ordered by `benchmarks/compile_report.py` at ViT-B shapes on sm_90: the rational in
+# the prologue/epilogue holds BLOCK x BLOCK_K fp32 values per thread on top of the accumulator, so the tiles that
+# compile without register spills come first. The tuner times all of them on a GPU.
+FWD_TILES = [  # y tile (BLOCK_M, BLOCK_N), K reduced
+    (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (64, 256, 32, 8, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+]  # fmt: skip
+DW_TILES = [  # dW tile (BLOCK_N, BLOCK_K), M reduced
+    (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3),
+    (64, 64, 32, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+]  # fmt: skip
+DX_TILES = [  # dx tile (BLOCK_M, BLOCK_K), N reduced; the epilogue holds ~10 fp32 values per element
+    (64, 64, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3),
+    (32, 128, 64, 4, 4), (128, 64, 32, 8, 3), (32, 64, 64, 4, 4),
+]  # fmt: skip
+INTERPRETER_TILES = [(64, 64, 64, 4, 1), (32, 32, 32, 4, 1), (16, 16, 16, 4, 1)]  # few programs, little numpy work
 
 
-def matmul_candidates(rows: int, cols: int, inner: int) -> list[dict]:
-    """Tile configs for an output of (rows, cols) reducing over ``inner``, first = the heuristic default.
+def tile_candidates(tiles, names: tuple[str, str, str], sizes: tuple[int, int, int]) -> list[dict]:
+    """Configs from (rows, cols, reduction, warps, stages) tiles, first = the heuristic default.
 
     Blocks are capped at the problem's size (rounded up to a power of two, at least 16 as tl.dot needs), so a small
     problem does not pay for a large tile; duplicates after capping are dropped.
     """
     cap = lambda block, size: max(16, min(block, common.next_pow2(size)))
-    tiles = _INTERPRETER_TILES if interpreting() else _GPU_TILES
     out: list[dict] = []
-    for bm, bn, bk, warps, stages in tiles:
-        cfg = {"BLOCK_M": cap(bm, rows), "BLOCK_N": cap(bn, cols), "BLOCK_K": cap(bk, inner), "GROUP_M": 8}
-        cfg.update(num_warps=warps, num_stages=stages)
+    for *blocks, warps, stages in INTERPRETER_TILES if interpreting() else tiles:
+        cfg = {name: cap(b, size) for name, b, size in zip(names, blocks, sizes)}
+        cfg.update(GROUP_M=8, num_warps=warps, num_stages=stages)
         if cfg not in out:
             out.append(cfg)
     return out
+
+
+def matmul_candidates(rows: int, cols: int, inner: int) -> list[dict]:
+    """Configs of the forward kernel: y (rows, cols), reducing over ``inner``."""
+    return tile_candidates(FWD_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), (rows, cols, inner))
 
 
 def _dot_args(dtype: torch.dtype) -> tuple:
@@ -200,7 +221,7 @@ def grkan_linear_forward(x, numerator, denominator, weight, bias):
         _grkan_linear_fwd_kernel[grid](
             x2, weight, bias if bias is not None else x2, out, num, den, m, n_out, k_in, k_in // groups,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
-            bias is not None, np_, nq, dot, ieee,
+            bias is not None, np_, nq, dot, ieee, (k_in // groups) % cfg["BLOCK_K"] == 0,
             cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], **common.launch_options(cfg),
         )  # fmt: skip
         return grid
@@ -238,16 +259,12 @@ def _launch_dw(x2, dy2, num, den, dw, db, has_bias: bool, groups: int) -> None:
         _grkan_linear_dw_kernel[grid](
             x2, dy2, out, out_b if has_bias else out, num, den, m, n_out, k_in, k_in // groups,
             x2.stride(0), x2.stride(1), dy2.stride(0), out.stride(0),
-            has_bias, np_, nq, dot, ieee,
+            has_bias, np_, nq, dot, ieee, (k_in // groups) % cfg["BLOCK_K"] == 0,
             cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], **common.launch_options(cfg),
         )  # fmt: skip
         return grid
 
-    # the output tile is (N, K) and the reduction runs over M: BLOCK_M is the reduction block here
-    candidates = [
-        {**c, "BLOCK_N": c["BLOCK_M"], "BLOCK_K": c["BLOCK_N"], "BLOCK_M": c["BLOCK_K"]}
-        for c in matmul_candidates(n_out, k_in, m)
-    ]
+    candidates = tile_candidates(DW_TILES, ("BLOCK_N", "BLOCK_K", "BLOCK_M"), (n_out, k_in, m))
     key = _key(m, n_out, k_in, groups, np_, nq, x2.dtype)
     scratch = lambda c: run(c, torch.empty_like(dw), torch.empty_like(db))
     cfg = common.choose(_grkan_linear_dw_kernel, key, candidates, scratch, x2.device)
@@ -274,7 +291,7 @@ def _launch_dx(x2, dy2, weight, num, den, groups: int) -> tuple[torch.Tensor, to
         return grid
 
     # the output tile is (M, K) and the reduction runs over N
-    candidates = [{**c, "BLOCK_K": c["BLOCK_N"], "BLOCK_N": c["BLOCK_K"]} for c in matmul_candidates(m, k_in, n_out)]
+    candidates = tile_candidates(DX_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"), (m, k_in, n_out))
     key = _key(m, n_out, k_in, groups, np_, nq, x2.dtype)
     scratch = lambda c: run(c, torch.empty_like(dx), torch.zeros_like(acc))
     cfg = common.choose(_grkan_linear_dx_kernel, key, candidates, scratch, x2.device)

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
 
@@ -23,42 +24,46 @@ OP = "kanc::group_rational"
 
 
 @triton.jit
-def _coef(ptr, g, k, NCOEF: tl.constexpr, cmask):
-    """Coefficient k of each column's group, fp32, as a (1, BLOCK_C) row."""
-    return tl.load(ptr + g * NCOEF + k, mask=cmask, other=0.0).to(tl.float32)[None, :]
+def _coef(ptr, g, k, NCOEF: tl.constexpr, cmask, UNIFORM: tl.constexpr):
+    """Coefficient k in fp32: with UNIFORM (the tile lies in one group, g a scalar) one scalar, else that of each
+    column's group g as a (1, BLOCK_C) row. Scalars keep 10 vectors of coefficients out of the registers."""
+    if UNIFORM:
+        return tl.load(ptr + g * NCOEF + k).to(tl.float32)
+    else:
+        return tl.load(ptr + g * NCOEF + k, mask=cmask, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
-def _rational_pq(x, num_ptr, den_ptr, g, cmask, NP: tl.constexpr, NQ: tl.constexpr):
+def _rational_pq(x, num_ptr, den_ptr, g, cmask, NP: tl.constexpr, NQ: tl.constexpr, UNIFORM: tl.constexpr):
     """P(x) and Q(x) for an fp32 (rows, cols) tile, by Horner in the reference's order (same rounding, same NaNs)."""
-    p = tl.broadcast_to(_coef(num_ptr, g, NP - 1, NP, cmask), x.shape)
+    p = tl.zeros(x.shape, tl.float32) + _coef(num_ptr, g, NP - 1, NP, cmask, UNIFORM)
     for i in tl.static_range(1, NP):
-        p = p * x + _coef(num_ptr, g, NP - 1 - i, NP, cmask)
+        p = p * x + _coef(num_ptr, g, NP - 1 - i, NP, cmask, UNIFORM)
     ax = tl.abs(x)
     q = tl.full(x.shape, 1.0, tl.float32)
     if NQ > 0:
-        q = tl.abs(_coef(den_ptr, g, NQ - 1, NQ, cmask)) * ax
+        q = tl.abs(_coef(den_ptr, g, NQ - 1, NQ, cmask, UNIFORM)) * ax
         for i in tl.static_range(1, NQ):
-            q = (q + tl.abs(_coef(den_ptr, g, NQ - 1 - i, NQ, cmask))) * ax
+            q = (q + tl.abs(_coef(den_ptr, g, NQ - 1 - i, NQ, cmask, UNIFORM))) * ax
         q = q + 1.0
     return p, q
 
 
 @triton.jit
-def _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP: tl.constexpr, NQ: tl.constexpr):
+def _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP: tl.constexpr, NQ: tl.constexpr, UNIFORM: tl.constexpr):
     """(dx, dy / Q, F(x)) for fp32 tiles: dx = dy (P' - F sign(x) Q'(|x|)) / Q."""
-    p, q = _rational_pq(x, num_ptr, den_ptr, g, cmask, NP, NQ)
+    p, q = _rational_pq(x, num_ptr, den_ptr, g, cmask, NP, NQ, UNIFORM)
     dp = tl.zeros(x.shape, tl.float32)
     if NP > 1:
-        dp = tl.broadcast_to(_coef(num_ptr, g, NP - 1, NP, cmask) * (NP - 1), x.shape)
+        dp += _coef(num_ptr, g, NP - 1, NP, cmask, UNIFORM) * (NP - 1)
         for i in tl.static_range(2, NP):
-            dp = dp * x + _coef(num_ptr, g, NP - i, NP, cmask) * (NP - i)
+            dp = dp * x + _coef(num_ptr, g, NP - i, NP, cmask, UNIFORM) * (NP - i)
     ax = tl.abs(x)
     dq = tl.zeros(x.shape, tl.float32)
     if NQ > 0:
-        dq = tl.broadcast_to(tl.abs(_coef(den_ptr, g, NQ - 1, NQ, cmask)) * NQ, x.shape)
+        dq += tl.abs(_coef(den_ptr, g, NQ - 1, NQ, cmask, UNIFORM)) * NQ
         for i in tl.static_range(1, NQ):
-            dq = dq * ax + tl.abs(_coef(den_ptr, g, NQ - 1 - i, NQ, cmask)) * (NQ - i)
+            dq = dq * ax + tl.abs(_coef(den_ptr, g, NQ - 1 - i, NQ, cmask, UNIFORM)) * (NQ - i)
     sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
     gq = dy / q
     y = p / q
@@ -102,6 +107,15 @@ def _tile(pid_r, pid_c, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _groups(pid_c, cols, D, BLOCK_C: tl.constexpr, UNIFORM: tl.constexpr):
+    """Group of the tile (a scalar) when it lies in one group, else the group of each column."""
+    if UNIFORM:
+        return (pid_c * BLOCK_C) // D
+    else:
+        return cols // D
+
+
+@triton.jit
 def _rational_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -114,13 +128,16 @@ def _rational_fwd_kernel(
     stride_y,
     NP: tl.constexpr,
     NQ: tl.constexpr,
+    UNIFORM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """y = F(x) on one (BLOCK_R, BLOCK_C) tile of the (R, C) view; D = C / G channels per group."""
-    rows, cols, cmask, mask = _tile(tl.program_id(0), tl.program_id(1), R, C, BLOCK_R, BLOCK_C)
+    pid_c = tl.program_id(1)
+    rows, cols, cmask, mask = _tile(tl.program_id(0), pid_c, R, C, BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    p, q = _rational_pq(x, num_ptr, den_ptr, cols // D, cmask, NP, NQ)
+    g = _groups(pid_c, cols, D, BLOCK_C, UNIFORM)
+    p, q = _rational_pq(x, num_ptr, den_ptr, g, cmask, NP, NQ, UNIFORM)
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], cast_to(p / q, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -149,8 +166,8 @@ def _rational_bwd_kernel(
     rows, cols, cmask, mask = _tile(tl.program_id(0), pid_c, R, C, BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = cols // D
-    dx, gq, y = _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP, NQ)
+    g = _groups(pid_c, cols, D, BLOCK_C, G_SPAN == 1)
+    dx, gq, y = _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP, NQ, G_SPAN == 1)
     tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     g_first = (pid_c * BLOCK_C) // D
     g_last = (tl.minimum(pid_c * BLOCK_C + BLOCK_C, C) - 1) // D
@@ -175,17 +192,23 @@ def groups_touched(channels: int, group_size: int, block_c: int) -> int:
     return total
 
 
+# (BLOCK_R, BLOCK_C, num_warps): 16 elements per thread each (ptxas at sm_90: the backward's ~15 live fp32 values per
+# element stay in registers without spills; 32 per thread reach 255 registers). First = default on a GPU.
+GPU_TILES = [(16, 128, 4), (32, 128, 8), (64, 64, 8), (16, 256, 8), (8, 128, 2), (32, 256, 16), (64, 128, 16)]
+INTERPRETER_TILES = [(32, 128, 4), (16, 64, 4), (64, 64, 4)]  # few programs: the interpreter pays per program
+
+
 def elementwise_candidates(rows: int, channels: int, group_size: int) -> list[dict]:
-    """Tile configs; the first is the heuristic default (group-aligned column tiles when the group allows)."""
-    col_blocks = [b for b in (128, 64, 256, 32) if b <= max(common.next_pow2(channels), 32)]
-    col_blocks = sorted(col_blocks, key=lambda b: group_size % b != 0 and group_size > b)  # stable: keeps order
-    row_cap = max(common.next_pow2(rows), 1)
+    """Tile configs; the first is the heuristic default, group-aligned column tiles (scalar coefficients) first."""
+    tiles = INTERPRETER_TILES if interpreting() else GPU_TILES
+    col_cap, row_cap = max(common.next_pow2(channels), 32), max(common.next_pow2(rows), 8)
     out = []
-    for bc in col_blocks:
-        for br, warps in ((32, 4), (16, 4), (64, 8), (8, 2)):
-            if br <= max(row_cap, 8):
-                out.append({"BLOCK_R": br, "BLOCK_C": bc, "num_warps": warps})
-    return out
+    for br, bc, warps in tiles:
+        cfg = {"BLOCK_R": min(br, row_cap), "BLOCK_C": min(bc, col_cap), "num_warps": warps}
+        if cfg not in out:
+            out.append(cfg)
+    aligned = lambda cfg: group_size % cfg["BLOCK_C"] == 0
+    return sorted(out, key=lambda cfg: not aligned(cfg))  # stable: the order above within each class
 
 
 def _key(rows: int, channels: int, groups: int, dtype: torch.dtype, np_: int, nq: int) -> tuple:
@@ -205,7 +228,7 @@ def rational_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torc
         grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(channels, cfg["BLOCK_C"]))
         _rational_fwd_kernel[grid](
             x2, out, num, den, rows, channels, channels // groups, x2.stride(0), out.stride(0), np_, nq,
-            cfg["BLOCK_R"], cfg["BLOCK_C"], **common.launch_options(cfg),
+            (channels // groups) % cfg["BLOCK_C"] == 0, cfg["BLOCK_R"], cfg["BLOCK_C"], **common.launch_options(cfg),
         )  # fmt: skip
         return grid
 

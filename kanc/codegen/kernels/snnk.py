@@ -158,23 +158,31 @@ def _snnk_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------- launchers
 
 
-def snnk_candidates(rows: int, block_f: int) -> list[dict]:
-    """Configs (rows per program and the chunks of the input and output widths); first = heuristic default.
+# (BLOCK_M, num_warps) pairs and (BLOCK_D, BLOCK_N) chunks. A program holds a few (BLOCK_M, BLOCK_F) fp32 arrays (Z,
+# Phi, dPhi, dZ; twice for cos) and (BLOCK_F, chunk) operand tiles of G and W, so configs are kept to at most 32
+# elements per thread per array and BLOCK_F x chunk <= 16384 (16 and 8192 for cos, whose operands come in halves):
+# ptxas at sm_90 (benchmarks/compile_report.py, m = 256) spills beyond that. First = default on a GPU.
+ROW_WARPS = [(32, 8), (16, 8), (64, 16), (32, 16), (16, 4), (64, 8), (16, 16)]
+CHUNKS = [(32, 64), (64, 64), (32, 128), (64, 128), (32, 32), (16, 32), (16, 16)]
 
-    The (BLOCK_M, BLOCK_F) fp32 feature tiles live in registers, so BLOCK_M shrinks as m grows.
-    """
-    budget = 16384 if interpreting() else 8192  # elements of one (BLOCK_M, BLOCK_F) tile
+
+def snnk_candidates(rows: int, block_f: int, kind: str) -> list[dict]:
+    """Configs (rows per program, warps, chunks of the input and output widths); first = heuristic default."""
     rows_cap = max(16, common.next_pow2(rows))
+    if interpreting():  # few, large programs: the interpreter pays per program, registers do not matter
+        bm = max(16, min(64, 16384 // block_f, rows_cap))
+        return [{"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1} for bd, bn in CHUNKS[:3]]
+    per_thread, operand = (16, 8192) if kind == "cos" else (32, 16384)
     out = []
-    for bm in (64, 32, 128, 16):
+    for bm, warps in ROW_WARPS:
         bm = min(bm, rows_cap)
-        if bm * block_f > budget and bm > 16:
+        if bm * block_f > per_thread * 32 * warps:
             continue
-        for bd, bn, warps in ((64, 64, 4), (32, 128, 8), (64, 128, 8), (32, 32, 4)):
+        for bd, bn in CHUNKS:
             cfg = {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_N": bn, "num_warps": warps, "num_stages": 2}
-            if cfg not in out:
+            if max(bd, bn) * block_f <= operand and cfg not in out:
                 out.append(cfg)
-    return out
+    return out or [{"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_N": 16, "num_warps": 16, "num_stages": 2}]
 
 
 def _flags(x: torch.Tensor) -> dict:
@@ -211,7 +219,7 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
 
     key = _key(m, d_in, feats, d_out, kind, x.dtype)
     cfg = common.choose(
-        _snnk_fwd_kernel, key, snnk_candidates(m, block_f), lambda c: run(c, torch.empty_like(y2)), x.device
+        _snnk_fwd_kernel, key, snnk_candidates(m, block_f, kind), lambda c: run(c, torch.empty_like(y2)), x.device
     )
     grid = run(cfg)
     shapes = [x.shape, projection.shape, weight.shape]
@@ -247,7 +255,7 @@ def snnk_backward(
 
     key = _key(m, d_in, feats, d_out, kind, x.dtype)
     scratch = lambda c: run(c, torch.empty_like(dx2), torch.empty_like(phi))
-    cfg = common.choose(_snnk_bwd_kernel, key, snnk_candidates(m, block_f), scratch, x.device)
+    cfg = common.choose(_snnk_bwd_kernel, key, snnk_candidates(m, block_f, kind), scratch, x.device)
     grid = run(cfg)
     shapes = [x.shape, projection.shape, weight.shape]
     common.record(
