@@ -70,7 +70,10 @@ def choose(
 ) -> dict[str, Any]:
     """Config for ``kernel`` at ``key`` via the tuning cache; ``run(config)`` launches once (on scratch outputs)."""
     timer = bench_on(device)
-    config = tuning.pick_config(kernel_name(kernel), key, candidates, lambda cfg: timer(lambda: run(cfg)), device)
+    bench = lambda cfg: timer(lambda: run(cfg))
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        bench = None  # inside a CUDA graph capture nothing may be timed: the cached choice, else the default
+    config = tuning.pick_config(kernel_name(kernel), key, candidates, bench, device)
     debug.log_launch(kernel, key, config)
     return config
 
