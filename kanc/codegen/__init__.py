@@ -1,16 +1,26 @@
 """Kernels: Triton implementations of kanc's layers beside their pure-PyTorch references.
 
 Only this package imports triton, and only lazily: ``import kanc`` works without a GPU or triton.
+
+Entry points (each picks the Triton kernel or the reference per call, see ``checker.use_kernel``):
+``group_rational`` (op ``kanc::group_rational``), ``grkan_linear`` (``kanc::grkan_linear``, y = F(x) W^T + b with F
+in the matmul prologue), ``snnk.snnk_block`` (``kanc::snnk_block``, the bundled SNNK block with its features on
+chip). Each op has a ``*_backward`` op; kernels live in ``kanc.codegen.kernels``.
 """
 
 from kanc.codegen.checker import kernels_disabled, kernels_enabled, set_kernels_enabled
+from kanc.codegen.grkan_linear import grkan_linear, grkan_linear_ref
 from kanc.codegen.launches import Launch, recording
 from kanc.codegen.rational import group_rational, rational_ref
-from kanc.codegen.tuning import autotuning, pick_config, set_autotune
+from kanc.codegen.snnk import snnk_block, snnk_block_ref
+from kanc.codegen.tuning import autotuning, forced_config, pick_config, set_autotune
 
 __all__ = [
     "Launch",
     "autotuning",
+    "forced_config",
+    "grkan_linear",
+    "grkan_linear_ref",
     "group_rational",
     "kernels_disabled",
     "kernels_enabled",
@@ -19,4 +29,6 @@ __all__ = [
     "recording",
     "set_autotune",
     "set_kernels_enabled",
+    "snnk_block",
+    "snnk_block_ref",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -52,15 +52,35 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_kernel(*tensors: Tensor) -> bool:
+def use_kernel(*tensors: Tensor | None, limits: Mapping[str, tuple[int, int]] | None = None) -> bool:
     """Kernel or reference for one call: True only when every condition for the Triton path holds.
 
     Conditions: switch on, not inside ONNX export (the exporter must see standard ops), triton present,
-    all tensors on one CUDA device (or CPU under the interpreter), dtype in fp32/fp16/bf16, non-empty.
+    all tensors on one CUDA device (or CPU under the interpreter), dtype in fp32/fp16/bf16, non-empty, and every
+    shape limit ``{name: (value, maximum)}`` met (e.g. SNNK features that must fit on chip). ``None`` entries
+    (an absent bias) are skipped.
     """
-    if not kernels_enabled() or torch.onnx.is_in_onnx_export() or not triton_available():
-        return False
-    devices = {t.device.type for t in tensors}
-    if devices != {"cuda"} and not (devices == {"cpu"} and interpreting()):
-        return False
-    return all(t.dtype in KERNEL_DTYPES for t in tensors) and all(t.numel() > 0 for t in tensors)
+    return fallback_reason(*tensors, limits=limits) is None
+
+
+def fallback_reason(*tensors: Tensor | None, limits: Mapping[str, tuple[int, int]] | None = None) -> str | None:
+    """Why this call runs the reference (a short phrase), or None when the kernel can run it."""
+    if not kernels_enabled():
+        return "kernels disabled"
+    if torch.onnx.is_in_onnx_export():
+        return "onnx export"
+    if not triton_available():
+        return "triton not installed"
+    present = [t for t in tensors if t is not None]
+    devices = {(t.device.type, t.device.index) for t in present}
+    kinds = {kind for kind, _ in devices}
+    if not (kinds == {"cuda"} and len(devices) == 1) and not (kinds == {"cpu"} and interpreting()):
+        return "device"
+    if not all(t.dtype in KERNEL_DTYPES for t in present):
+        return "dtype"
+    if not all(t.numel() > 0 for t in present):
+        return "empty tensor"
+    for value, maximum in (limits or {}).values():
+        if value > maximum:
+            return "shape limit"
+    return None

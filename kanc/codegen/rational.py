@@ -5,12 +5,20 @@ F_g(x) = P_g(x) / Q_g(x) over the last dimension, split into G contiguous groups
     Q_g(x) = 1 + |b_g1| |x| + ... + |b_gn| |x|^n        (>= 1: no poles)
 ``numerator`` is (G, m+1) and ``denominator`` is (G, n). Math runs in fp32 (x^5 overflows fp16
 past |x| = 9.19; fp64 inputs stay fp64) and the result is stored in the input's dtype.
+
+Dispatch: :func:`group_rational` asks the checker per call; on the kernel path it calls the custom op
+``kanc::group_rational`` (fake and autograd registered, so torch.compile and torch.export see one op), whose
+backward is the op ``kanc::group_rational_backward``. The kernels live in ``kanc.codegen.kernels.rational`` and are
+imported only when a kernel runs (``import kanc`` never imports triton).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kanc.codegen.autograd import reference_vjp, register_reference_double_backward, vjp_with_graph
+from kanc.codegen.checker import use_kernel
 
 
 def check_rational_args(x: Tensor, numerator: Tensor, denominator: Tensor) -> int:
@@ -55,4 +63,51 @@ def rational_ref(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
 
 def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
     """F(x) with the best available implementation: a Triton kernel where the checker allows, else the reference."""
+    check_rational_args(x, numerator, denominator)
+    if use_kernel(x, numerator, denominator):
+        return torch.ops.kanc.group_rational(x, numerator, denominator)
     return rational_ref(x, numerator, denominator)
+
+
+@torch.library.custom_op("kanc::group_rational", mutates_args=())
+def _group_rational_op(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
+    if use_kernel(x, numerator, denominator):
+        from kanc.codegen.kernels.rational import rational_forward
+
+        return rational_forward(x, numerator, denominator)
+    return rational_ref(x, numerator, denominator).contiguous()
+
+
+@_group_rational_op.register_fake
+def _(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("kanc::group_rational_backward", mutates_args=())
+def _group_rational_backward_op(
+    grad: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    if use_kernel(grad, x, numerator, denominator):
+        from kanc.codegen.kernels.rational import rational_backward
+
+        return rational_backward(grad, x, numerator, denominator)
+    return reference_vjp(rational_ref, grad, x, numerator, denominator)
+
+
+@_group_rational_backward_op.register_fake
+def _(grad: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return x.new_empty(x.shape), numerator.new_empty(numerator.shape), denominator.new_empty(denominator.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.kanc.group_rational_backward(grad, *ctx.saved_tensors)
+
+
+_group_rational_op.register_autograd(_backward, setup_context=_setup_context)
+register_reference_double_backward(
+    _group_rational_backward_op, lambda grad, x, num, den: vjp_with_graph(rational_ref, grad, x, num, den)
+)

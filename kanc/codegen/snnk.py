@@ -16,6 +16,11 @@ Feature kinds g and their width:
           for cos(w.x) would also multiply by exp(|x|^2 / 2), which overflows fp32 once |x|^2 > 176;
           kanc keeps the bounded map and fits the readout ("preserve") instead.
 Math runs in fp32 (fp64 inputs stay fp64) and the result is stored in the input's dtype.
+
+Dispatch: :func:`snnk_block` asks the checker per call; on the kernel path it calls the custom op ``kanc::snnk_block``
+(backward ``kanc::snnk_block_backward``), whose fused kernels keep the m-wide features on chip
+(``kanc.codegen.kernels.snnk``). The kernel path needs m <= MAX_KERNEL_FEATURES and a projection that takes no
+gradient (it is a fixed buffer in the layers).
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ import math
 import torch
 from torch import Tensor
 
+from kanc.codegen.autograd import reference_vjp, register_reference_double_backward, vjp_with_graph
+from kanc.codegen.checker import use_kernel
+
 SNNK_KINDS = ("relu", "exp", "cos")
+MAX_KERNEL_FEATURES = 512  # m of the fused kernel: the (rows, m) feature tiles must fit in registers
 
 
 def snnk_width(num_features: int, kind: str) -> int:
@@ -101,5 +110,98 @@ def snnk_block(
     floor: float = 0.0,
     input_scale: float = 1.0,
 ) -> Tensor:
-    """The SNNK block with the best available implementation (currently the reference)."""
+    """The SNNK block with the fused kernel where the checker allows, else the reference."""
+    check_block_args(x, projection, weight, bias, kind)
+    limits = {"num_features": (projection.shape[0], MAX_KERNEL_FEATURES)}
+    if use_kernel(x, projection, weight, bias, limits=limits) and not projection.requires_grad:
+        return torch.ops.kanc.snnk_block(x, projection, weight, bias, kind, float(floor), float(input_scale))
     return snnk_block_ref(x, projection, weight, bias, kind, floor, input_scale)
+
+
+def check_block_args(x: Tensor, projection: Tensor, weight: Tensor, bias: Tensor | None, kind: str) -> None:
+    """Validate the block's shapes (as ``snnk_block_ref`` does) and the bias."""
+    check_snnk_args(x, projection, kind)
+    width = snnk_width(projection.shape[0], kind)
+    if weight.dim() != 2 or weight.shape[1] != width:
+        raise ValueError(f"weight must be (out_features, {width}) for kind {kind!r}, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _kernel_ok(*tensors: Tensor | None, features: int) -> bool:
+    return use_kernel(*tensors, limits={"num_features": (features, MAX_KERNEL_FEATURES)})
+
+
+@torch.library.custom_op("kanc::snnk_block", mutates_args=())
+def _snnk_block_op(
+    x: Tensor, projection: Tensor, weight: Tensor, bias: Tensor | None, kind: str, floor: float, input_scale: float
+) -> Tensor:
+    if _kernel_ok(x, projection, weight, bias, features=projection.shape[0]):
+        from kanc.codegen.kernels.snnk import snnk_forward
+
+        return snnk_forward(x, projection, weight, bias, kind, floor, input_scale)
+    return snnk_block_ref(x, projection, weight, bias, kind, floor, input_scale).contiguous()
+
+
+@_snnk_block_op.register_fake
+def _(x, projection, weight, bias, kind, floor, input_scale):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("kanc::snnk_block_backward", mutates_args=())
+def _snnk_block_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    projection: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    weight_grad: bool,
+    kind: str,
+    floor: float,
+    input_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dW, db): dW empty unless ``weight_grad``, db empty unless ``has_bias``; the projection takes no gradient."""
+    if _kernel_ok(grad, x, projection, weight, features=projection.shape[0]):
+        from kanc.codegen.kernels.snnk import snnk_backward
+
+        return snnk_backward(grad, x, projection, weight, has_bias, weight_grad, kind, floor, input_scale)
+    fn = lambda x, w, *b: snnk_block_ref(x, projection, w, b[0] if b else None, kind, floor, input_scale)
+    bias = [weight.new_zeros(weight.shape[0])] if has_bias else []
+    dx, dw, *db = reference_vjp(fn, grad, x, weight, *bias)
+    return dx, dw if weight_grad else weight.new_empty(0), db[0] if has_bias else weight.new_empty(0)
+
+
+@_snnk_block_backward_op.register_fake
+def _(grad, x, projection, weight, has_bias, weight_grad, kind, floor, input_scale):
+    dw = weight.new_empty(weight.shape if weight_grad else (0,))
+    return x.new_empty(x.shape), dw, weight.new_empty(weight.shape[0] if has_bias else 0)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, projection, weight, bias, ctx.kind, ctx.floor, ctx.input_scale = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, projection, weight)
+
+
+def _backward(ctx, grad: Tensor):
+    x, projection, weight = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError("kanc::snnk_block does not differentiate the projection; call snnk_block_ref for that")
+    weight_grad = ctx.needs_input_grad[2]
+    dx, dw, db = torch.ops.kanc.snnk_block_backward(
+        grad, x, projection, weight, ctx.has_bias, weight_grad, ctx.kind, ctx.floor, ctx.input_scale
+    )
+    return dx, None, dw if weight_grad else None, db if ctx.has_bias else None, None, None, None
+
+
+_snnk_block_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _first_order(grad, x, projection, weight, has_bias, weight_grad, kind, floor, input_scale):
+    """The backward op's outputs by differentiable reference ops (db is the row sum of grad)."""
+    fn = lambda x, w: snnk_block_ref(x, projection, w, None, kind, floor, input_scale)
+    dx, dw = vjp_with_graph(fn, grad, x, weight)
+    return dx, dw if weight_grad else None, grad.reshape(-1, weight.shape[0]).sum(0) if has_bias else None
+
+
+register_reference_double_backward(_snnk_block_backward_op, _first_order)

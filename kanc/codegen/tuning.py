@@ -12,6 +12,9 @@ This replaces ``triton.autotune`` for kanc's kernels because its choices must pe
 (a second run starts tuned), be inspectable (``kanc tune`` reports them) and work under the
 interpreter, where ``triton.autotune`` with several configs needs a GPU benchmarker.
 
+A :func:`forced_config` block pins one kernel's config whatever the cache says (tests of ragged tiles,
+benchmarks comparing configs).
+
 Modes (``KANC_AUTOTUNE``): ``0`` never time, ``1`` time on a cache miss (default on CUDA), ``force``
 re-time every key met (what ``kanc tune`` uses). Under the interpreter the default is ``0``: a run of
 the interpreter costs ~1.5 ms per program, so timing there is only for tests of this module.
@@ -40,6 +43,7 @@ Config = dict[str, Any]
 Key = tuple[Any, ...]
 
 _mode_override: str | None = None
+_forced: dict[str, Config] = {}
 _caches: dict[str, TuningCache] = {}
 _lock = threading.Lock()
 
@@ -94,6 +98,20 @@ def autotuning(mode: str = "force") -> Iterator[None]:
         yield
     finally:
         _mode_override = previous
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, config: Config) -> Iterator[None]:
+    """Launch ``kernel`` with ``config`` inside the block (no timing, no cache write), restoring after."""
+    previous = _forced.get(kernel)
+    _forced[kernel] = dict(config)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _forced[kernel]
+        else:
+            _forced[kernel] = previous
 
 
 class TuningCache:
@@ -164,6 +182,8 @@ def pick_config(
     ``bench(config)`` returns a time in ms for one config, or raises for a config that does not fit the device
     (too many registers or too much shared memory): such configs are skipped.
     """
+    if kernel in _forced:
+        return dict(_forced[kernel])
     if not candidates:
         raise ValueError(f"no candidate configs for kernel {kernel!r}")
     mode = autotune_mode()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from kanc.codegen import group_rational
+from kanc.codegen import grkan_linear, group_rational
 from kanc.nn.fit import rational_coefficients
 
 ActInit = str | Callable[[Tensor], Tensor]
@@ -93,7 +93,9 @@ class GRKANLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(self.rational(x), self.weight, self.bias)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"GRKANLinear expects last dimension {self.in_features}, got {tuple(x.shape)}")
+        return grkan_linear(x, *self.rational.coefficients(), self.weight, self.bias)  # fused kernel where allowed
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

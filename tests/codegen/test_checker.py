@@ -24,3 +24,19 @@ def test_switches_and_dtypes(monkeypatch):
     monkeypatch.delenv("KANC_KERNELS")
     assert checker.use_kernel(x.double()) is False
     assert checker.use_kernel(torch.ones(0)) is False
+
+
+def test_limits_bias_and_reasons(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.ones(3)
+    assert checker.use_kernel(x, None) is True  # an absent bias is skipped
+    assert checker.use_kernel(x, limits={"num_features": (512, 512)}) is True
+    assert checker.use_kernel(x, limits={"num_features": (513, 512)}) is False
+    assert checker.fallback_reason(x, limits={"num_features": (513, 512)}) == "shape limit"
+    assert checker.fallback_reason(x.double()) == "dtype"
+    assert checker.fallback_reason(torch.ones(0)) == "empty tensor"
+    assert checker.fallback_reason(x, torch.ones(2, device="meta")) == "device"
+    with checker.kernels_disabled():
+        assert checker.fallback_reason(x) == "kernels disabled"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert checker.fallback_reason(x) == "device"

@@ -113,3 +113,15 @@ def test_recording_hears_other_threads():
         worker.start()
         worker.join()
     assert seen == [launch]
+
+
+def test_forced_config_wins_and_restores():
+    calls = []
+    with tuning.autotuning("1"):
+        with tuning.forced_config("k", {"BLOCK": 256}):
+            assert tuning.pick_config("k", (3,), CANDIDATES, _bench(calls), "cpu") == {"BLOCK": 256}
+            with tuning.forced_config("k", {"BLOCK": 64}):
+                assert tuning.pick_config("k", (3,), CANDIDATES, _bench(calls), "cpu") == {"BLOCK": 64}
+            assert tuning.pick_config("k", (3,), CANDIDATES, _bench(calls), "cpu") == {"BLOCK": 256}
+        assert calls == [] and not tuning.cache_path("cpu").exists()  # forced: nothing timed, nothing cached
+        assert tuning.pick_config("k", (3,), CANDIDATES, _bench(calls), "cpu") == {"BLOCK": 128}

@@ -1,0 +1,125 @@
+"""Group-rational activation: kanc's kernels vs the PyTorch reference (eager, torch.compile) and, for the backward,
+the KAT per-element-atomic design and the FlashKAT per-program-reduction design.
+
+    python benchmarks/bench_rational.py                      # GPU, bf16, every shape
+    python benchmarks/bench_rational.py --shapes vit_b --dtype float16
+    python benchmarks/bench_rational.py --smoke               # CPU interpreter, tiny shapes: checks the script only
+
+Counted by hand per element (N elements, s bytes per element of the I/O dtype):
+forward 21 FLOPs, 2 s bytes (read x, write y); backward ~65 FLOPs, 3 s bytes (read x and dy, write dx).
+GB/s is the effective bandwidth at those ideal bytes (the same for every implementation, so it ranks them by time);
+"pct_of_hbm_peak" compares it with the device's datasheet HBM bandwidth where the device is known.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+
+SHAPES = {  # name: (tokens, channels, groups)
+    "vit_b_act1": (128 * 197, 768, 8),
+    "vit_b_act2": (128 * 197, 3072, 8),
+    "vit_s_act1": (128 * 197, 384, 8),
+    "vit_s_act2": (128 * 197, 1536, 8),
+    "gpt2_small_act1": (8 * 1024, 768, 8),
+    "gpt2_small_act2": (8 * 1024, 3072, 8),
+}
+SMOKE_SHAPES = {"smoke": (37, 48, 4)}
+FLOPS = {"forward": 21, "backward": 65, "forward+backward": 86}
+HBM_PEAK_GBPS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4-80GB": 2039}
+
+
+def hbm_peak(device_name: str) -> float | None:
+    return next((v for k, v in HBM_PEAK_GBPS.items() if k in device_name), None)
+
+
+def run_case(name, tokens, channels, groups, torch, device, dtype, bench, compile_backend):
+    from baselines import flashkat_atomics, flashkat_backward, kat_atomics, kat_backward
+
+    from kanc.codegen import rational_ref, recording
+    from kanc.codegen.rational import group_rational
+
+    gen = torch.Generator().manual_seed(0)
+    x = (2 * torch.randn(tokens, channels, generator=gen)).to(device, dtype).requires_grad_()
+    num = (0.3 * torch.randn(groups, 6, generator=gen)).to(device).requires_grad_()
+    den = torch.randn(groups, 4, generator=gen).to(device).requires_grad_()
+    dy = torch.randn(tokens, channels, generator=gen).to(device, dtype)
+    n, size = x.numel(), dtype.itemsize
+    bytes_by_pass = {"forward": 2 * n * size, "backward": 3 * n * size, "forward+backward": 5 * n * size}
+    compiled = torch.compile(rational_ref, backend=compile_backend)
+
+    # correctness of every implementation against the reference in fp32 math, before timing
+    with torch.no_grad():
+        expected = rational_ref(x.float(), num, den)
+    ref_grads = torch.autograd.grad(rational_ref(x.float(), num, den), (x, num, den), dy.float())
+    with recording() as launches:
+        out = group_rational(x, num, den)
+        grads = torch.autograd.grad(out, (x, num, den), dy)
+    kernels = sorted({launch.kernel for launch in launches})
+
+    def grad_err(got):
+        return max(common.max_error(g, r) for g, r in zip(got, ref_grads))
+
+    results = []
+
+    def add(impl, pass_, fn, err=None, atomics=None, grad_to_none=None):
+        timing = bench(fn, grad_to_none=grad_to_none)
+        r = {"impl": impl, "pass": pass_, **common.metrics(timing, bytes_by_pass[pass_], FLOPS[pass_] * n)}
+        if err is not None:
+            r["max_abs_err"] = err
+        if atomics is not None:
+            r["atomics"] = atomics
+        results.append(r)
+
+    xd = x.detach()
+    add("kanc kernel", "forward", lambda: group_rational(xd, num, den), common.max_error(out, expected))
+    add("reference eager", "forward", lambda: rational_ref(xd, num, den))
+    add(f"reference torch.compile({compile_backend})", "forward", lambda: compiled(xd, num, den))
+
+    bwd_atomics = next((launch.atomics for launch in launches if launch.extra["direction"] == "backward"), None)
+    kanc_bwd = torch.ops.kanc.group_rational_backward
+    add("kanc kernel", "backward", lambda: kanc_bwd(dy, xd, num, den), grad_err(grads), bwd_atomics)
+    ref_out = rational_ref(x, num, den)
+    params = [x, num, den]
+    add("reference eager", "backward", lambda: ref_out.backward(dy, retain_graph=True), grad_to_none=params)
+    add("KAT design (per-element atomics)", "backward", lambda: kat_backward(dy, xd, num, den),
+        grad_err(kat_backward(dy, xd, num, den)), kat_atomics(xd))  # fmt: skip
+    add("FlashKAT design (per-program sums)", "backward", lambda: flashkat_backward(dy, xd, num, den),
+        grad_err(flashkat_backward(dy, xd, num, den)), flashkat_atomics(xd, groups))  # fmt: skip
+
+    def fwd_bwd(fn):
+        return lambda: fn(x, num, den).backward(dy)
+
+    add("kanc kernel", "forward+backward", fwd_bwd(group_rational), grad_to_none=params)
+    add("reference eager", "forward+backward", fwd_bwd(rational_ref), grad_to_none=params)
+    add(f"reference torch.compile({compile_backend})", "forward+backward", fwd_bwd(compiled), grad_to_none=params)
+    shapes = {"x": [tokens, channels], "groups": groups, "numerator": [groups, 6], "denominator": [groups, 4]}
+    return {"name": name, "shapes": shapes, "kanc_kernels": kernels, "results": results}
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0], list(SHAPES) + list(SMOKE_SHAPES))
+    torch, device, dtype = common.setup(args)
+    table = SMOKE_SHAPES if args.smoke else SHAPES
+    names = args.shapes or list(table)
+    bench = common.timer(device, args)
+    env = common.environment(torch, device)
+    cases = [run_case(nm, *{**SHAPES, **SMOKE_SHAPES}[nm], torch, device, dtype, bench, args.compile_backend)
+             for nm in names]  # fmt: skip
+    peak = hbm_peak(env["device"])
+    for case in cases:
+        for r in case["results"]:
+            r["pct_of_hbm_peak"] = 100 * r["gbps"] / peak if peak and r.get("gbps") else None
+    payload = {"benchmark": "rational", **env, "dtype": args.dtype, "smoke": args.smoke, "hbm_peak_gbps": peak,
+               "compile_backend": args.compile_backend, "cases": cases}  # fmt: skip
+    common.print_table(cases, args.smoke)
+    print(f"\nwrote {common.write('rational', payload, args, device)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Helpers shared by the launchers: dtypes, matmul operand precision, benchmarking, launching with a tuned config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from kanc.codegen import debug, launches, tuning
+from kanc.codegen.checker import interpreting
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_INTERPRETER = tl.constexpr(interpreting())  # read when triton compiles a kernel; kernels import after the env is set
+
+
+@triton.jit
+def cast_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` to nearest even, as GPUs and torch round.
+
+    Triton's interpreter truncates fp32 -> bf16 (and its "rtne" mode does not carry into the exponent), which biases
+    sums toward zero; there the rounding is done on the bits as torch does (NaN kept quiet).
+    """
+    if _INTERPRETER and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(x != x, 0x7FC0, bits)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def row_bucket(rows: int) -> int:
+    """Tuning key for a row count: the next power of two (shapes in one bucket share a config)."""
+    return next_pow2(rows)
+
+
+def dot_dtype(io_dtype: torch.dtype) -> tl.dtype:
+    """Operand dtype of tl.dot for I/O in ``io_dtype``: fp16/bf16 on tensor cores, fp32 otherwise.
+
+    The interpreter multiplies bf16's raw bits in tl.dot (triton issue 11584), so bf16 operands go through fp32 there.
+    """
+    if io_dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return TL_DTYPES[io_dtype]
+
+
+def fp32_precision() -> str:
+    """tl.dot input precision for fp32 operands: TF32 only where torch allows it for its own fp32 matmuls."""
+    if not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def bench_on(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    """Time one launch in ms: triton.testing.do_bench on CUDA, a wall-clock median under the interpreter."""
+    if device.type == "cuda":
+        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20)
+    return tuning.cpu_bench
+
+
+def choose(
+    kernel: Any, key: tuple, candidates: Sequence[dict[str, Any]], run: Callable[[dict[str, Any]], Any], device
+) -> dict[str, Any]:
+    """Config for ``kernel`` at ``key`` via the tuning cache; ``run(config)`` launches once (on scratch outputs)."""
+    timer = bench_on(device)
+    bench = lambda cfg: timer(lambda: run(cfg))
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        bench = None  # inside a CUDA graph capture nothing may be timed: the cached choice, else the default
+    config = tuning.pick_config(kernel_name(kernel), key, candidates, bench, device)
+    debug.log_launch(kernel, key, config)
+    return config
+
+
+def kernel_name(kernel: Any) -> str:
+    return getattr(getattr(kernel, "fn", None), "__name__", None) or getattr(kernel, "__name__", str(kernel))
+
+
+def launch_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The launch keywords of a config (num_warps, num_stages) that are not constexprs of the kernel."""
+    return {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
+
+
+def record(
+    op: str,
+    kernel: Any,
+    grid: tuple[int, ...],
+    config: dict[str, Any],
+    shapes: Sequence[Sequence[int]],
+    dtype: torch.dtype,
+    direction: str,
+    atomics: int = 0,
+    **extra: Any,
+) -> None:
+    """Tell the profiler what ran (only when someone records)."""
+    if launches.is_recording():
+        launches.record(
+            launches.Launch(
+                op=op,
+                kernel=kernel_name(kernel),
+                grid=tuple(int(g) for g in grid),
+                config=dict(config),
+                atomics=int(atomics),
+                shapes=tuple(tuple(int(d) for d in s) for s in shapes),
+                dtype=str(dtype).removeprefix("torch."),
+                extra={"direction": direction, **extra},
+            )
+        )
+
+
+def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., width) viewed as (rows, width) with a unit column stride (copied in its own dtype only if needed)."""
+    t2 = t.reshape(-1, width)
+    return t2 if t2.stride(1) == 1 or width == 1 else t2.contiguous()

@@ -1,0 +1,306 @@
+"""Fused GR-KAN linear Triton kernels: y = F(x) W^T + b with the group rational in the A-tile prologue.
+
+F(x) never goes to memory, in either direction:
+- forward ``_grkan_linear_fwd_kernel``: each (BLOCK_M, BLOCK_K) tile of x is loaded, F applied in fp32 registers,
+  cast to the matmul operand dtype and fed to tl.dot; bias in the epilogue.
+- backward ``_grkan_linear_dw_kernel``: dW = dy^T F(x) with F(x) recomputed in the prologue (and db = column sums
+  of dy by the programs of the first K tile).
+- backward ``_grkan_linear_dx_kernel``: dF = dy W accumulated in fp32, then in the epilogue dx = dF F'(x) and the
+  coefficient gradients, reduced per program over rows and per group (one atomic per group and coefficient).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kanc.codegen.checker import interpreting
+from kanc.codegen.kernels import common
+from kanc.codegen.kernels.common import cast_to
+from kanc.codegen.kernels.rational import _coef_grads, _rational_grads, _rational_pq, group_span, groups_touched
+
+OP = "kanc::grkan_linear"
+
+
+@triton.jit
+def _swizzle(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    """Program id -> (row tile, column tile), GROUP row tiles at a time so their column tiles stay in L2."""
+    tiles_r = tl.cdiv(rows, BLOCK_R)
+    tiles_c = tl.cdiv(cols, BLOCK_C)
+    per_group = GROUP * tiles_c
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(tiles_r - first, GROUP)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def _dot(a, b, acc, DOT: tl.constexpr, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee")
+    return tl.dot(a.to(DOT), b.to(DOT), acc)
+
+
+@triton.jit
+def _rational_tile(
+    x_ptr, rm, rk, k0, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D,
+    NP: tl.constexpr, NQ: tl.constexpr, UNIFORM: tl.constexpr,
+):  # fmt: skip
+    """F(x) of one (BLOCK_M, BLOCK_K) tile in fp32, exactly zero outside the matrix (padding never relies on the
+    other operand being masked too)."""
+    mask = mmask[:, None] & kmask[None, :]
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    p, q = _rational_pq(x, num_ptr, den_ptr, _groups(k0, rk, D, UNIFORM), kmask, NP, NQ, UNIFORM)
+    return tl.where(mask, p / q, 0.0)
+
+
+@triton.jit
+def _groups(k0, rk, D, UNIFORM: tl.constexpr):
+    """Group of a K tile starting at k0 (a scalar) when it lies in one group, else the group of each column."""
+    if UNIFORM:
+        return k0 // D
+    else:
+        return rk // D
+
+
+@triton.jit
+def _grkan_linear_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, num_ptr, den_ptr,
+    M, N, K, D,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+    HAS_BIAS: tl.constexpr, NP: tl.constexpr, NQ: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+    UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M, BLOCK_N) tile of y = F(x) W^T + b; F applied to each x tile as it is loaded."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        f = _rational_tile(x_ptr, rm, rk, k0, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ, UNIFORM)
+        w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
+        w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(
+            cast_to(f, y_ptr.dtype.element_ty), w, acc, DOT, IEEE
+        )  # F rounded to the I/O dtype, as the reference
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, cast_to(acc, y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _grkan_linear_dw_kernel(
+    x_ptr, dy_ptr, dw_ptr, db_ptr, num_ptr, den_ptr,
+    M, N, K, D,
+    stride_xm, stride_xk, stride_dym, stride_dwn,
+    HAS_BIAS: tl.constexpr, NP: tl.constexpr, NQ: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+    UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_N, BLOCK_K) tile of dW = dy^T F(x), F recomputed per x tile; db from the first K tile's programs."""
+    pid_n, pid_k = _swizzle(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    nmask, kmask = rn < N, rk < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    db = tl.zeros((BLOCK_N,), tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mmask = rm < M
+        f = _rational_tile(
+            x_ptr, rm, rk, pid_k * BLOCK_K, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ, UNIFORM
+        )
+        dyt = tl.load(dy_ptr + rm[None, :] * stride_dym + rn[:, None], mask=nmask[:, None] & mmask[None, :], other=0.0)
+        acc = _dot(dyt, cast_to(f, dy_ptr.dtype.element_ty), acc, DOT, IEEE)
+        if HAS_BIAS:
+            if pid_k == 0:
+                db += tl.sum(dyt.to(tl.float32), axis=1)
+    dw_ptrs = dw_ptr + rn[:, None] * stride_dwn + rk[None, :]
+    tl.store(dw_ptrs, cast_to(acc, dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
+    if HAS_BIAS:
+        if pid_k == 0:
+            tl.store(db_ptr + rn, cast_to(db, db_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _grkan_linear_dx_kernel(
+    x_ptr, dy_ptr, w_ptr, dx_ptr, num_ptr, den_ptr, acc_ptr,
+    M, N, K, D,
+    stride_xm, stride_xk, stride_dym, stride_wn, stride_wk, stride_dxm,
+    NP: tl.constexpr, NQ: tl.constexpr, G_SPAN: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M, BLOCK_K) tile of dF = dy W (fp32), then in the epilogue dx and the coefficient partial sums."""
+    pid_m, pid_k = _swizzle(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mmask, kmask = rm < M, rk < K
+    df = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk
+        w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
+        df = _dot(dy, w, df, DOT, IEEE)
+    mask = mmask[:, None] & kmask[None, :]
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    g = _groups(pid_k * BLOCK_K, rk, D, G_SPAN == 1)
+    dx, gq, y = _rational_grads(x, df, num_ptr, den_ptr, g, kmask, NP, NQ, G_SPAN == 1)
+    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+    g_first = (pid_k * BLOCK_K) // D
+    g_last = (tl.minimum(pid_k * BLOCK_K + BLOCK_K, K) - 1) // D
+    _coef_grads(acc_ptr, x, gq, y, mask, g, kmask, g_first, g_last, NP, NQ, G_SPAN)
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+
+# GPU tiles per kernel, each as (output rows, output cols, reduction, num_warps, num_stages) in that kernel's own
+# names; the first is the default. Ordered by `benchmarks/compile_report.py` at ViT-B shapes on sm_90: the rational in
+# the prologue/epilogue holds BLOCK x BLOCK_K fp32 values per thread on top of the accumulator, so the tiles that
+# compile without register spills come first. The tuner times all of them on a GPU.
+FWD_TILES = [  # y tile (BLOCK_M, BLOCK_N), K reduced
+    (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (64, 256, 32, 8, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+]  # fmt: skip
+DW_TILES = [  # dW tile (BLOCK_N, BLOCK_K), M reduced
+    (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3),
+    (64, 64, 32, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+]  # fmt: skip
+DX_TILES = [  # dx tile (BLOCK_M, BLOCK_K), N reduced; the epilogue holds ~10 fp32 values per element
+    (64, 64, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3),
+    (32, 128, 64, 4, 4), (128, 64, 32, 8, 3), (32, 64, 64, 4, 4),
+]  # fmt: skip
+INTERPRETER_TILES = [(64, 64, 64, 4, 1), (32, 32, 32, 4, 1), (16, 16, 16, 4, 1)]  # few programs, little numpy work
+
+
+def tile_candidates(tiles, names: tuple[str, str, str], sizes: tuple[int, int, int]) -> list[dict]:
+    """Configs from (rows, cols, reduction, warps, stages) tiles, first = the heuristic default.
+
+    Blocks are capped at the problem's size (rounded up to a power of two, at least 16 as tl.dot needs), so a small
+    problem does not pay for a large tile; duplicates after capping are dropped.
+    """
+    cap = lambda block, size: max(16, min(block, common.next_pow2(size)))
+    out: list[dict] = []
+    for *blocks, warps, stages in INTERPRETER_TILES if interpreting() else tiles:
+        cfg = {name: cap(b, size) for name, b, size in zip(names, blocks, sizes)}
+        cfg.update(GROUP_M=8, num_warps=warps, num_stages=stages)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def matmul_candidates(rows: int, cols: int, inner: int) -> list[dict]:
+    """Configs of the forward kernel: y (rows, cols), reducing over ``inner``."""
+    return tile_candidates(FWD_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), (rows, cols, inner))
+
+
+def _dot_args(dtype: torch.dtype) -> tuple:
+    dot = common.dot_dtype(dtype)
+    return dot, dot == tl.float32 and common.fp32_precision() == "ieee"
+
+
+def _key(m: int, n: int, k: int, groups: int, np_: int, nq: int, dtype: torch.dtype) -> tuple:
+    return (common.row_bucket(m), n, k, groups, np_, nq, str(dtype).removeprefix("torch."))
+
+
+def grkan_linear_forward(x, numerator, denominator, weight, bias):
+    """Launch the fused forward: y = F(x) W^T + b, shape (..., N), in x's dtype (== weight's dtype)."""
+    k_in, n_out, groups = x.shape[-1], weight.shape[0], denominator.shape[0]
+    x2 = x.reshape(-1, k_in)
+    num, den = numerator.contiguous(), denominator.contiguous()
+    m, np_, nq = x2.shape[0], num.shape[1], den.shape[1]
+    y2 = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    dot, ieee = _dot_args(x.dtype)
+
+    def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+        _grkan_linear_fwd_kernel[grid](
+            x2, weight, bias if bias is not None else x2, out, num, den, m, n_out, k_in, k_in // groups,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+            bias is not None, np_, nq, dot, ieee, (k_in // groups) % cfg["BLOCK_K"] == 0,
+            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], **common.launch_options(cfg),
+        )  # fmt: skip
+        return grid
+
+    key = _key(m, n_out, k_in, groups, np_, nq, x.dtype)
+    candidates = matmul_candidates(m, n_out, k_in)
+    cfg = common.choose(_grkan_linear_fwd_kernel, key, candidates, lambda c: run(c, torch.empty_like(y2)), x.device)
+    grid = run(cfg)
+    shapes = [x.shape, weight.shape, num.shape, den.shape]
+    common.record(OP, _grkan_linear_fwd_kernel, grid, cfg, shapes, x.dtype, "forward", placement="prologue")
+    return y2.view(*x.shape[:-1], n_out)
+
+
+def grkan_linear_backward(grad, x, numerator, denominator, weight, has_bias: bool):
+    """Launch the two backward kernels: (dx, d numerator, d denominator, dW, db or an empty tensor)."""
+    k_in, n_out, groups = x.shape[-1], weight.shape[0], denominator.shape[0]
+    x2, dy2 = x.reshape(-1, k_in), common.as_rows(grad.to(x.dtype), n_out)
+    num, den = numerator.contiguous(), denominator.contiguous()
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
+    db = torch.empty(n_out if has_bias else 0, dtype=weight.dtype, device=x.device)
+    _launch_dw(x2, dy2, num, den, dw, db, has_bias, groups)
+    dx, acc = _launch_dx(x2, dy2, weight, num, den, groups)
+    np_ = num.shape[1]
+    dnum = acc[:, :np_].to(numerator.dtype).contiguous()
+    dden = (acc[:, np_:] * torch.sign(den)).to(denominator.dtype)
+    return dx.view(x.shape), dnum, dden, dw, db
+
+
+def _launch_dw(x2, dy2, num, den, dw, db, has_bias: bool, groups: int) -> None:
+    (m, k_in), n_out, np_, nq = x2.shape, dy2.shape[1], num.shape[1], den.shape[1]
+    dot, ieee = _dot_args(x2.dtype)
+
+    def run(cfg: dict, out: torch.Tensor = dw, out_b: torch.Tensor = db) -> tuple:
+        grid = (triton.cdiv(n_out, cfg["BLOCK_N"]) * triton.cdiv(k_in, cfg["BLOCK_K"]),)
+        _grkan_linear_dw_kernel[grid](
+            x2, dy2, out, out_b if has_bias else out, num, den, m, n_out, k_in, k_in // groups,
+            x2.stride(0), x2.stride(1), dy2.stride(0), out.stride(0),
+            has_bias, np_, nq, dot, ieee, (k_in // groups) % cfg["BLOCK_K"] == 0,
+            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], **common.launch_options(cfg),
+        )  # fmt: skip
+        return grid
+
+    candidates = tile_candidates(DW_TILES, ("BLOCK_N", "BLOCK_K", "BLOCK_M"), (n_out, k_in, m))
+    key = _key(m, n_out, k_in, groups, np_, nq, x2.dtype)
+    scratch = lambda c: run(c, torch.empty_like(dw), torch.empty_like(db))
+    cfg = common.choose(_grkan_linear_dw_kernel, key, candidates, scratch, x2.device)
+    grid = run(cfg)
+    shapes = [x2.shape, dy2.shape, dw.shape]
+    common.record(OP, _grkan_linear_dw_kernel, grid, cfg, shapes, x2.dtype, "backward", grads="weight,bias")
+
+
+def _launch_dx(x2, dy2, weight, num, den, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    (m, k_in), n_out, np_, nq = x2.shape, dy2.shape[1], num.shape[1], den.shape[1]
+    group_size = k_in // groups
+    dx = torch.empty(m, k_in, dtype=x2.dtype, device=x2.device)
+    acc = torch.zeros(groups, np_ + nq, dtype=torch.float32, device=x2.device)
+    dot, ieee = _dot_args(x2.dtype)
+
+    def run(cfg: dict, out: torch.Tensor = dx, sums: torch.Tensor = acc) -> tuple:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k_in, cfg["BLOCK_K"]),)
+        _grkan_linear_dx_kernel[grid](
+            x2, dy2, weight, out, num, den, sums, m, n_out, k_in, group_size,
+            x2.stride(0), x2.stride(1), dy2.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+            np_, nq, group_span(cfg["BLOCK_K"], group_size), dot, ieee,
+            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], **common.launch_options(cfg),
+        )  # fmt: skip
+        return grid
+
+    # the output tile is (M, K) and the reduction runs over N
+    candidates = tile_candidates(DX_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"), (m, k_in, n_out))
+    key = _key(m, n_out, k_in, groups, np_, nq, x2.dtype)
+    scratch = lambda c: run(c, torch.empty_like(dx), torch.zeros_like(acc))
+    cfg = common.choose(_grkan_linear_dx_kernel, key, candidates, scratch, x2.device)
+    grid = run(cfg)
+    row_tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    atomics = row_tiles * groups_touched(k_in, group_size, cfg["BLOCK_K"]) * (np_ + nq)
+    shapes = [x2.shape, dy2.shape, weight.shape]
+    common.record(
+        OP, _grkan_linear_dx_kernel, grid, cfg, shapes, x2.dtype, "backward", atomics,
+        grads="input,coefficients", coefficients=np_ + nq,
+    )  # fmt: skip
+    return dx, acc

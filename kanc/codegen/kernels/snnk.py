@@ -1,0 +1,267 @@
+"""Fused SNNK block Triton kernels: y = Phi(x) W^T + b with the m-wide features kept on chip.
+
+Each program owns BLOCK_M rows and all m features (BLOCK_F = next power of two of m), so the two matmuls chain:
+- forward ``_snnk_fwd_kernel``: Z = (s x) G^T accumulated over the input width (with |s x|^2 for "exp" in the same
+  loop), Phi = m^-1/2 g(Z) in registers, then y = Phi W^T + b tile by tile over the output width.
+- backward ``_snnk_bwd_kernel``: Z recomputed, dPhi = dy W over the output width, dZ = dPhi g'(Z) (for "exp" with the
+  row-norm term), dx = s dZ G tile by tile; Phi is written out (m wide, I/O dtype) only when W needs a gradient,
+  for dW = dy^T Phi, which the launcher leaves to torch.matmul (a plain GEMM over the rows), with db = dy summed.
+
+Kinds (constexpr KIND): 0 relu max(Z, floor), 1 exp exp(Z - |s x|^2 / 2), 2 cos [cos Z, sin Z] (width 2m, the two
+halves as two accumulators, and W's two column halves as two operands).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kanc.codegen.checker import interpreting
+from kanc.codegen.kernels import common
+from kanc.codegen.kernels.common import cast_to
+from kanc.codegen.kernels.grkan_linear import _dot
+
+OP = "kanc::snnk_block"
+KIND_CODES = {"relu": 0, "exp": 1, "cos": 2}
+
+
+@triton.jit
+def _projection(
+    x_ptr, g_ptr, rm, mmask, rf, fmask, D_IN, stride_xm, stride_xd, stride_gf, stride_gd, scale,
+    NORM: tl.constexpr, Z_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Z = (s x) G^T for BLOCK_M rows and all features, fp32; with NORM also r = |s x|^2 per row."""
+    z = tl.zeros((BLOCK_M, BLOCK_F), tl.float32)
+    r = tl.zeros((BLOCK_M,), tl.float32)
+    for d0 in range(0, D_IN, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        dmask = rd < D_IN
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rd[None, :] * stride_xd
+        x = tl.load(x_ptrs, mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
+        g_ptrs = g_ptr + rf[None, :] * stride_gf + rd[:, None] * stride_gd
+        g = tl.load(g_ptrs, mask=dmask[:, None] & fmask[None, :], other=0.0)
+        z = _dot(x, g, z, tl.float32, Z_IEEE)
+        if NORM:
+            r += tl.sum(x * x, axis=1)
+    return z, r
+
+
+@triton.jit
+def _features(z, r, fmask, floor, coef, KIND: tl.constexpr):
+    """Phi (and its sine half for cos) from Z in fp32, zero on padded features. NaN Z stays NaN (as clamp_min)."""
+    if KIND == 0:
+        phi = tl.where(z < floor, floor, z) * coef
+    elif KIND == 1:
+        phi = tl.exp(z - 0.5 * r[:, None]) * coef
+    else:
+        phi = tl.cos(z) * coef
+    phi = tl.where(fmask[None, :], phi, 0.0)
+    phi_s = phi
+    if KIND == 2:
+        phi_s = tl.where(fmask[None, :], tl.sin(z) * coef, 0.0)
+    return phi, phi_s
+
+
+@triton.jit
+def _snnk_fwd_kernel(
+    x_ptr, g_ptr, w_ptr, b_ptr, y_ptr,
+    M, D_IN, D_OUT, M_FEAT,
+    stride_xm, stride_xd, stride_gf, stride_gd, stride_wn, stride_wf, stride_ym,
+    scale, floor, coef,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, Z_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_M rows of y = Phi(x) W^T + b: Phi built in registers, then every output tile of those rows."""
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rf = tl.arange(0, BLOCK_F)
+    mmask, fmask = rm < M, rf < M_FEAT
+    z, r = _projection(
+        x_ptr, g_ptr, rm, mmask, rf, fmask, D_IN, stride_xm, stride_xd, stride_gf, stride_gd, scale,
+        KIND == 1, Z_IEEE, BLOCK_M, BLOCK_F, BLOCK_D,
+    )  # fmt: skip
+    phi, phi_s = _features(z, r, fmask, floor, coef, KIND)
+    phi, phi_s = phi.to(DOT), phi_s.to(DOT)
+    for n0 in range(0, D_OUT, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        nmask = rn < D_OUT
+        w_ptrs = w_ptr + rn[None, :] * stride_wn + rf[:, None] * stride_wf
+        wmask = fmask[:, None] & nmask[None, :]
+        acc = _dot(phi, tl.load(w_ptrs, mask=wmask, other=0.0), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT, IEEE)
+        if KIND == 2:
+            acc = _dot(phi_s, tl.load(w_ptrs + M_FEAT * stride_wf, mask=wmask, other=0.0), acc, DOT, IEEE)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        tl.store(y_ptrs, cast_to(acc, y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _snnk_bwd_kernel(
+    x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, phi_ptr,
+    M, D_IN, D_OUT, M_FEAT,
+    stride_xm, stride_xd, stride_gf, stride_gd, stride_wn, stride_wf, stride_dym, stride_dxm, stride_pm,
+    scale, floor, coef,
+    KIND: tl.constexpr, STORE_PHI: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, Z_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_M rows of dx (and of Phi when STORE_PHI): Z recomputed, dPhi = dy W and dZ kept on chip."""
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rf = tl.arange(0, BLOCK_F)
+    mmask, fmask = rm < M, rf < M_FEAT
+    z, r = _projection(
+        x_ptr, g_ptr, rm, mmask, rf, fmask, D_IN, stride_xm, stride_xd, stride_gf, stride_gd, scale,
+        KIND == 1, Z_IEEE, BLOCK_M, BLOCK_F, BLOCK_D,
+    )  # fmt: skip
+    phi, phi_s = _features(z, r, fmask, floor, coef, KIND)
+    dphi = tl.zeros((BLOCK_M, BLOCK_F), tl.float32)
+    dphi_s = tl.zeros((BLOCK_M, BLOCK_F), tl.float32)
+    for n0 in range(0, D_OUT, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        nmask = rn < D_OUT
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + rf[None, :] * stride_wf
+        wmask = nmask[:, None] & fmask[None, :]
+        dphi = _dot(dy, tl.load(w_ptrs, mask=wmask, other=0.0), dphi, DOT, IEEE)
+        if KIND == 2:
+            dphi_s = _dot(dy, tl.load(w_ptrs + M_FEAT * stride_wf, mask=wmask, other=0.0), dphi_s, DOT, IEEE)
+    if KIND == 0:
+        dz = tl.where(z >= floor, dphi * coef, 0.0)
+    elif KIND == 1:
+        dz = dphi * phi
+    else:
+        dz = (tl.cos(z) * dphi_s - tl.sin(z) * dphi) * coef
+    dz = tl.where(mmask[:, None] & fmask[None, :], dz, 0.0)
+    t = tl.sum(dz, axis=1)  # exp: sum_j dPhi_j Phi_j, the row-norm term's weight
+    if STORE_PHI:
+        p_ptrs = phi_ptr + rm[:, None] * stride_pm + rf[None, :]
+        pmask = mmask[:, None] & fmask[None, :]
+        tl.store(p_ptrs, cast_to(phi, phi_ptr.dtype.element_ty), mask=pmask)
+        if KIND == 2:
+            tl.store(p_ptrs + M_FEAT, cast_to(phi_s, phi_ptr.dtype.element_ty), mask=pmask)
+    for d0 in range(0, D_IN, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        dmask = rd < D_IN
+        g = tl.load(
+            g_ptr + rf[:, None] * stride_gf + rd[None, :] * stride_gd, mask=fmask[:, None] & dmask[None, :], other=0.0
+        )
+        dx = _dot(dz, g, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), tl.float32, Z_IEEE) * scale
+        mask = mmask[:, None] & dmask[None, :]
+        if KIND == 1:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rd[None, :] * stride_xd, mask=mask, other=0.0)
+            dx -= (scale * scale) * x.to(tl.float32) * t[:, None]
+        tl.store(dx_ptr + rm[:, None] * stride_dxm + rd[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+
+
+# (BLOCK_M, num_warps) pairs and (BLOCK_D, BLOCK_N) chunks. A program holds a few (BLOCK_M, BLOCK_F) fp32 arrays (Z,
+# Phi, dPhi, dZ; twice for cos) and (BLOCK_F, chunk) operand tiles of G and W, so configs are kept to at most 32
+# elements per thread per array and BLOCK_F x chunk <= 16384 (16 and 8192 for cos, whose operands come in halves):
+# ptxas at sm_90 (benchmarks/compile_report.py, m = 256) spills beyond that. First = default on a GPU.
+ROW_WARPS = [(32, 8), (16, 8), (64, 16), (32, 16), (16, 4), (64, 8), (16, 16)]
+CHUNKS = [(32, 64), (64, 64), (32, 128), (64, 128), (32, 32), (16, 32), (16, 16)]
+
+
+def snnk_candidates(rows: int, block_f: int, kind: str) -> list[dict]:
+    """Configs (rows per program, warps, chunks of the input and output widths); first = heuristic default."""
+    rows_cap = max(16, common.next_pow2(rows))
+    if interpreting():  # few, large programs: the interpreter pays per program, registers do not matter
+        bm = max(16, min(64, 16384 // block_f, rows_cap))
+        return [{"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1} for bd, bn in CHUNKS[:3]]
+    per_thread, operand = (16, 8192) if kind == "cos" else (32, 16384)
+    out = []
+    for bm, warps in ROW_WARPS:
+        bm = min(bm, rows_cap)
+        if bm * block_f > per_thread * 32 * warps:
+            continue
+        for bd, bn in CHUNKS:
+            cfg = {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_N": bn, "num_warps": warps, "num_stages": 2}
+            if max(bd, bn) * block_f <= operand and cfg not in out:
+                out.append(cfg)
+    return out or [{"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_N": 16, "num_warps": 16, "num_stages": 2}]
+
+
+def _flags(x: torch.Tensor) -> dict:
+    dot = common.dot_dtype(x.dtype)
+    ieee = common.fp32_precision() == "ieee"
+    # Z feeds exp/cos: keep it fp32 (TF32 where torch allows it for fp32, or where the I/O is 16-bit anyway)
+    z_ieee = ieee if x.dtype == torch.float32 else interpreting()
+    return {"DOT": dot, "IEEE": dot == tl.float32 and ieee, "Z_IEEE": z_ieee}
+
+
+def _key(m: int, d_in: int, feats: int, d_out: int, kind: str, dtype: torch.dtype) -> tuple:
+    return (common.row_bucket(m), d_in, feats, d_out, kind, str(dtype).removeprefix("torch."))
+
+
+def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_scale: float) -> torch.Tensor:
+    """Launch the fused forward: y (..., d_out) in x's dtype."""
+    d_in, (feats, _), d_out = x.shape[-1], projection.shape, weight.shape[0]
+    x2 = x.reshape(-1, d_in)
+    m = x2.shape[0]
+    y2 = torch.empty(m, d_out, dtype=x.dtype, device=x.device)
+    block_f = max(16, common.next_pow2(feats))
+    flags, coef = _flags(x), 1.0 / math.sqrt(feats)
+
+    def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+        _snnk_fwd_kernel[grid](
+            x2, projection, weight, bias if bias is not None else weight, out, m, d_in, d_out, feats,
+            x2.stride(0), x2.stride(1), projection.stride(0), projection.stride(1), weight.stride(0),
+            weight.stride(1), out.stride(0), float(input_scale), float(floor), coef,
+            KIND_CODES[kind], bias is not None, flags["DOT"], flags["IEEE"], flags["Z_IEEE"],
+            cfg["BLOCK_M"], block_f, cfg["BLOCK_D"], cfg["BLOCK_N"], **common.launch_options(cfg),
+        )  # fmt: skip
+        return grid
+
+    key = _key(m, d_in, feats, d_out, kind, x.dtype)
+    cfg = common.choose(
+        _snnk_fwd_kernel, key, snnk_candidates(m, block_f, kind), lambda c: run(c, torch.empty_like(y2)), x.device
+    )
+    grid = run(cfg)
+    shapes = [x.shape, projection.shape, weight.shape]
+    common.record(OP, _snnk_fwd_kernel, grid, cfg, shapes, x.dtype, "forward", kind=kind, BLOCK_F=block_f)
+    return y2.view(*x.shape[:-1], d_out)
+
+
+def snnk_backward(
+    grad, x, projection, weight, has_bias: bool, weight_grad: bool, kind: str, floor: float, input_scale: float
+):
+    """Launch the fused backward (dx, and Phi when ``weight_grad``) and the weight GEMM: (dx, dW, db).
+
+    dW is empty unless ``weight_grad``; db is empty unless ``has_bias``.
+    """
+    d_in, (feats, _), d_out = x.shape[-1], projection.shape, weight.shape[0]
+    x2, dy2 = x.reshape(-1, d_in), common.as_rows(grad.to(x.dtype), d_out)
+    m = x2.shape[0]
+    dx2 = torch.empty(m, d_in, dtype=x.dtype, device=x.device)
+    phi = torch.empty(m if weight_grad else 0, weight.shape[1], dtype=x.dtype, device=x.device)
+    block_f = max(16, common.next_pow2(feats))
+    flags, coef = _flags(x), 1.0 / math.sqrt(feats)
+
+    def run(cfg: dict, out: torch.Tensor = dx2, phi_out: torch.Tensor = phi) -> tuple:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+        _snnk_bwd_kernel[grid](
+            x2, projection, weight, dy2, out, phi_out, m, d_in, d_out, feats,
+            x2.stride(0), x2.stride(1), projection.stride(0), projection.stride(1), weight.stride(0),
+            weight.stride(1), dy2.stride(0), out.stride(0), phi_out.stride(0), float(input_scale), float(floor), coef,
+            KIND_CODES[kind], weight_grad, flags["DOT"], flags["IEEE"], flags["Z_IEEE"],
+            cfg["BLOCK_M"], block_f, cfg["BLOCK_D"], cfg["BLOCK_N"], **common.launch_options(cfg),
+        )  # fmt: skip
+        return grid
+
+    key = _key(m, d_in, feats, d_out, kind, x.dtype)
+    scratch = lambda c: run(c, torch.empty_like(dx2), torch.empty_like(phi))
+    cfg = common.choose(_snnk_bwd_kernel, key, snnk_candidates(m, block_f, kind), scratch, x.device)
+    grid = run(cfg)
+    shapes = [x.shape, projection.shape, weight.shape]
+    common.record(
+        OP, _snnk_bwd_kernel, grid, cfg, shapes, x.dtype, "backward", kind=kind, BLOCK_F=block_f,
+        weight_grad="torch.matmul(dy^T, Phi)",
+    )  # fmt: skip
+    dw = (dy2.t() @ phi).to(weight.dtype) if weight_grad else weight.new_empty(0)
+    db = dy2.sum(0, dtype=torch.float32).to(weight.dtype) if has_bias else weight.new_empty(0)
+    return dx2.view(x.shape), dw, db

@@ -1,0 +1,89 @@
+"""The benchmark scripts run (--smoke: tiny shapes on the interpreter) and write the JSON fields promised in
+benchmarks/README.md. Timings are not checked: these runs measure nothing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = {
+    "bench_rational.py": ("rational", {"kanc kernel", "KAT design (per-element atomics)"}),
+    "bench_grkan_linear.py": ("grkan_linear", {"kanc fused (rational in prologue)", "reference eager"}),
+    "bench_mlp_block.py": ("mlp_block", {"kanc GR-KAN block (fused ops)", "Linear-GELU-Linear eager"}),
+    "bench_snnk.py": ("snnk", {"kanc fused (features on chip)", "reference eager"}),
+}
+
+
+def _run(script, *args, tmp_path, interpret="1"):
+    env = {**os.environ, "TRITON_INTERPRET": interpret, "KANC_CACHE_DIR": str(tmp_path / "cache")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """script -> (completed process, JSON path), each script run once per module."""
+    runs = {}
+
+    def run(script):
+        if script not in runs:
+            tmp = tmp_path_factory.mktemp(script.removesuffix(".py"))
+            out = tmp / "result.json"
+            runs[script] = (_run(script, "--smoke", "--out", str(out), tmp_path=tmp), out)
+        return runs[script]
+
+    return run
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_smoke_run_writes_the_promised_json(script, smoke_run):
+    proc, out = smoke_run(script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SMOKE RUN" in proc.stdout and str(out) in proc.stdout
+    data = json.loads(out.read_text())
+    name, must_have = SCRIPTS[script]
+    assert data["benchmark"] == name and data["smoke"] is True and data["interpreter"] is True
+    assert data["device"] == "cpu (triton interpreter)" and data["dtype"] == "float32"
+    assert data["versions"]["torch"] == torch.__version__ and data["versions"]["triton"]
+    assert script in data["command"] and "--smoke" in data["command"]
+    assert data["quantiles"] == [0.5, 0.2, 0.8] and data["compile_backend"] == "aot_eager"
+    assert data["cases"]
+    for case in data["cases"]:
+        assert case["name"] and case["shapes"] and case["kanc_kernels"], case["name"]  # the kernels ran
+        impls = {r["impl"] for r in case["results"]}
+        assert must_have <= impls
+        assert any("torch.compile(aot_eager)" in i for i in impls)
+        for r in case["results"]:
+            assert r["pass"] in ("forward", "backward", "forward+backward")
+            assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+            assert r.get("gbps") or r.get("tflops"), r
+            if "max_abs_err" in r:
+                assert r["max_abs_err"] < 1e-3, r
+
+
+def test_rational_baselines_report_their_atomics(smoke_run):
+    proc, out = smoke_run("bench_rational.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {(r["impl"], r["pass"]): r for r in json.loads(out.read_text())["cases"][0]["results"]}
+    rows, channels, groups = 37, 48, 4
+    assert results[("KAT design (per-element atomics)", "backward")]["atomics"] == rows * channels * 10
+    assert results[("FlashKAT design (per-program sums)", "backward")]["atomics"] == 1 * groups * 10
+    kanc = results[("kanc kernel", "backward")]
+    assert 0 < kanc["atomics"] < rows * channels * 10 and kanc["max_abs_err"] < 1e-4
+    for impl in ("KAT design (per-element atomics)", "FlashKAT design (per-program sums)"):
+        assert results[(impl, "backward")]["max_abs_err"] < 1e-4  # the baselines compute the same gradients
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_without_gpu_or_smoke_the_scripts_refuse_and_write_nothing(tmp_path):
+    out = tmp_path / "never.json"
+    proc = _run("bench_rational.py", "--out", str(out), tmp_path=tmp_path, interpret="0")
+    assert proc.returncode != 0 and "no CUDA device" in proc.stderr and not out.exists()
+    proc = _run("bench_rational.py", "--smoke", "--shapes", "nope", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "unknown shapes" in proc.stderr

@@ -1,0 +1,178 @@
+"""Group-rational kernels against rational_ref: forward and every gradient, dtypes, ragged tiles, groups straddling
+tiles, non-finite inputs, real atomics counts, launch records, custom-op checks, tuning and KANC_DEBUG=3."""
+
+import pytest
+import torch
+
+from kanc.codegen import forced_config, group_rational, rational_ref, recording, tuning
+from kanc.testing import assert_equivalent
+
+FWD, BWD = "_rational_fwd_kernel", "_rational_bwd_kernel"
+
+
+def _coefficients(groups, degrees=(5, 4), device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num = 0.3 * torch.randn(groups, degrees[0] + 1, generator=gen)
+    den = torch.randn(groups, degrees[1], generator=gen)  # mixed signs: sign(b) reaches the gradient
+    return num.to(device).requires_grad_(), den.to(device).requires_grad_()
+
+
+def _inputs(shape, groups, dtype, device, degrees=(5, 4), scale=2.0):
+    x = (scale * torch.randn(shape, generator=torch.Generator().manual_seed(1))).to(device, dtype)
+    return [x.requires_grad_(), *_coefficients(groups, degrees, device)]
+
+
+def _tiles(block_r, block_c):
+    cfg = {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 4}
+    return forced_config(FWD, cfg), forced_config(BWD, cfg)
+
+
+def _check(inputs, **tol):
+    with recording() as launches:
+        assert_equivalent(group_rational, rational_ref, inputs, **tol)
+    kernels = [launch.kernel for launch in launches]
+    assert kernels == [FWD, BWD], f"the kernels did not run: {kernels}"
+    return launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,groups,tiles",
+    [
+        ((3, 45, 96), 3, (16, 64)),  # D = 32: each 64-wide tile straddles two groups, rows ragged (135 = 8 * 16 + 7)
+        ((37, 48), 8, (16, 32)),  # D = 6: groups start at unequal offsets in every tile
+        ((5, 2, 3, 12), 12, (8, 32)),  # D = 1, a 4-d input, columns ragged
+        ((19, 40), 1, (8, 32)),  # one group, columns ragged (40 = 32 + 8)
+        ((21, 64), 2, (16, 32)),  # D = 32 = BLOCK_C: each tile in one group (scalar coefficients)
+    ],
+)
+def test_matches_reference(shape, groups, tiles, dtype, device):
+    fwd, bwd = _tiles(*tiles)
+    with fwd, bwd:
+        _check(_inputs(shape, groups, dtype, device))
+
+
+@pytest.mark.parametrize("degrees", [(3, 2), (1, 1), (6, 5)])
+def test_other_degrees(degrees, device):
+    fwd, bwd = _tiles(16, 32)
+    with fwd, bwd:
+        _check(_inputs((21, 40), 4, torch.float32, device, degrees))
+
+
+def test_default_config_and_input_layouts(device):
+    """Heuristic configs (no forced tiles), a transposed (non-contiguous) input and a shared (expanded) numerator."""
+    x = (2 * torch.randn(64, 33)).to(device).t().requires_grad_()  # (33, 64), strides (1, 33)
+    num, den = _coefficients(8, device=device)
+    _check([x, num, den])
+    shared = num[:1].detach().clone().requires_grad_()  # KAT layout: one numerator row, expand()ed to every group
+    with recording() as launches:
+        assert_equivalent(
+            lambda x, a, b: group_rational(x, a.expand(8, -1), b),
+            lambda x, a, b: rational_ref(x, a.expand(8, -1), b),
+            [x, shared, den],
+        )
+    assert [launch.kernel for launch in launches] == [FWD, BWD]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_and_extreme_inputs(dtype, device):
+    """NaN, +-inf, 0 and |x| > 9.19 (x^5 overflows fp16): fp32 math in registers, NaN where the reference has it."""
+    x = 3 * torch.randn(9, 32, generator=torch.Generator().manual_seed(2))
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, 30.0, -50.0])
+    x[4, 17] = float("inf")  # in another group: that group's coefficient gradients become NaN, others stay finite
+    inputs = [x.to(device, dtype).requires_grad_(), *_coefficients(4, device=device)]
+    fwd, bwd = _tiles(8, 16)
+    with fwd, bwd:
+        _check(inputs)
+    out = group_rational(*inputs)
+    assert torch.isfinite(out[0, 4:6]).all(), "|x| > 9.19 must not overflow in fp16"
+
+
+def test_atomics_are_one_per_group_and_coefficient_per_program(device, count_atomics):
+    """Group-aligned tiles: atomics == programs x coefficients, counted inside the interpreter, as the launch says."""
+    inputs = _inputs((50, 128), 4, torch.float32, device)  # D = 32 = BLOCK_C
+    fwd, bwd = _tiles(16, 32)
+    with fwd, bwd, count_atomics() as counted:
+        launches = _check(inputs)
+    backward = launches[1]
+    assert backward.grid == (4, 4) and backward.extra["direction"] == "backward"
+    assert backward.atomics == backward.programs * 10 == counted[0]  # 10 = 6 numerator + 4 denominator coefficients
+    assert launches[0].atomics == 0
+
+
+def test_atomics_when_tiles_straddle_groups(device, count_atomics):
+    """D = 24 with 32-wide tiles: a tile touching two groups issues one atomic per group and coefficient."""
+    inputs = _inputs((20, 96), 4, torch.float32, device)
+    fwd, bwd = _tiles(16, 32)
+    with fwd, bwd, count_atomics() as counted:
+        launches = _check(inputs)
+    groups_per_tile = [2, 2, 2]  # columns 0-31: groups 0,1; 32-63: 1,2; 64-95: 2,3
+    assert launches[1].atomics == 2 * sum(groups_per_tile) * 10 == counted[0]
+
+
+def test_launch_records(device):
+    inputs = _inputs((7, 24), 3, torch.float16, device)
+    launches = _check(inputs)
+    fwd, bwd = launches
+    assert fwd.op == bwd.op == "kanc::group_rational"
+    assert fwd.extra["direction"] == "forward" and bwd.extra["direction"] == "backward"
+    assert fwd.dtype == "float16" and fwd.shapes == ((7, 24), (3, 6), (3, 4))
+    assert {"BLOCK_R", "BLOCK_C", "num_warps"} <= set(fwd.config)
+
+
+def test_opcheck(device):
+    x, num, den = _inputs((6, 5, 24), 4, torch.float32, device)
+    torch.library.opcheck(torch.ops.kanc.group_rational.default, (x, num, den))
+    grad = torch.randn(6, 5, 24, device=device)
+    torch.library.opcheck(torch.ops.kanc.group_rational_backward.default, (grad, x.detach(), num.detach(), den))
+
+
+def test_compiled_graph_holds_the_op(device, compile_capture):
+    x, num, den = _inputs((5, 3, 32), 4, torch.float32, device)
+    compiled, graphs = compile_capture(group_rational)
+    assert_equivalent(compiled, rational_ref, [x, num, den])
+    assert "kanc.group_rational.default" in graphs.targets("forward")
+    assert "kanc.group_rational_backward.default" in graphs.targets("backward")
+    assert "aten.abs.default" not in graphs.targets("forward"), "the reference was traced instead of the op"
+
+
+def test_reference_without_kernels(device):
+    """The switch and fp64 take the reference: nothing is launched."""
+    x, num, den = _inputs((4, 8), 2, torch.float32, device)
+    with recording() as launches:
+        from kanc.codegen import kernels_disabled
+
+        with kernels_disabled():
+            group_rational(x, num, den)
+        group_rational(x.double(), num.double(), den.double())
+    assert launches == []
+
+
+def test_autotune_times_candidates_and_caches(device):
+    inputs = _inputs((40, 96), 2, torch.float32, device)
+    with tuning.autotuning("1"):
+        group_rational(*inputs)
+    cache = tuning.get_cache(device)
+    key = next(iter(cache.entries[FWD]))
+    assert key == "64,96,2,6,4,float32"
+    entry = cache.entries[FWD][key]
+    assert len(entry["timings_ms"]) > 1 and all(t > 0 for t in entry["timings_ms"])
+    best = min(range(len(entry["timings_ms"])), key=entry["timings_ms"].__getitem__)
+    from kanc.codegen.kernels.rational import elementwise_candidates
+
+    assert entry["config"] == elementwise_candidates(40, 96, 48)[best]
+    assert tuning.cache_path(device).is_file()
+    with recording() as launches:
+        group_rational(*inputs)  # second call: the cached choice, no timing
+    assert launches[0].config == entry["config"]
+
+
+def test_debug_level_3_dumps_source_and_config(device, monkeypatch, capfd):
+    monkeypatch.setenv("KANC_DEBUG", "3")
+    from kanc.codegen import debug
+
+    monkeypatch.setattr(debug, "_seen", set())
+    group_rational(*[t.detach() for t in _inputs((3, 8), 2, torch.float32, device)])
+    err = capfd.readouterr().err
+    assert "def _rational_fwd_kernel(" in err and "tl.store" in err
+    assert "_rational_fwd_kernel key=(4, 8, 2, 6, 4, 'float32') config={'BLOCK_R'" in err
