@@ -11,8 +11,6 @@ networkx DiGraph, which ``kanc inspect --graph`` writes as GraphML or DOT.
 from __future__ import annotations
 
 import ast
-import inspect
-import textwrap
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,6 +18,7 @@ from functools import lru_cache
 import networkx as nx
 from torch import fx, nn
 
+from kanc.frontend.source import class_methods, self_attr, self_calls
 from kanc.frontend.tracing import Trace, TracedPart
 
 
@@ -39,41 +38,10 @@ def child_flows(module: nn.Module) -> tuple[Flow, ...]:
 
 @lru_cache(maxsize=256)
 def _class_flows(cls: type) -> tuple[Flow, ...]:
-    functions = _methods(cls)
-    calls = Counter(name for fn in functions for name, _ in _self_calls(fn))
+    functions = class_methods(cls)
+    calls = Counter(name for fn in functions for name, _ in self_calls(fn))
     flows = {flow for fn in functions for flow in _function_flows(fn)}
     return tuple(sorted((f for f in flows if calls[f.producer] == 1), key=lambda f: (f.producer, f.consumer)))
-
-
-def _methods(cls: type) -> list[ast.FunctionDef]:
-    """Methods of cls and its bases up to nn.Module, an override hiding the base's version."""
-    seen: dict[str, ast.FunctionDef] = {}
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object) or not issubclass(klass, nn.Module):
-            continue
-        for fn in _class_ast(klass):
-            seen.setdefault(fn.name, fn)
-    return list(seen.values())
-
-
-def _class_ast(klass: type) -> list[ast.FunctionDef]:
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-    except (OSError, TypeError, SyntaxError, IndentationError):
-        return []
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    return [n for n in body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
-
-
-def _self_attr(node: ast.AST) -> str | None:
-    """ "a" for ``self.a``."""
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
-        return node.attr
-    return None
-
-
-def _self_calls(fn: ast.AST) -> list[tuple[str, ast.Call]]:
-    return [(name, n) for n in ast.walk(fn) if isinstance(n, ast.Call) and (name := _self_attr(n.func))]
 
 
 def _function_flows(fn: ast.FunctionDef) -> set[Flow]:
@@ -83,12 +51,12 @@ def _function_flows(fn: ast.FunctionDef) -> set[Flow]:
     produced: dict[str, str] = {}  # variable -> producer child
     for node in ast.walk(fn):
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            producer = _self_attr(node.value.func) if isinstance(node.value, ast.Call) else None
+            producer = self_attr(node.value.func) if isinstance(node.value, ast.Call) else None
             if producer:
                 produced[node.targets[0].id] = producer
-    for consumer, call in _self_calls(fn):
+    for consumer, call in self_calls(fn):
         for i, arg in enumerate(call.args):
-            if isinstance(arg, ast.Call) and (producer := _self_attr(arg.func)):
+            if isinstance(arg, ast.Call) and (producer := self_attr(arg.func)):
                 flows.add(Flow(producer, consumer, i))
             elif isinstance(arg, ast.Name) and arg.id in produced and loads[arg.id] == 1 and stores[arg.id] == 1:
                 flows.add(Flow(produced[arg.id], consumer, i))

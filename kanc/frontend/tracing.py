@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from kanc.frontend.leaves import is_leaf, linear_kind
+from kanc.frontend.source import chain_graph, inline_chains
 
 
 class LeafTracer(fx.Tracer):
@@ -37,12 +38,17 @@ def trace_module(module: nn.Module) -> fx.GraphModule:
 
 @dataclass
 class TracedPart:
-    """A module that traced: its path in the model ("" for the root) and its graph."""
+    """A module that traced: its path in the model ("" for the root) and its graph.
+
+    ``source`` parts are partial graphs read from the source of a module that did not trace
+    (``kanc.frontend.source``): they hold only its inline MLP chains, are never run, and allow only module swaps.
+    """
 
     path: str
     module: nn.Module
     graph_module: fx.GraphModule
     aten: bool = False
+    source: bool = False
 
     def absolute(self, relative: str) -> str:
         """Model path of a path relative to this part."""
@@ -107,6 +113,9 @@ def _visit(trace: Trace, path: str, module: nn.Module) -> None:
     except Exception as e:  # noqa: BLE001 - any tracing failure means: try the children
         container = isinstance(module, nn.ModuleList | nn.ModuleDict) or type(module).forward is nn.Module.forward
         trace.failures.append(TraceFailure(path, type(module).__name__, _reason(e), container))
+        chains = [] if container else inline_chains(module)
+        if chains:
+            trace.parts.append(TracedPart(path, module, chain_graph(module, chains), source=True))
     for name, child in module.named_children():
         _visit(trace, f"{path}.{name}" if path else name, child)
 

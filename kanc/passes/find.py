@@ -157,9 +157,28 @@ def _skip_untraced(result: FindResult) -> None:
             continue
         module = model.get_submodule(failure.path) if failure.path else model
         linears = [n for n, c in module.named_children() if linear_kind(c) is not None]
-        if linears:
-            message = f"did not trace ({failure.reason}); its {len(linears)} linear layer(s) were not examined"
-            result.skipped.append(Skip(failure.path or ROOT, "not_traced", message))
+        read = _read_from_source(result.trace, failure.path)
+        unread = [n for n in linears if n not in read]
+        if not unread:
+            continue
+        message = f"did not trace ({failure.reason}); {_unexamined(len(unread), len(linears))} not examined"
+        if read:
+            message += " (its inline MLP was read from its source)"
+        result.skipped.append(Skip(failure.path or ROOT, "not_traced", message))
+
+
+def _read_from_source(trace: Trace, path: str) -> set[str]:
+    """Children of the module at ``path`` that its source-derived part (if any) calls."""
+    part = next((p for p in trace.parts if p.source and p.path == path), None)
+    if part is None:
+        return set()
+    return {str(n.target) for n in part.graph_module.graph.nodes if n.op == "call_module"}
+
+
+def _unexamined(unread: int, total: int) -> str:
+    if unread == total:
+        return f"its {total} linear layer(s) were"
+    return f"{unread} of its {total} linear layers were"
 
 
 def matches(name: str, globs: Iterable[str]) -> bool:

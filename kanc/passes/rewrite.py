@@ -188,6 +188,8 @@ def _build(
     edits, mode, owner = normalised
     error, inputs = _measure(block, rewrite.replacement, ctx)
     notes = list(rewrite.notes)
+    if block.fc1.part.source:
+        notes.append(f"read from the source of {type(block.fc1.part.module).__name__}.forward (it does not trace)")
     if topped:
         notes.append("few calibration rows: topped up with Gaussian rows of the same mean and std")
     info = ConvertedBlock(
@@ -232,6 +234,10 @@ def _normalise(model: nn.Module, block: MLPBlock, rewrite: Rewrite) -> tuple[lis
     node_edits = [e for e in edits if not isinstance(e, SetModule)]
     if not node_edits:
         return edits, "swap", ""
+    if block.fc1.part.source:
+        where = f"{type(block.fc1.part.module).__name__}.forward"
+        return Miss("source_edit", f"the block was read from the source of {where}, which does not trace: "
+                    "only module swaps are possible and this rewrite needs a code edit")  # fmt: skip
     if block.fc1.part.aten:
         return edits, "graph", ""
     part = block.act.part if block.split is not None else block.fc1.part

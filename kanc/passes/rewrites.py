@@ -344,7 +344,13 @@ def _snnk_rewrite(block: MLPBlock, snnk: SNNKMlp, edits: list[Edit], opts: SNNKO
 
 
 def snnk_span(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrite | Miss:
-    """The whole block (x -> ... -> fc2) becomes one SNNKMlp call."""
+    """The whole block (x -> ... -> fc2) becomes one SNNKMlp call.
+
+    A block read from the source of a module that does not trace cannot be replaced as a span of its graph:
+    it is rewritten by swaps, as a split block is.
+    """
+    if block.fc1.part.source:
+        return snnk_split(block, opts, ctx)
     snnk = _snnk_module(block, opts, ctx)
     if isinstance(snnk, Miss):
         return snnk

@@ -280,6 +280,29 @@ class Case:
     output: str = "output"  # which output to compare (HF: logits / last_hidden_state)
 
 
+def opt(layers: int = 2, dim: int = 64) -> nn.Module:
+    """OPT: the MLP (fc1, activation_fn, fc2) is written inline in a decoder layer that does not trace."""
+    import transformers
+
+    cfg = transformers.OPTConfig(
+        num_hidden_layers=layers, hidden_size=dim, num_attention_heads=2, ffn_dim=4 * dim, vocab_size=100,
+        word_embed_proj_dim=dim, activation_function="gelu", max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(cfg)
+
+
+def bart(dim: int = 64) -> nn.Module:
+    """BART, one encoder and one decoder layer: act(fc1(x)), a functional dropout, then fc2, inline."""
+    import transformers
+
+    cfg = transformers.BartConfig(
+        encoder_layers=1, decoder_layers=1, d_model=dim, encoder_ffn_dim=4 * dim, decoder_ffn_dim=4 * dim,
+        encoder_attention_heads=2, decoder_attention_heads=2, vocab_size=100, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    )  # fmt: skip
+    return transformers.BartModel(cfg)
+
+
 def _x(*shape: int):
     return lambda seed=0: torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -304,6 +327,8 @@ CASES = [
     Case("gpt2", lambda: gpt2(), _ids, 2, {"conv1d": 2}, "logits"),
     Case("llama", lambda: llama(), _ids, 2, {"gated": 2}, "logits"),
     Case("bert", lambda: bert(), _ids, 2, {"split": 2}, "last_hidden_state"),
+    Case("opt", lambda: opt(), _ids, 2, {"plain": 2}, "logits"),
+    Case("bart", lambda: bart(), _ids, 2, {"plain": 2}, "last_hidden_state"),
 ]  # fmt: skip
 
 
