@@ -7,6 +7,7 @@ Progress goes to stderr; ``--json`` puts machine-readable output on stdout.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import traceback
 
@@ -54,6 +55,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the group, turning expected failures into one-line errors."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if not sys.stderr.isatty():  # logs and pipes: no progress bars, ours or the libraries' (read when they import)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         cli.main(args=argv, prog_name="kanc", standalone_mode=False)
     except click.exceptions.Exit as e:
