@@ -7,10 +7,12 @@ The file is written atomically: on any failure (export, onnxruntime, tolerance) 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +66,19 @@ def export_onnx(
     if path.parent and not path.parent.is_dir():
         raise KancError(f"output directory does not exist: {path.parent}")
     model = model.eval()
+    with _without_kv_cache(model):
+        return _export_checked(model, inputs, path, axes, opset, verify, atol)
+
+
+def _export_checked(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    path: Path,
+    axes: tuple[str, ...],
+    opset: int | None,
+    verify: bool,
+    atol: float,
+) -> ExportResult:
     _check_runs(model, inputs)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", prefix=f".{path.stem}.", dir=path.parent or ".")
     os.close(fd)
@@ -83,6 +98,20 @@ def export_onnx(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models return a key/value cache object that torch.export cannot flatten: export without it."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -127,6 +156,8 @@ def _dim_spec(t: Tensor, axes: tuple[str, ...]) -> dict[int, object] | None:
 def _export(model: nn.Module, inputs: tuple[Tensor, ...], file: str, axes: tuple[str, ...], opset: int | None) -> None:
     dynamic_shapes = tuple(_dim_spec(t, axes) for t in inputs) if axes else None
     kwargs = {"opset_version": opset} if opset is not None else {}
+    # the exporter warns once per torchvision op it cannot register when torchvision is absent: not our concern
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         torch.onnx.export(
             model,
@@ -182,5 +213,8 @@ def _compare(model: nn.Module, inputs: tuple[Tensor, ...], file: str) -> dict[st
 
 def _first_line(e: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the exporter colours its messages
+    cause = re.search(r"Exception summary\s+<class '(?:[\w.]+\.)?(\w+)'>: ([^\n]+)", text)
+    if cause:  # the exporter's first line is generic ("step 1/3"); its summary names the cause
+        return f"{cause.group(1)}: {cause.group(2).strip()}"
     lines = [s for s in text.strip().splitlines() if s.strip()]
     return lines[0].strip() if lines else type(e).__name__

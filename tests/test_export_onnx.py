@@ -129,3 +129,24 @@ def test_compiled_gpt2_exports(tmp_path, target):
     result = export_onnx(model, ids, tmp_path / f"gpt2_{target}.onnx")
     assert [c["shapes"] for c in result.checks] == [[[2, 16]], [[3, 15]]]
     assert result.worst < 1e-4
+
+
+def test_hf_model_with_its_kv_cache_on_exports(tmp_path):
+    """A Hugging Face causal LM as users have it (use_cache=True) exports: the cache is off during export only."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    assert model.config.use_cache
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    result = export_onnx(model, ids, tmp_path / "gpt2.onnx")
+    assert result.worst < 1e-4 and model.config.use_cache  # restored
+
+
+def test_export_errors_name_the_cause():
+    from kanc.export import _first_line
+
+    text = "Failed to export the model with torch.export. This is step 1/3.\n## Exception summary\n\n"
+    text += "<class 'torch._dynamo.exc.Unsupported'>: Data-dependent branching\n\nmore"
+    assert _first_line(RuntimeError(text)) == "Unsupported: Data-dependent branching"
+    assert _first_line(ValueError("plain\nsecond")) == "plain"

@@ -35,7 +35,7 @@ def _example(shape: tuple[int, ...], dtype: str, vocab: int):
 
 
 @export.command("onnx")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="OUT.onnx")
 @click.option("--input-shape", "shapes", multiple=True, default=("2,16",), help="Example input shape (repeatable).")
 @click.option("--dtype", type=click.Choice(["long", "float"]), default="long", help="Example input dtype.")
@@ -62,7 +62,7 @@ def onnx_cmd(
     """Export MODEL to OUT.onnx and check it with onnxruntime at the example shape and a second shape."""
     axes = tuple(a.strip() for a in dynamic.split(",") if a.strip() and a.strip() != "none")
     inputs = tuple(_example(_parse_shape(s), dtype, vocab) for s in shapes)
-    if not model.is_file():
+    if not model.exists():
         raise KancError(f"model file not found: {model}")
     from kanc.api import load
     from kanc.export import export_onnx
