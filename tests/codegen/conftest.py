@@ -18,7 +18,7 @@ def _isolated_tuning(tmp_path, monkeypatch):
     monkeypatch.delenv("KANC_AUTOTUNE", raising=False)
     monkeypatch.delenv("KANC_KERNELS", raising=False)
     tuning.clear_memory_caches()
-    torch.manual_seed(0)  # assert_equivalent draws grad_out from the global generator: same draw in any test order
+    torch.manual_seed(0)  # test inputs drawn from the global generator are the same in any test order
     yield
     tuning.set_autotune(None)
     tuning.clear_memory_caches()
