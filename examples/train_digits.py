@@ -199,6 +199,8 @@ def run(epochs: int, finetune: int, seeds: int, out: Path, threads: int | None =
             "device": "cpu",
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
+            "command": " ".join(["python", *sys.argv]),
+            "torch": torch.__version__,
         },
         "conversion": conversion_run(data, epochs, finetune),
         "scratch": scratch_run(data, epochs, seeds),

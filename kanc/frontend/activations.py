@@ -19,7 +19,12 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
-from kanc.frontend.leaves import hf_activation_classes, is_activation_module
+from kanc.frontend.leaves import (
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    hf_activation_classes,
+    is_activation_module,
+)
 
 SHIPPED = ("identity", "gelu", "gelu_tanh", "silu", "relu", "tanh", "sigmoid")
 
@@ -47,7 +52,27 @@ def _shipped(name: str) -> ActSpec:
 
 
 def _custom(name: str, fn: Callable[[Tensor], Tensor], key: str | None = None) -> ActSpec:
-    return ActSpec(name, fn, False, key or name)
+    """A non-shipped activation, unless it computes a shipped function exactly (BLOOM's and ESM's hand-written
+    GELUs are GELU): then it takes that function's name and shipped fit."""
+    same = _same_as_shipped(fn)
+    return _shipped(same) if same is not None else ActSpec(name, fn, False, key or name)
+
+
+_PROBE = torch.linspace(-8.0, 8.0, 4001, dtype=torch.float64)
+
+
+def _same_as_shipped(fn: Callable[[Tensor], Tensor]) -> str | None:
+    from kanc.nn.fit import ACTIVATION_FUNCTIONS
+
+    try:
+        with torch.no_grad():
+            y = fn(_PROBE).double()
+    except Exception:  # noqa: BLE001 - a function that cannot run on float64 probes is just not a shipped one
+        return None
+    for name in SHIPPED:
+        if name != "identity" and torch.allclose(y, ACTIVATION_FUNCTIONS[name](_PROBE), rtol=1e-6, atol=1e-7):
+            return name
+    return None
 
 
 def _gelu(approximate: Any) -> ActSpec | None:
@@ -199,6 +224,79 @@ def function_activation(node: fx.Node) -> ActSpec | None:
     if target in _ATEN_OTHER:
         return _partial(_ATEN_OTHER[target], str(target).split(".")[-2], rest, kwargs)
     return None
+
+
+# ---- activations written as arithmetic --------------------------------------------------------------------------
+
+_AFFINE = {operator.add, operator.sub, operator.truediv, operator.neg, torch.add, torch.sub, torch.div, torch.neg}
+_CASTS = {"float", "half", "bfloat16", "to", "type_as", "add", "sub", "div", "neg", "__add__"}
+
+
+def is_elementwise(node: fx.Node) -> bool:
+    """A call of an elementwise op (arithmetic, pointwise math, casts) on tensors and constants."""
+    if node.op == "call_function":
+        return node.target in ELEMENTWISE_FUNCTIONS
+    return node.op == "call_method" and node.target in ELEMENTWISE_METHODS
+
+
+def elementwise_region(exit_node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """(entry, region) when ``exit_node`` ends a maximal elementwise region computing a nonlinear function of one
+    entry tensor: ``x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))`` written in a model (ESM's gelu), fx inlined.
+
+    Every region node reads only the entry, other region nodes and constants; only the exit is read outside
+    the region; the region does not continue past the exit; and it is not affine (a rescaling is not an
+    activation).
+    """
+    if not is_elementwise(exit_node):
+        return None
+    region, stack = {exit_node}, [exit_node]
+    while stack:  # every elementwise ancestor ...
+        for arg in stack.pop().all_input_nodes:
+            if arg not in region and is_elementwise(arg):
+                region.add(arg)
+                stack.append(arg)
+    changed = True
+    while changed:  # ... less those read outside the region (until none is)
+        leaking = {n for n in region - {exit_node} if any(u not in region for u in n.users)}
+        region -= leaking
+        changed = bool(leaking)
+    entries = {a for n in region for a in n.all_input_nodes if a not in region}
+    if len(entries) != 1 or len(region) < 2:
+        return None
+    entry = entries.pop()
+    if any(is_elementwise(u) and set(u.all_input_nodes) <= region | {entry} for u in exit_node.users):
+        return None  # not the end of the region: it is anchored at its real exit
+    if all(_affine(n) for n in region):
+        return None
+    return entry, tuple(n for n in exit_node.graph.nodes if n in region)
+
+
+def _affine(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _CASTS or (node.target == "mul" and _one_constant(node))
+    if node.target in (operator.mul, torch.mul):
+        return _one_constant(node)
+    return node.target in _AFFINE
+
+
+def _one_constant(node: fx.Node) -> bool:
+    return sum(isinstance(a, fx.Node) for a in node.args) == 1
+
+
+def region_activation(entry: fx.Node, region: tuple[fx.Node, ...]) -> ActSpec:
+    """The region as an activation: a function of one tensor, named after its ops."""
+    graph = fx.Graph()
+    env = {entry: graph.placeholder("x")}
+    for node in region:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[region[-1]])
+    fn = fx.GraphModule(nn.Module(), graph)
+    ops = ",".join(_op_name(n) for n in region)
+    return _custom(f"inline({ops})", fn, f"inline:{graph.python_code('self').src}")
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 # ---- gated products and passthrough ops ------------------------------------------------------------------------

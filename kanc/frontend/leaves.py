@@ -9,11 +9,15 @@ holding them has loaded it).
 
 from __future__ import annotations
 
+import math
+import operator
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
-from torch import Tensor, nn
+import torch
+from torch import Tensor, fx, nn
+from torch.nn import functional as F
 
 LINEAR_KINDS = ("linear", "conv1d", "conv1x1")
 
@@ -75,10 +79,76 @@ def _hf_conv1d_class() -> type[nn.Module] | None:
 
 
 def is_activation_module(module: nn.Module) -> bool:
-    """An elementwise activation module (torch or transformers)."""
+    """An elementwise activation module: torch's, transformers', or any module computing an elementwise function."""
     if isinstance(module, nn.PReLU):
         return module.num_parameters == 1
-    return isinstance(module, TORCH_ACTIVATIONS + hf_activation_classes())
+    return isinstance(module, TORCH_ACTIVATIONS + hf_activation_classes()) or is_elementwise_module(module)
+
+
+# What an elementwise forward may call: arithmetic, pointwise math and dtype casts, on its input and scalars.
+ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.neg, operator.gt,
+    operator.lt, operator.ge, operator.le, torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.neg,
+    torch.tanh, torch.erf, torch.sigmoid, torch.exp, torch.log1p, torch.abs, torch.clamp, torch.where,
+    torch.relu, torch.sqrt, torch.rsqrt, torch.square, torch.maximum, torch.minimum,
+    F.gelu, F.silu, F.relu, F.tanh, F.sigmoid, F.softplus, F.mish, F.elu, F.leaky_relu, F.hardtanh,
+}  # fmt: skip
+ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "pow", "neg", "tanh", "erf", "sigmoid", "exp", "abs", "clamp", "clamp_min",
+    "clamp_max", "relu", "sqrt", "square", "float", "half", "bfloat16", "to", "type_as", "__mul__", "__add__",
+}  # fmt: skip
+
+
+def is_elementwise_module(module: nn.Module) -> bool:
+    """A childless module whose forward is one elementwise function of its single input (scalar parameters only).
+
+    Custom activation modules (BLOOM's BloomGelu, minGPT's NewGELU, a user's QuickGELU or StarReLU) qualify;
+    anything with a reduction, a reshape, a second input or a per-channel parameter does not. Decided from the
+    module traced alone in eval mode; cached per class and parameter shapes.
+    """
+    if linear_kind(module) is not None or next(module.children(), None) is not None:
+        return False
+    shapes = tuple(tuple(t.shape) for t in (*module.parameters(), *module.buffers()))
+    if any(math.prod(s) != 1 for s in shapes):
+        return False
+    key = (type(module), shapes)
+    if key not in _ELEMENTWISE_CACHE:
+        _ELEMENTWISE_CACHE[key] = _traces_elementwise(module)
+    return _ELEMENTWISE_CACHE[key]
+
+
+_ELEMENTWISE_CACHE: dict[tuple[type, tuple], bool] = {}
+
+
+def _traces_elementwise(module: nn.Module) -> bool:
+    cls = type(module)
+    if cls.forward is nn.Module.forward or cls.__module__.startswith("torch.nn"):
+        return False
+    training = module.training
+    module.train(False)  # trace the inference path (BLOOM's GELU calls a custom autograd function when training)
+    try:
+        graph = fx.Tracer().trace(module)
+    except Exception:  # noqa: BLE001 - whatever does not trace is not a simple elementwise function
+        return False
+    finally:
+        module.train(training)
+    return _elementwise_graph(graph)
+
+
+def _elementwise_graph(graph: fx.Graph) -> bool:
+    nodes = list(graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    output = nodes[-1]
+    if len(placeholders) != 1 or not isinstance(output.args[0], fx.Node) or output.args[0].op == "placeholder":
+        return False
+    for n in nodes:
+        if n.op == "call_function" and n.target not in ELEMENTWISE_FUNCTIONS:
+            return False
+        if n.op == "call_method" and n.target not in ELEMENTWISE_METHODS:
+            return False
+        if n.op == "call_module":
+            return False
+    return True
 
 
 # kanc classes that are plain MLPs (the baseline kanc.nn.Mlp), not converted layers: traced and converted like any.

@@ -2,17 +2,17 @@
 
 Two readers share the helpers here:
 - ``kanc.frontend.dataflow`` reads how the children of a module feed each other (BERT's split blocks);
-- ``source_parts`` finds MLP chains written inline in the forward of a module that does not trace, as in
-  OPT, BART, Whisper and the other fairseq-style decoder layers::
+- ``inline_chains`` finds MLP chains written inline in the methods of a module that does not trace, as in
+  OPT, BART, Whisper and the other fairseq-style decoder layers (ALBERT writes its chain in ``ff_chunk``)::
 
       hidden = self.fc1(hidden)                     # or: hidden = self.act(self.fc1(hidden))
       hidden = self.activation_fn(hidden)
       hidden = F.dropout(hidden, p=self.activation_dropout, training=self.training)
       hidden = self.fc2(hidden)
 
-  Each chain becomes a small fx graph over the module's own children (placeholder -> fc1 -> act -> ... ->
-  fc2 -> output): a *partial* graph, marked ``source=True``, which the pattern table reads like any traced part.
-  It is never run and never installed: a block found in it can only be rewritten by module swaps.
+  ``chain_graph`` turns the chains into a small fx graph over the module's own children (placeholder -> fc1 ->
+  act -> ... -> fc2 -> output): a *partial* graph, marked ``source=True``, which the pattern table reads like
+  any traced part. It is never run and never installed: a block found in it can only be rewritten by swaps.
 
 A chain is accepted only when every link is certain from the source: each child (fc1, the activation module,
 fc2) is called exactly once in the whole class, every intermediate value is read exactly once (by the next
@@ -73,10 +73,6 @@ def self_attr(node: ast.AST) -> str | None:
 def self_calls(fn: ast.AST) -> list[tuple[str, ast.Call]]:
     """Every ``self.<name>(...)`` call in ``fn``, with the name."""
     return [(name, n) for n in ast.walk(fn) if isinstance(n, ast.Call) and (name := self_attr(n.func))]
-
-
-def _forward(cls: type) -> ast.FunctionDef | None:
-    return next((fn for fn in class_methods(cls) if fn.name == "forward"), None)
 
 
 # ---- def-use of plain variables in forward -------------------------------------------------------------------
@@ -245,14 +241,15 @@ class _ChainReader:
 
 
 def inline_chains(module: nn.Module) -> list[Chain]:
-    """The MLP chains written inline in ``module``'s forward (empty when its source cannot be read)."""
-    fn = _forward(type(module))
-    if fn is None:
-        return []
-    calls = Counter(name for method in class_methods(type(module)) for name, _ in self_calls(method))
-    reader = _ChainReader(module, fn, calls)
-    chains = [reader.chain_at(call) for _, call in self_calls(fn)]
-    return [c for c in chains if c is not None]
+    """The MLP chains written inline in ``module``'s methods (forward, or a helper such as ALBERT's ``ff_chunk``);
+    empty when its source cannot be read."""
+    methods = class_methods(type(module))
+    calls = Counter(name for method in methods for name, _ in self_calls(method))
+    chains = []
+    for fn in methods:
+        reader = _ChainReader(module, fn, calls)
+        chains += [c for _, call in self_calls(fn) if (c := reader.chain_at(call)) is not None]
+    return chains
 
 
 def chain_graph(module: nn.Module, chains: list[Chain]) -> fx.GraphModule:

@@ -8,12 +8,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import networkx as nx
-from torch import nn
+from torch import fx, nn
 
 from kanc.frontend.dataflow import dataflow_graph, node_id
-from kanc.frontend.leaves import is_kanc_layer, linear_kind
+from kanc.frontend.leaves import is_activation_module, is_kanc_layer, linear_kind
 from kanc.frontend.tracing import Trace, trace_hierarchical
-from kanc.passes.patterns import Miss, MLPBlock, View
+from kanc.passes.patterns import Miss, MLPBlock, View, describe, walk_to_fc2
 from kanc.passes.surgery import lca
 from kanc.passes.table import PATTERNS
 
@@ -101,6 +101,7 @@ def find_mlp_blocks(
                 _match(view, act, result)
     _name_blocks(result)
     _skip_untraced(result)
+    _skip_stacked_experts(result)
     _filter(result, include, exclude)
     result.converted = Counter(type(m).__name__ for m in model.modules() if is_kanc_layer(m))
     for block in result.blocks:
@@ -126,9 +127,23 @@ def _match(view: View, act, result: FindResult) -> None:
             return
         if isinstance(outcome, Miss) and (best is None or outcome.depth > best[0].depth):
             best = (outcome, row.name)
+    if best is None:
+        best = _half_block(view, act)
     if best is not None:
         where = act.path or f"{view.scope(act.node) or ROOT}:{act.node.name}"
         result.skipped.append(Skip(where, best[0].code, best[0].message, best[1]))
+
+
+def _half_block(view: View, act) -> tuple[Miss, str] | None:
+    """An activation that feeds a linear layer (fc2) but is not fed by one: an MLP with something else in front
+    (SegFormer's Mix-FFN puts a depthwise conv between fc1 and the activation). Reported, never converted."""
+    walked = walk_to_fc2(view, act.node, 0)
+    if isinstance(walked, Miss):
+        return None
+    source = act.input
+    what = describe(view, source) if isinstance(source, fx.Node) else repr(source)
+    message = f"{act.node.name} feeds {walked[0].path} but its input comes from {what}, not from a linear layer"
+    return Miss("no_fc1", message), "plain"
 
 
 def _owner(view: View, block: MLPBlock) -> str:
@@ -165,6 +180,23 @@ def _skip_untraced(result: FindResult) -> None:
         if read:
             message += " (its inline MLP was read from its source)"
         result.skipped.append(Skip(failure.path or ROOT, "not_traced", message))
+
+
+def _skip_stacked_experts(result: FindResult) -> None:
+    """Mixture-of-experts layers that keep their experts' weights as 3-D parameters (transformers 5's Mixtral,
+    Qwen-MoE, ...) have no linear layers to match: say so rather than pass over them in silence."""
+    for path, module in result.model.named_modules():
+        if _stacked_experts(module):
+            message = (
+                f"{type(module).__name__} applies its activation to expert weights stacked as 3-D parameters "
+                "(a mixture of experts): kanc converts MLPs built from linear layers"
+            )
+            result.skipped.append(Skip(path or ROOT, "stacked_experts", message))
+
+
+def _stacked_experts(module: nn.Module) -> bool:
+    acts = any(is_activation_module(c) for c in module.children())
+    return acts and any(p.dim() == 3 for p in module.parameters(recurse=False))
 
 
 def _read_from_source(trace: Trace, path: str) -> set[str]:

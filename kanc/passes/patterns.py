@@ -20,11 +20,13 @@ from torch.nn import functional as F
 
 from kanc.frontend.activations import (
     ActSpec,
+    elementwise_region,
     function_activation,
     is_mul,
     module_activation,
     norm_width,
     passthrough_kind,
+    region_activation,
 )
 from kanc.frontend.dataflow import node_id, sole_consumer
 from kanc.frontend.leaves import LinearWeights, linear_kind, linear_weights
@@ -79,11 +81,31 @@ def _aten_wb(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
 
 @dataclass(eq=False)
 class Act:
+    """The activation of a block: one node (a module, function or method call), or an elementwise ``region`` of
+    several nodes (an activation written as arithmetic) whose last node is ``node``."""
+
     node: fx.Node
     part: TracedPart = field(repr=False)
     spec: ActSpec
     path: str | None  # model path of the activation module; None for functions and methods
     shared: bool = False  # the module is called elsewhere too: remove it by editing the graph, not by a swap
+    region: tuple[fx.Node, ...] = ()
+    entry: fx.Node | None = None  # the region's input
+
+    @property
+    def input(self) -> object:
+        """What the activation is applied to."""
+        if self.entry is not None:
+            return self.entry
+        return self.node.args[0] if self.node.args else None
+
+    @property
+    def nodes(self) -> tuple[fx.Node, ...]:
+        return self.region or (self.node,)
+
+    def reads_all_of(self, node: fx.Node) -> bool:
+        """Every use of ``node`` is inside this activation (fc1 feeds nothing else)."""
+        return bool(node.users) and set(node.users) <= set(self.nodes)
 
 
 @dataclass(eq=False)
@@ -154,7 +176,7 @@ class MLPBlock:
         """The block's nodes in its (single) graph, in graph order; empty for split blocks."""
         if self.split is not None:
             return []
-        found = {self.fc1.node, self.act.node, self.fc2.node, *(p.node for p in self.between + self.pre)}
+        found = {self.fc1.node, *self.act.nodes, self.fc2.node, *(p.node for p in self.between + self.pre)}
         found |= {n for n in (self.mul, self.chunk) if n is not None}
         if self.up is not None:
             found.add(self.up.node)
@@ -214,7 +236,13 @@ class View:
             shared = self.calls[node.target] > 1 or id(module) in self.aliased
             return Act(node, self.part, spec, self.part.absolute(node.target), shared) if spec else None
         spec = function_activation(node)
-        return Act(node, self.part, spec, None) if spec else None
+        if spec is not None:
+            return Act(node, self.part, spec, None)
+        found = elementwise_region(node)
+        if found is None:
+            return None
+        entry, region = found
+        return Act(node, self.part, region_activation(entry, region), None, region=region, entry=entry)
 
     def passthrough(self, node: fx.Node) -> Passthrough | None:
         module = self.module(node)
@@ -265,7 +293,7 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _walk_to_fc2(view: View, start: fx.Node, depth: int) -> tuple[Linear, list[Passthrough]] | Miss:
+def walk_to_fc2(view: View, start: fx.Node, depth: int) -> tuple[Linear, list[Passthrough]] | Miss:
     """From the hidden activation ``start`` through dropout/identity/norm to the linear that consumes it."""
     between: list[Passthrough] = []
     cur = start
@@ -284,10 +312,10 @@ def _walk_to_fc2(view: View, start: fx.Node, depth: int) -> tuple[Linear, list[P
             continue
         if user.op == "output":
             return Miss("ends_module", f"{cur.name} is returned by {view.part.path or '<root>'}", depth)
-        return Miss("no_fc2", f"{cur.name} goes to {user.name} ({_describe(view, user)}), not to a linear layer", depth)
+        return Miss("no_fc2", f"{cur.name} goes to {user.name} ({describe(view, user)}), not to a linear layer", depth)
 
 
-def _describe(view: View, node: fx.Node) -> str:
+def describe(view: View, node: fx.Node) -> str:
     module = view.module(node)
     if module is not None:
         return type(module).__name__
@@ -327,14 +355,14 @@ def _shared_miss(view: View, parts: list, depth: int) -> Miss | None:
 
 def check_plain(view: View, act: Act, kinds: tuple[str, ...]) -> MLPBlock | Miss | None:
     """fc1 -> (identity)* -> act -> (dropout | identity | norm)* -> fc2, both layers of one of ``kinds``."""
-    before = view.linear_before(act.node.args[0])
+    before = view.linear_before(act.input)
     if before is None or before[0].kind not in kinds or _is_gate(act):
         return None
     fc1, pre = before
-    if len(fc1.node.users) != 1:
-        others = ", ".join(u.name for u in fc1.node.users if u is not act.node)
+    if len(fc1.node.users) != 1 and not act.reads_all_of(fc1.node):
+        others = ", ".join(u.name for u in fc1.node.users if u not in act.nodes)
         return Miss("fc1_reused", f"{fc1.path}'s output is also used by {others}: a residual would be crossed", 1)
-    walked = _walk_to_fc2(view, act.node, 2)
+    walked = walk_to_fc2(view, act.node, 2)
     if isinstance(walked, Miss):
         return walked
     fc2, between = walked
@@ -351,7 +379,7 @@ def _is_gate(act: Act) -> bool:
 
 def check_gated(view: View, act: Act) -> MLPBlock | Miss | None:
     """act(gate(x)) * up(x) -> (dropout | identity | norm)* -> down (LLaMA, GeGLU, timm SwiGLU)."""
-    gate = view.linear(act.node.args[0])
+    gate = view.linear(act.input)
     mul = _single_user(act.node)
     if gate is None or mul is None or not is_mul(mul):
         return None
@@ -363,11 +391,11 @@ def check_gated(view: View, act: Act) -> MLPBlock | Miss | None:
         )
     if up.input is not gate.input:
         return Miss("gate_inputs", f"{gate.path} and {up.path} read different inputs", 2)
-    if len(gate.node.users) != 1 or len(up.node.users) != 1:
+    if not act.reads_all_of(gate.node) or len(up.node.users) != 1:
         return Miss("fc1_reused", f"{gate.path} or {up.path} feeds more than the gated product", 2)
     if up.out_features != gate.out_features or up.kind != gate.kind:
         return Miss("width", f"{gate.path} and {up.path} differ in width or kind", 2)
-    walked = _walk_to_fc2(view, mul, 3)
+    walked = walk_to_fc2(view, mul, 3)
     if isinstance(walked, Miss):
         return walked
     down, between = walked
@@ -394,7 +422,7 @@ def _chunk_source(node: object) -> tuple[fx.Node, int] | None:
 
 def check_glu_chunk(view: View, act: Act) -> MLPBlock | Miss | None:
     """fc1(x).chunk(2, dim=-1) -> act(a) * b (or a * act(b)) -> ... -> fc2 (timm GluMlp)."""
-    source = _chunk_source(act.node.args[0])
+    source = _chunk_source(act.input)
     mul = _single_user(act.node)
     if source is None or mul is None or not is_mul(mul):
         return None
@@ -406,11 +434,11 @@ def check_glu_chunk(view: View, act: Act) -> MLPBlock | Miss | None:
     partner = _chunk_source(other)
     if partner is None or partner[0] is not chunk or partner[1] != 1 - index:
         return Miss("gate_partner", f"{act.node.name} is multiplied by something other than the other half", 2)
-    if len(fc1.node.users) != 1 or len(chunk.users) != 2 or len(act.node.args[0].users) != 1 or len(other.users) != 1:
+    if len(fc1.node.users) != 1 or len(chunk.users) != 2 or not act.reads_all_of(act.input) or len(other.users) != 1:
         return Miss("fc1_reused", f"{fc1.path}'s halves are used outside the gated product", 2)
     if fc1.out_features % 2:
         return Miss("width", f"{fc1.path} has an odd width {fc1.out_features}", 2)
-    walked = _walk_to_fc2(view, mul, 3)
+    walked = walk_to_fc2(view, mul, 3)
     if isinstance(walked, Miss):
         return walked
     fc2, between = walked
@@ -420,14 +448,14 @@ def check_glu_chunk(view: View, act: Act) -> MLPBlock | Miss | None:
 
 def check_split(view: View, act: Act) -> MLPBlock | Miss | None:
     """fc1 -> act returned by one module, whose output feeds only fc2 at the start of the next (BERT)."""
-    before = view.linear_before(act.node.args[0])
+    before = view.linear_before(act.input)
     if before is None or view.part.aten or _is_gate(act):
         return None
     fc1, pre = before
     tail = _walk_to_output(view, act.node)
     if tail is None:
         return None
-    if len(fc1.node.users) != 1:
+    if len(fc1.node.users) != 1 and not act.reads_all_of(fc1.node):
         return Miss("fc1_reused", f"{fc1.path}'s output is also used elsewhere", 3)
     target = sole_consumer(view.graph, view.part)
     if target is None:
@@ -438,7 +466,7 @@ def check_split(view: View, act: Act) -> MLPBlock | Miss | None:
     part = view.trace.part(consumer)
     placeholder = next(n for n in part.graph_module.graph.nodes if node_id(part, n) == target)
     other = View(part, view.trace, view.graph, view.aliased)
-    walked = _walk_to_fc2(other, placeholder, 4)
+    walked = walk_to_fc2(other, placeholder, 4)
     if isinstance(walked, Miss):
         return Miss("split_residual", f"in {consumer}: {walked.message}", 4)
     fc2, between = walked

@@ -24,7 +24,7 @@ from kanc.nn import GRKANLinear, GroupRational, SNNKMlp
 from kanc.nn.fit import fit_rational, rational_coefficients
 from kanc.nn.init import init_grkan_linear_, variance_gain
 from kanc.passes.layers import ChannelsLast
-from kanc.passes.patterns import Linear, Miss, MLPBlock, Passthrough
+from kanc.passes.patterns import Act, Linear, Miss, MLPBlock, Passthrough
 from kanc.passes.ratfit import fit_to_samples
 from kanc.passes.surgery import DropNode, Edit, ReplaceNode, ReplaceSpan, SetModule
 
@@ -179,6 +179,20 @@ def make_grkan_linear(
     return layer
 
 
+def drop_act(act: Act) -> Edit:
+    """Remove the activation: its node, or its whole region (an activation written as arithmetic)."""
+    if act.region:
+        return ReplaceSpan(list(act.region), act.entry, act.node, None, "activation")
+    return DropNode(act.node)
+
+
+def replace_act(act: Act, module: nn.Module) -> Edit:
+    """Call ``module`` where the activation (node or region) was."""
+    if act.region:
+        return ReplaceSpan(list(act.region), act.entry, act.node, module, "rational")
+    return ReplaceNode(act.node, module, "rational")
+
+
 def _place(lin: Linear, module: nn.Module) -> Edit:
     """Put ``module`` where ``lin`` was (a swap for module calls, a node replacement for aten.linear)."""
     module = ChannelsLast(module) if lin.channels_first else module
@@ -258,11 +272,11 @@ def grkan_linears(block: MLPBlock, opts: GRKANOptions, ctx: RewriteContext) -> R
     steps = _steps(block.between, block.channels_first)
     if not block.norms:
         fc2 = make_grkan_linear(block.fc2, block.act.spec, g_hidden, opts, ctx, _preacts(block, opts, ctx))
-        edits += [_place(block.fc2, fc2), DropNode(block.act.node)]
+        edits += [_place(block.fc2, fc2), drop_act(block.act)]
         return Rewrite(edits, lambda x: fc2(steps(fc1(x))), [fc1, fc2], _group_notes(widths, picked, opts))
     samples = _preacts(block, opts, ctx)
     rational = make_rational(block.hidden, g_hidden, opts.degrees, block.act.spec, ctx, samples).to(fc1.weight.device)
-    edits.append(ReplaceNode(block.act.node, rational, "rational"))
+    edits.append(replace_act(block.act, rational))
     fc2 = _layer_fn(block.fc2)
     if opts.init == "variance":
         fc2_new = _variance_linear(block.fc2, variance_gain(rational))
@@ -305,7 +319,7 @@ def grkan_gate(block: MLPBlock, opts: GRKANOptions, ctx: RewriteContext) -> Rewr
     notes = _group_notes([block.hidden], picked, opts)
     if opts.init == "variance":
         notes.append("variance init: gated blocks keep their linear weights; only the rational is new")
-    return Rewrite([ReplaceNode(block.act.node, rational, "rational")], replacement, [rational], notes)
+    return Rewrite([replace_act(block.act, rational)], replacement, [rational], notes)
 
 
 # ---- SNNK ----------------------------------------------------------------------------------------------------
@@ -368,6 +382,6 @@ def snnk_split(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewri
     if isinstance(snnk, Miss):
         return snnk
     first = ChannelsLast(snnk) if block.channels_first else snnk
-    edits: list[Edit] = [SetModule(block.fc1.path, first), DropNode(block.act.node)]
+    edits: list[Edit] = [SetModule(block.fc1.path, first), drop_act(block.act)]
     edits.append(SetModule(block.fc2.path, nn.Identity()))
     return _snnk_rewrite(block, snnk, edits, opts, ctx)

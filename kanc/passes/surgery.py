@@ -42,12 +42,13 @@ class ReplaceNode:
 
 @dataclass
 class ReplaceSpan:
-    """Replace the subgraph ``nodes`` (input ``source`` -> value ``result``) with one call of ``module``."""
+    """Replace the subgraph ``nodes`` (input ``source`` -> value ``result``) with one call of ``module``, or with
+    ``source`` itself when ``module`` is None (an activation region removed)."""
 
     nodes: list[fx.Node]
     source: fx.Node
     result: fx.Node
-    module: nn.Module
+    module: nn.Module | None
     name: str
 
 
@@ -155,7 +156,17 @@ def map_edit(edit: NodeEdit, nodes: NodeMap) -> NodeEdit:
     if isinstance(edit, ReplaceNode):
         return ReplaceNode(nodes(edit.node), edit.module, edit.name)
     mapped = [nodes(n) for n in edit.nodes]
-    return ReplaceSpan(mapped, mapped[0].args[0], nodes(edit.result), edit.module, edit.name)
+    return ReplaceSpan(mapped, _map_source(edit, mapped), nodes(edit.result), edit.module, edit.name)
+
+
+def _map_source(edit: ReplaceSpan, mapped: list[fx.Node]) -> fx.Node:
+    """The span's input in the new trace, found where a span node reads it: the source may lie outside the owner
+    (the part's placeholder, or a node of an ancestor's trace), so it is not mapped itself."""
+    for old, new in zip(edit.nodes, mapped):
+        for i, arg in enumerate(old.args):
+            if arg is edit.source:
+                return new.args[i]
+    raise KancError(f"no node of the span reads {edit.source.name} (internal error)")
 
 
 # ---- applying edits ------------------------------------------------------------------------------------------
@@ -178,6 +189,10 @@ def apply_node_edit(gm: fx.GraphModule, edit: NodeEdit) -> str | None:
         edit.node.replace_all_uses_with(edit.node.args[0])
         graph.erase_node(edit.node)
         return None
+    if isinstance(edit, ReplaceSpan) and edit.module is None:
+        edit.result.replace_all_uses_with(edit.source)
+        _erase_span(graph, edit.nodes)
+        return None
     name = _unique_name(gm, edit.name)
     gm.add_submodule(name, edit.module.train(gm.training))
     if isinstance(edit, ReplaceNode):
@@ -189,11 +204,15 @@ def apply_node_edit(gm: fx.GraphModule, edit: NodeEdit) -> str | None:
     with graph.inserting_before(edit.result):
         new = graph.call_module(name, (edit.source,))
     edit.result.replace_all_uses_with(new)
-    for node in reversed(edit.nodes):
+    _erase_span(graph, edit.nodes)
+    return name
+
+
+def _erase_span(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    for node in reversed(nodes):
         if node.users:
             raise KancError(f"{node.name} is still used after replacing the block (internal error)")
         graph.erase_node(node)
-    return name
 
 
 def finish_graph(gm: fx.GraphModule) -> fx.GraphModule:

@@ -303,6 +303,24 @@ def bart(dim: int = 64) -> nn.Module:
     return transformers.BartModel(cfg)
 
 
+def bloom(layers: int = 2, dim: int = 64) -> nn.Module:
+    """BLOOM: its GELU is a custom module whose forward is arithmetic (BloomGelu)."""
+    import transformers
+
+    return transformers.BloomModel(transformers.BloomConfig(n_layer=layers, hidden_size=dim, n_head=4, vocab_size=100))
+
+
+def esm(layers: int = 2, dim: int = 64) -> nn.Module:
+    """ESM: a split block whose GELU is a module-level function, inlined by fx as erf arithmetic."""
+    import transformers
+
+    cfg = transformers.EsmConfig(
+        num_hidden_layers=layers, hidden_size=dim, intermediate_size=4 * dim, num_attention_heads=2, vocab_size=100,
+        pad_token_id=1, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.EsmModel(cfg)
+
+
 def _x(*shape: int):
     return lambda seed=0: torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -329,6 +347,8 @@ CASES = [
     Case("bert", lambda: bert(), _ids, 2, {"split": 2}, "last_hidden_state"),
     Case("opt", lambda: opt(), _ids, 2, {"plain": 2}, "logits"),
     Case("bart", lambda: bart(), _ids, 2, {"plain": 2}, "last_hidden_state"),
+    Case("bloom", lambda: bloom(), _ids, 2, {"plain": 2}, "last_hidden_state"),
+    Case("esm", lambda: esm(), _ids, 2, {"split": 2}, "last_hidden_state"),
 ]  # fmt: skip
 
 
