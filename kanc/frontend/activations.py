@@ -244,9 +244,24 @@ def elementwise_region(exit_node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]
     entry tensor: ``x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))`` written in a model (ESM's gelu), fx inlined.
 
     Every region node reads only the entry, other region nodes and constants; only the exit is read outside
-    the region; the region does not continue past the exit; and it is not affine (a rescaling is not an
-    activation).
+    the region; no larger region ending at one of the exit's users contains it (``1 + erf(...)`` above is not an
+    activation of its own); and it is not affine (a rescaling is not an activation).
     """
+    found = _grow(exit_node)
+    if found is None:
+        return None
+    entry, region = found
+    for user in exit_node.users:
+        larger = _grow(user)
+        if larger is not None and exit_node in larger[1]:
+            return None  # anchored at the larger region's own exit
+    if all(_affine(n) for n in region):
+        return None
+    return entry, region
+
+
+def _grow(exit_node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """The elementwise region ending at ``exit_node`` with a single entry, if any (no maximality or affinity test)."""
     if not is_elementwise(exit_node):
         return None
     region, stack = {exit_node}, [exit_node]
@@ -263,12 +278,7 @@ def elementwise_region(exit_node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]
     entries = {a for n in region for a in n.all_input_nodes if a not in region}
     if len(entries) != 1 or len(region) < 2:
         return None
-    entry = entries.pop()
-    if any(is_elementwise(u) and set(u.all_input_nodes) <= region | {entry} for u in exit_node.users):
-        return None  # not the end of the region: it is anchored at its real exit
-    if all(_affine(n) for n in region):
-        return None
-    return entry, tuple(n for n in exit_node.graph.nodes if n in region)
+    return entries.pop(), tuple(n for n in exit_node.graph.nodes if n in region)
 
 
 def _affine(node: fx.Node) -> bool:

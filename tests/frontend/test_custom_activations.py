@@ -173,3 +173,10 @@ def test_snnk_replaces_a_block_with_an_inline_activation():
     converted = kanc.compile(model, "snnk", verify=False)
     assert [b["activation"] for b in kanc.report(converted).converted] == ["gelu"]
     assert any(type(m).__name__ == "SNNKMlp" for m in converted.modules())
+
+
+def test_parts_of_an_inline_activation_are_not_reported():
+    """``1 + erf(x / sqrt 2)`` inside ESM's GELU is not an activation of its own: no spurious near miss."""
+    converted = kanc.compile(InlineMlp(_erf_gelu).eval(), "grkan", verify=False)
+    report = kanc.report(converted)
+    assert len(report.converted) == 1 and report.skipped == []
