@@ -151,7 +151,8 @@ def main() -> None:
         seen.add(key)
         compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=target, options=options)
         usage = ptxas_usage(compiled.asm["ptx"], args.arch)
-        blocks = {k: v for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "G_SPAN", "KIND"))}
+        names = ("BLOCK", "GROUP", "G_SPAN", "KIND", "ROWS", "SPLIT")
+        blocks = {k: v for k, v in constexprs.items() if k.startswith(names)}
         row = {"kernel": kernel.__name__, "config": {**blocks, **options}, "shared_bytes": compiled.metadata.shared,
                **usage}  # fmt: skip
         rows.append(row)
