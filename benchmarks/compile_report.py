@@ -115,7 +115,7 @@ def calls_for(dtype: torch.dtype, tokens: int, channels: int, hidden: int, group
     for kind in ("relu", "exp", "cos"):
         w = torch.randn(channels, feats * (2 if kind == "cos" else 1)).to(dtype)
         launches.append(lambda w=w, kind=kind: snnk.snnk_forward(x, g, w, b, kind, 0.0, 1.0))
-        launches.append(lambda w=w, kind=kind: snnk.snnk_backward(x, x, g, w, True, True, kind, 0.0, 1.0))
+        launches.append(lambda w=w, kind=kind: snnk.snnk_backward(x, x, g, w, True, True, True, kind, 0.0, 1.0))
     # all candidates: the bench of pick_config runs each one once (timed by a no-op clock)
     with tuning.autotuning("force" if all_candidates else "0"):
         tuning.cpu_bench.__defaults__  # noqa: B018 - keep the import used

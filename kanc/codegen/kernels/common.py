@@ -48,12 +48,16 @@ PROGRAMS_PER_SM = 8
 DEFAULT_SMS = 132  # an H100 SXM: the reference target when no GPU is present (interpreter, AOT compile reports)
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (DEFAULT_SMS off CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
 def min_programs(device: torch.device) -> int:
     """Programs a row-looping launch should keep: PROGRAMS_PER_SM per streaming multiprocessor of ``device``."""
-    sms = DEFAULT_SMS
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return PROGRAMS_PER_SM * sms
+    return PROGRAMS_PER_SM * sm_count(device)
 
 
 def rows_per_program(row_tiles: int, col_tiles: int, min_programs: int) -> int:
