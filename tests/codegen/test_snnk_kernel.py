@@ -151,15 +151,19 @@ def test_backward_allocates_no_feature_tensor(kind, device):
 
 def test_dw_defaults_fill_the_gpu(monkeypatch):
     """GPU defaults at ViT-B (25,216 tokens, d 768, m 256): the dW grid reaches 2 programs per SM of an H100 by row
-    splits; Z is recomputed d_out / BLOCK_N times; tiny problems take one split."""
+    splits; the default output tile has the least modelled work (Z recomputed twice, with 512-wide tiles); tiny
+    problems take one split."""
     from kanc.codegen.kernels import snnk
 
     monkeypatch.setattr(snnk, "interpreting", lambda: False)
     for kind in SNNK_KINDS:
-        cfg = snnk.dw_candidates(25216, 768, 256, 768, kind, 132)[0]
+        candidates = snnk.dw_candidates(25216, 768, 256, 768, kind, 132)
+        cfg = candidates[0]
         tiles = math.ceil(768 / cfg["BLOCK_N"]) * math.ceil(256 / cfg["BLOCK_F"])
         assert tiles * cfg["SPLIT_M"] >= 2 * 132 and tiles * (cfg["SPLIT_M"] - 1) < 2 * 132
-        assert 768 // cfg["BLOCK_N"] <= 6
+        work = [snnk.dw_work(c["BLOCK_N"], 768, 768, kind, 2) for c in candidates]
+        assert work[0] == min(work) and math.ceil(768 / cfg["BLOCK_N"]) == 2
+        assert {c["BLOCK_N"] for c in candidates} >= {128, 256, 512}
     tiny = snnk.dw_candidates(40, 8, 12, 6, "relu", 132)
     assert tiny[0]["SPLIT_M"] <= 3 and all(c["BLOCK_F"] == 16 and c["BLOCK_N"] == 16 for c in tiny)
 

@@ -234,20 +234,33 @@ def snnk_candidates(rows: int, block_f: int, kind: str) -> list[dict]:
 
 
 # dW tiles (BLOCK_N outputs, BLOCK_F features, BLOCK_M rows per step, BLOCK_D input chunk, num_warps, num_stages).
-# A program recomputes Z for its BLOCK_F features once per BLOCK_M rows, and Z is recomputed once per output tile
-# (d_out / BLOCK_N times in all), so wide output tiles come first. A tile's registers do not depend on m: all of these
-# compile spill-free for relu, exp and cos in bf16 and fp32 (ptxas, sm_90, ViT-B). First = default on a GPU.
+# A program recomputes Z for its BLOCK_F features once per BLOCK_M rows, so Z is recomputed once per output tile
+# (cdiv(d_out, BLOCK_N) times in all): wide output tiles cost fewer recomputations but pad d_out up to a multiple of
+# BLOCK_N. A tile's registers do not depend on m: all of these compile spill-free for relu, exp and cos in bf16 and fp32
+# (ptxas, sm_90, ViT-B); BLOCK_N x BLOCK_F = 16384 (1024 x 16, 512 x 32) spills. The default is the tile of least
+# modelled work (``dw_work``), ties in this order.
 DW_TILES = [
-    (256, 32, 32, 32, 8, 3), (256, 32, 32, 32, 8, 2), (256, 32, 64, 32, 8, 2), (256, 32, 32, 64, 8, 2),
-    (128, 64, 32, 32, 8, 3), (128, 32, 32, 32, 8, 2), (128, 32, 64, 32, 8, 2), (64, 64, 32, 32, 8, 2),
+    (256, 32, 32, 32, 8, 3), (512, 16, 32, 32, 8, 3), (256, 32, 32, 32, 8, 2), (512, 16, 32, 64, 8, 3),
+    (256, 32, 64, 32, 8, 2), (256, 32, 32, 64, 8, 2), (128, 64, 32, 32, 8, 3), (128, 32, 32, 32, 8, 2),
+    (128, 32, 64, 32, 8, 2), (64, 64, 32, 32, 8, 2),
 ]  # fmt: skip
 INTERPRETER_DW_TILES = [(64, 64, 64, 64, 4, 1), (32, 32, 32, 32, 4, 1)]
 DW_PROGRAMS_PER_SM = 2  # row splits until the dW grid has this many programs per SM (each one a GEMM-sized tile)
 
 
-def dw_candidates(rows: int, d_in: int, feats: int, d_out: int, kind: str, sms: int) -> list[dict]:
+def dw_work(block_n: int, d_in: int, d_out: int, kind: str, io_itemsize: int) -> int:
+    """Modelled tensor-core work of the dW kernel per row and feature, in 16-bit MAC units: Z over d_in once per output
+    tile (its fp32 operands run at half the 16-bit rate when the I/O is 16-bit) plus dy^T Phi over the padded outputs
+    (twice for cos)."""
+    tiles = triton.cdiv(d_out, block_n)
+    z_cost = 2 if io_itemsize < 4 else 1
+    return tiles * (z_cost * d_in + block_n * (2 if kind == "cos" else 1))
+
+
+def dw_candidates(rows: int, d_in: int, feats: int, d_out: int, kind: str, sms: int, io_itemsize: int = 2) -> list:
     """Configs of the dW kernel: tiles capped at the problem, each with its heuristic SPLIT_M (row splits until the
-    grid has DW_PROGRAMS_PER_SM programs per SM; 1 under the interpreter), then the default tile with other splits."""
+    grid has DW_PROGRAMS_PER_SM programs per SM; 1 under the interpreter), ordered by ``dw_work`` (stable), then the
+    default tile with other splits (1, double)."""
     cap = lambda block, size: max(16, min(block, common.next_pow2(size)))
     if interpreting():
         tiles, target = INTERPRETER_DW_TILES, 1
@@ -261,6 +274,8 @@ def dw_candidates(rows: int, d_in: int, feats: int, d_out: int, kind: str, sms: 
         cfg.update(SPLIT_M=split, num_warps=warps, num_stages=stages)
         if cfg not in out:
             out.append(cfg)
+    if not interpreting():
+        out.sort(key=lambda cfg: dw_work(cfg["BLOCK_N"], d_in, d_out, kind, io_itemsize))
     first = out[0]
     for split in (1, 2 * first["SPLIT_M"]):
         cfg = {**first, "SPLIT_M": split}
@@ -383,7 +398,7 @@ def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
         return grid, dw, db
 
     key = _key(m, d_in, feats, d_out, kind, x2.dtype)
-    candidates = dw_candidates(m, d_in, feats, d_out, kind, common.sm_count(device))
+    candidates = dw_candidates(m, d_in, feats, d_out, kind, common.sm_count(device), x2.dtype.itemsize)
     cfg = common.choose(_snnk_dw_kernel, key, candidates, run, device)
     grid, dw, db = run(cfg)
     shapes = [x2.shape, projection.shape, weight.shape]
