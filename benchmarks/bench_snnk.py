@@ -6,9 +6,11 @@ whenever m < d h / (d + h).
     python benchmarks/bench_snnk.py --smoke                    # CPU interpreter, tiny shapes: checks the script only
 
 Counted by hand per token (d in, d_out out, m features, width m or 2m for cos): forward 2 m d + 2 width d_out
-FLOPs; forward+backward 3x that (dPhi, dW, dx; the kernel's recomputation of G x is not counted). Bytes (ideal, I/O
-dtype s): forward s (d + d_out) per token; forward+backward s (2 d + 3 d_out + width) per token (x read twice, y
-written, dy read twice, dx written, Phi written once for dW).
+FLOPs; forward+backward 3x that (dPhi, dW, dx): the useful work, the same for every implementation. kanc's backward
+never writes Phi: its dx kernel recomputes Z = G x once and its dW kernel once per output tile (``dw_z_recomputed``
+in the case, from the launch record), so "flops_executed" (kanc, forward+backward) adds (1 + dw_z_recomputed) 2 m d
+per token. Bytes (ideal, I/O dtype s): forward s (d + d_out) per token; forward+backward s (4 d + 3 d_out) per token
+(x read by the forward, dx and dW kernels, y written, dy read by both backward kernels, dx written; no Phi).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def run_case(name, tokens, d, hidden, feats, kind, torch, device, dtype, bench, 
     params = [x, w, b]
     s, per_token = dtype.itemsize, 2 * feats * d + 2 * width * d
     flops = {"forward": tokens * per_token, "forward+backward": 3 * tokens * per_token}
-    nbytes = {"forward": s * tokens * 2 * d, "forward+backward": s * tokens * (5 * d + width)}
+    nbytes = {"forward": s * tokens * 2 * d, "forward+backward": s * tokens * 7 * d}  # d_out = d here
     torch.manual_seed(0)
     mlp = Mlp(d, hidden, act="gelu").to(device, dtype)
     mlp_flops = {"forward": 4 * tokens * d * hidden, "forward+backward": 12 * tokens * d * hidden}
@@ -66,7 +68,12 @@ def run_case(name, tokens, d, hidden, feats, kind, torch, device, dtype, bench, 
     }
     with recording() as launches:
         got = fused(x, w, b)
+        got.backward(dy)
+    for p in params:
+        p.grad = None
     expected = snnk_block_ref(x.float(), g, w.float(), b.float(), kind, 0.0, scale)
+    dw_launch = next((launch for launch in launches if launch.kernel == "_snnk_dw_kernel"), None)
+    z_recomputed = dw_launch.extra["z_recomputed"] if dw_launch else None
     results = []
     for impl, fn in impls.items():
         for pass_ in ("forward", "forward+backward"):
@@ -78,6 +85,8 @@ def run_case(name, tokens, d, hidden, feats, kind, torch, device, dtype, bench, 
                                                                flops[pass_])}  # fmt: skip
             if impl.startswith("kanc") and pass_ == "forward":
                 r["max_abs_err"] = common.max_error(got, expected)
+            if impl.startswith("kanc") and pass_ == "forward+backward" and z_recomputed is not None:
+                r["flops_executed"] = flops[pass_] + (1 + z_recomputed) * 2 * feats * d * tokens
             results.append(r)
     compiled_mlp = torch.compile(mlp, backend=backend)
     for pass_ in ("forward", "forward+backward"):
@@ -93,7 +102,10 @@ def run_case(name, tokens, d, hidden, feats, kind, torch, device, dtype, bench, 
     shapes = {"x": [tokens, d], "projection": [feats, d], "weight": [d, width], "kind": kind, "mlp_hidden": hidden,
               "break_even_m": d * hidden / (d + hidden)}  # fmt: skip
     kernels = sorted({launch.kernel for launch in launches})
-    return {"name": name, "shapes": shapes, "kanc_kernels": kernels, "results": results}
+    case = {"name": name, "shapes": shapes, "kanc_kernels": kernels, "results": results}
+    if dw_launch:
+        case.update(dw_z_recomputed=z_recomputed, dw_splits=dw_launch.extra["splits"], dw_config=dw_launch.config)
+    return case
 
 
 def main() -> None:

@@ -115,7 +115,7 @@ def calls_for(dtype: torch.dtype, tokens: int, channels: int, hidden: int, group
     for kind in ("relu", "exp", "cos"):
         w = torch.randn(channels, feats * (2 if kind == "cos" else 1)).to(dtype)
         launches.append(lambda w=w, kind=kind: snnk.snnk_forward(x, g, w, b, kind, 0.0, 1.0))
-        launches.append(lambda w=w, kind=kind: snnk.snnk_backward(x, x, g, w, True, True, kind, 0.0, 1.0))
+        launches.append(lambda w=w, kind=kind: snnk.snnk_backward(x, x, g, w, True, True, True, kind, 0.0, 1.0))
     # all candidates: the bench of pick_config runs each one once (timed by a no-op clock)
     with tuning.autotuning("force" if all_candidates else "0"):
         tuning.cpu_bench.__defaults__  # noqa: B018 - keep the import used
@@ -151,7 +151,8 @@ def main() -> None:
         seen.add(key)
         compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=target, options=options)
         usage = ptxas_usage(compiled.asm["ptx"], args.arch)
-        blocks = {k: v for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "G_SPAN", "KIND"))}
+        names = ("BLOCK", "GROUP", "G_SPAN", "KIND", "ROWS", "SPLIT")
+        blocks = {k: v for k, v in constexprs.items() if k.startswith(names)}
         row = {"kernel": kernel.__name__, "config": {**blocks, **options}, "shared_bytes": compiled.metadata.shared,
                **usage}  # fmt: skip
         rows.append(row)

@@ -18,9 +18,9 @@ Feature kinds g and their width:
 Math runs in fp32 (fp64 inputs stay fp64) and the result is stored in the input's dtype.
 
 Dispatch: :func:`snnk_block` asks the checker per call; on the kernel path it calls the custom op ``kanc::snnk_block``
-(backward ``kanc::snnk_block_backward``), whose fused kernels keep the m-wide features on chip
-(``kanc.codegen.kernels.snnk``). The kernel path needs m <= MAX_KERNEL_FEATURES and a projection that takes no
-gradient (it is a fixed buffer in the layers).
+(backward ``kanc::snnk_block_backward``), whose fused kernels keep the m-wide features on chip in both directions
+(``kanc.codegen.kernels.snnk``: the backward recomputes them from x, for dx and for dW, instead of storing them).
+The kernel path needs m <= MAX_KERNEL_FEATURES and a projection that takes no gradient (a fixed buffer in the layers).
 """
 
 from __future__ import annotations
@@ -155,26 +155,30 @@ def _snnk_block_backward_op(
     projection: Tensor,
     weight: Tensor,
     has_bias: bool,
+    input_grad: bool,
     weight_grad: bool,
     kind: str,
     floor: float,
     input_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dW, db): dW empty unless ``weight_grad``, db empty unless ``has_bias``; the projection takes no gradient."""
+    """(dx, dW, db): dx empty unless ``input_grad``, dW unless ``weight_grad``, db unless ``has_bias``; the projection
+    takes no gradient."""
     if _kernel_ok(grad, x, projection, weight, features=projection.shape[0]):
         from kanc.codegen.kernels.snnk import snnk_backward
 
-        return snnk_backward(grad, x, projection, weight, has_bias, weight_grad, kind, floor, input_scale)
+        return snnk_backward(grad, x, projection, weight, has_bias, input_grad, weight_grad, kind, floor, input_scale)
     fn = lambda x, w, *b: snnk_block_ref(x, projection, w, b[0] if b else None, kind, floor, input_scale)
     bias = [weight.new_zeros(weight.shape[0])] if has_bias else []
     dx, dw, *db = reference_vjp(fn, grad, x, weight, *bias)
-    return dx, dw if weight_grad else weight.new_empty(0), db[0] if has_bias else weight.new_empty(0)
+    empty_x, empty_w = x.new_empty(0), weight.new_empty(0)
+    return dx if input_grad else empty_x, dw if weight_grad else empty_w, db[0] if has_bias else empty_w
 
 
 @_snnk_block_backward_op.register_fake
-def _(grad, x, projection, weight, has_bias, weight_grad, kind, floor, input_scale):
+def _(grad, x, projection, weight, has_bias, input_grad, weight_grad, kind, floor, input_scale):
+    dx = x.new_empty(x.shape if input_grad else (0,))
     dw = weight.new_empty(weight.shape if weight_grad else (0,))
-    return x.new_empty(x.shape), dw, weight.new_empty(weight.shape[0] if has_bias else 0)
+    return dx, dw, weight.new_empty(weight.shape[0] if has_bias else 0)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -187,21 +191,23 @@ def _backward(ctx, grad: Tensor):
     x, projection, weight = ctx.saved_tensors
     if ctx.needs_input_grad[1]:
         raise RuntimeError("kanc::snnk_block does not differentiate the projection; call snnk_block_ref for that")
-    weight_grad = ctx.needs_input_grad[2]
+    input_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     dx, dw, db = torch.ops.kanc.snnk_block_backward(
-        grad, x, projection, weight, ctx.has_bias, weight_grad, ctx.kind, ctx.floor, ctx.input_scale
+        grad, x, projection, weight, ctx.has_bias, input_grad, weight_grad, ctx.kind, ctx.floor, ctx.input_scale
     )
-    return dx, None, dw if weight_grad else None, db if ctx.has_bias else None, None, None, None
+    dx, dw = dx if input_grad else None, dw if weight_grad else None
+    return dx, None, dw, db if ctx.has_bias else None, None, None, None
 
 
 _snnk_block_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _first_order(grad, x, projection, weight, has_bias, weight_grad, kind, floor, input_scale):
+def _first_order(grad, x, projection, weight, has_bias, input_grad, weight_grad, kind, floor, input_scale):
     """The backward op's outputs by differentiable reference ops (db is the row sum of grad)."""
     fn = lambda x, w: snnk_block_ref(x, projection, w, None, kind, floor, input_scale)
     dx, dw = vjp_with_graph(fn, grad, x, weight)
-    return dx, dw if weight_grad else None, grad.reshape(-1, weight.shape[0]).sum(0) if has_bias else None
+    db = grad.reshape(-1, weight.shape[0]).sum(0) if has_bias else None
+    return dx if input_grad else None, dw if weight_grad else None, db
 
 
 register_reference_double_backward(_snnk_block_backward_op, _first_order)

@@ -3,7 +3,8 @@
 Each launcher asks :func:`pick_config` for a config of one kernel at one key (the shape bucket and
 dtype it launches at). The answer is, in order:
 
-1. the cached choice for (device, kernel, key), unless re-tuning is forced;
+1. the cached choice for (device, kernel, key), unless re-tuning is forced or it is stale (its fields are not
+   those of the candidates: the kernel's tuning dimensions changed since it was cached);
 2. when autotuning is on: every candidate timed with ``bench`` (CUDA: ``triton.testing.do_bench``;
    under ``TRITON_INTERPRET=1``: a CPU wall-clock timer), the fastest kept and written to the cache;
 3. otherwise the first candidate (the launcher's heuristic default).
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: backward kernels gained ROWS_PER_PROGRAM; configs cached by version 1 lack it
 MODES = ("0", "1", "force")
 Config = dict[str, Any]
 Key = tuple[Any, ...]
@@ -189,8 +190,8 @@ def pick_config(
     mode = autotune_mode()
     cache = get_cache(device)
     cached = cache.get(kernel, key)
-    if cached is not None and mode != "force":
-        return cached
+    if cached is not None and mode != "force" and set(cached) == set(candidates[0]):
+        return cached  # a cached config with other fields is stale (the kernel's tuning dimensions changed): a miss
     if mode == "0" or bench is None:
         return dict(candidates[0])
     best, timings = _time_candidates(candidates, bench)

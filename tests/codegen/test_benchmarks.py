@@ -80,6 +80,18 @@ def test_rational_baselines_report_their_atomics(smoke_run):
         assert results[(impl, "backward")]["max_abs_err"] < 1e-4  # the baselines compute the same gradients
 
 
+def test_snnk_cases_record_the_backward_kernels(smoke_run):
+    """The SNNK benchmark runs the backward under its recording: both backward kernels, the dW recomputation."""
+    proc, out = smoke_run("bench_snnk.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case in json.loads(out.read_text())["cases"]:
+        assert case["kanc_kernels"] == ["_snnk_dw_kernel", "_snnk_dx_kernel", "_snnk_fwd_kernel"]
+        assert case["dw_z_recomputed"] >= 1 and case["dw_splits"] >= 1 and "SPLIT_M" in case["dw_config"]
+        kanc = next(r for r in case["results"] if r["impl"].startswith("kanc") and r["pass"] == "forward+backward")
+        ideal = next(r for r in case["results"] if r["impl"] == "reference eager" and r["pass"] == "forward+backward")
+        assert kanc["flops_executed"] > kanc["flops"] == ideal["flops"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_without_gpu_or_smoke_the_scripts_refuse_and_write_nothing(tmp_path):
     out = tmp_path / "never.json"

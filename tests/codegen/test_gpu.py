@@ -79,7 +79,7 @@ def test_snnk_block_shapes(kind, feats):
             atol=3e-2,
             rtol=3e-2,
         )
-    assert [launch.kernel for launch in launches] == ["_snnk_fwd_kernel", "_snnk_bwd_kernel"]
+    assert [launch.kernel for launch in launches] == ["_snnk_fwd_kernel", "_snnk_dx_kernel", "_snnk_dw_kernel"]
 
 
 def test_do_bench_tuning_fills_the_cache(tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ KERNELS = {
     "_grkan_linear_dw_kernel",
     "_grkan_linear_dx_kernel",
     "_snnk_fwd_kernel",
-    "_snnk_bwd_kernel",
+    "_snnk_dx_kernel",
+    "_snnk_dw_kernel",
 }
 
 

@@ -43,12 +43,12 @@ def test_fp32_math_oracle_is_the_reference():
     torch.testing.assert_close(_ref(*inputs), grkan_linear_ref(*inputs), atol=0, rtol=0)
 
 
-def _tiles(bm, bn, bk):
+def _tiles(bm, bn, bk, rpp=1):
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
     return (
         forced_config(FWD, cfg),
         forced_config(DW, {**cfg, "BLOCK_N": bm, "BLOCK_K": bn, "BLOCK_M": bk}),  # (N, K) tiles, M reduced
-        forced_config(DX, {**cfg, "BLOCK_K": bn, "BLOCK_N": bk}),  # (M, K) tiles, N reduced
+        forced_config(DX, {**cfg, "BLOCK_K": bn, "BLOCK_N": bk, "ROWS_PER_PROGRAM": rpp}),  # (M, K) tiles, N reduced
     )
 
 
@@ -65,8 +65,9 @@ def _check(inputs, **tol):
 @pytest.mark.parametrize("k_in,groups", [(48, 3), (64, 2)])
 def test_matches_reference_ragged(k_in, groups, dtype, bias, device):
     """M = 45, N = 37 with 16/32 tiles, every dimension ragged. K = 48, G = 3: groups (D = 16) meet 32-wide K tiles at
-    unequal positions; K = 64, G = 2: each K tile lies in one group (scalar coefficients)."""
-    a, b, c = _tiles(16, 32, 32)
+    unequal positions; K = 64, G = 2: each K tile lies in one group (scalar coefficients). The dx kernel runs 2 row
+    tiles per program: 3 row tiles, so the last program owns one, ragged."""
+    a, b, c = _tiles(16, 32, 32, rpp=2)
     with a, b, c:
         _check(_inputs((3, 15, k_in), 37, groups, dtype, device, bias))
 
@@ -100,15 +101,29 @@ def test_non_finite_inputs(device):
     _check([x, num, den, w, b])
 
 
-def test_atomics_one_per_group_and_coefficient_per_program(device, count_atomics):
-    """K tiles aligned with groups (D = 16 = BLOCK_K): atomics == dx programs x coefficients, as counted."""
-    a, b, c = _tiles(16, 16, 16)
+@pytest.mark.parametrize("rpp,row_programs", [(1, 3), (2, 2), (4, 1)])
+def test_atomics_one_per_group_and_coefficient_per_program(rpp, row_programs, device, count_atomics):
+    """K tiles aligned with groups (D = 16 = BLOCK_K): atomics == dx programs x coefficients, as counted. 33 rows are
+    3 row tiles; a program runs ``rpp`` of them before its atomics."""
+    a, b, c = _tiles(16, 16, 16, rpp)
     with a, b, c, count_atomics() as counted:
         launches = _check(_inputs((33, 64), 20, 4, torch.float32, device))
     dx = launches[2]
-    assert dx.grid == (3 * 4,) and dx.atomics == dx.programs * 10 == counted[0]
+    assert dx.grid == (row_programs * 4,) and dx.config["ROWS_PER_PROGRAM"] == rpp
+    assert dx.atomics == dx.programs * 10 == counted[0]
     assert launches[0].atomics == launches[1].atomics == 0
     assert dx.extra["direction"] == "backward" and launches[0].extra["placement"] == "prologue"
+
+
+def test_straddling_groups_with_a_row_loop(device, count_atomics):
+    """D = 3 with 16-wide K tiles (up to 7 groups per tile, G_SPAN 8), 3 row tiles per program over 5 (2 programs)."""
+    a, b, c = _tiles(16, 16, 16, rpp=3)
+    with a, b, c, count_atomics() as counted:
+        launches = _check(_inputs((70, 24), 19, 8, torch.float16, device))
+    from kanc.codegen.kernels.rational import groups_touched
+
+    dx = launches[2]
+    assert dx.grid == (2 * 2,) and dx.atomics == 2 * groups_touched(24, 3, 16) * 10 == counted[0]
 
 
 def test_autocast_casts_operands_not_coefficients(device):

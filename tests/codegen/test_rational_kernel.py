@@ -1,6 +1,8 @@
 """Group-rational kernels against rational_ref: forward and every gradient, dtypes, ragged tiles, groups straddling
 tiles, non-finite inputs, real atomics counts, launch records, custom-op checks, tuning and KANC_DEBUG=3."""
 
+import math
+
 import pytest
 import torch
 
@@ -22,9 +24,9 @@ def _inputs(shape, groups, dtype, device, degrees=(5, 4), scale=2.0):
     return [x.requires_grad_(), *_coefficients(groups, degrees, device)]
 
 
-def _tiles(block_r, block_c):
+def _tiles(block_r, block_c, rows_per_program=1):
     cfg = {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 4}
-    return forced_config(FWD, cfg), forced_config(BWD, cfg)
+    return forced_config(FWD, cfg), forced_config(BWD, {**cfg, "ROWS_PER_PROGRAM": rows_per_program})
 
 
 def _check(inputs, **tol):
@@ -38,12 +40,12 @@ def _check(inputs, **tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "shape,groups,tiles",
-    [
-        ((3, 45, 96), 3, (16, 64)),  # D = 32: each 64-wide tile straddles two groups, rows ragged (135 = 8 * 16 + 7)
-        ((37, 48), 8, (16, 32)),  # D = 6: groups start at unequal offsets in every tile
-        ((5, 2, 3, 12), 12, (8, 32)),  # D = 1, a 4-d input, columns ragged
-        ((19, 40), 1, (8, 32)),  # one group, columns ragged (40 = 32 + 8)
-        ((21, 64), 2, (16, 32)),  # D = 32 = BLOCK_C: each tile in one group (scalar coefficients)
+    [  # (BLOCK_R, BLOCK_C, ROWS_PER_PROGRAM of the backward)
+        ((3, 45, 96), 3, (16, 64, 4)),  # D = 32: 64-wide tiles straddle groups; 9 row tiles (135 = 8 * 16 + 7): 4, 4, 1
+        ((37, 48), 8, (16, 32, 2)),  # D = 6: groups start at unequal offsets in every tile; row tiles 2, 1 (ragged)
+        ((5, 2, 3, 12), 12, (8, 32, 1)),  # D = 1, a 4-d input, columns ragged
+        ((19, 40), 1, (8, 32, 3)),  # one group, columns ragged (40 = 32 + 8); one program, its last tile ragged
+        ((21, 64), 2, (16, 32, 8)),  # D = 32 = BLOCK_C: tiles in one group; 2 row tiles of a program's nominal 8
     ],
 )
 def test_matches_reference(shape, groups, tiles, dtype, device):
@@ -108,6 +110,46 @@ def test_atomics_when_tiles_straddle_groups(device, count_atomics):
         launches = _check(inputs)
     groups_per_tile = [2, 2, 2]  # columns 0-31: groups 0,1; 32-63: 1,2; 64-95: 2,3
     assert launches[1].atomics == 2 * sum(groups_per_tile) * 10 == counted[0]
+
+
+@pytest.mark.parametrize("rows_per_program,row_programs", [(1, 7), (4, 2), (7, 1), (16, 1)])
+def test_row_loop_divides_the_atomics(rows_per_program, row_programs, device, count_atomics):
+    """100 rows = 7 tiles of 16 (the last ragged): a program reduces rows_per_program of them before its atomics, so
+    atomics = row programs x 4 column tiles (one group each) x 10, as counted inside the interpreter."""
+    inputs = _inputs((100, 128), 4, torch.float32, device)  # D = 32 = BLOCK_C
+    fwd, bwd = _tiles(16, 32, rows_per_program)
+    with fwd, bwd, count_atomics() as counted:
+        launches = _check(inputs)
+    backward = launches[1]
+    assert backward.grid == (row_programs, 4) and backward.config["ROWS_PER_PROGRAM"] == rows_per_program
+    assert backward.atomics == row_programs * 4 * 10 == counted[0]
+
+
+def test_row_loop_with_straddling_tiles(device, count_atomics):
+    """D = 24 with 32-wide tiles (two groups per tile, G_SPAN 2) and 3 row tiles per program over 5 (2 programs)."""
+    inputs = _inputs((70, 96), 4, torch.float16, device)
+    fwd, bwd = _tiles(16, 32, 3)
+    with fwd, bwd, count_atomics() as counted:
+        launches = _check(inputs)
+    assert launches[1].grid == (2, 3) and launches[1].atomics == 2 * (2 + 2 + 2) * 10 == counted[0]
+
+
+def test_rows_per_program_defaults(monkeypatch):
+    """The GPU defaults: ViT-B activations (25,216 rows) carry 16-32 row tiles per program and issue fewer atomics
+    than FlashKAT's (64 rows, one group) programs while keeping >= 8 programs per SM of an H100; tiny shapes keep 1."""
+    from kanc.codegen.kernels import common, rational
+
+    monkeypatch.setattr(rational, "interpreting", lambda: False)
+    h100 = common.PROGRAMS_PER_SM * 132
+    for channels, rpp in ((3072, 32), (768, 16)):
+        cfg = rational.backward_candidates(25216, channels, channels // 8, h100)[0]
+        assert cfg["ROWS_PER_PROGRAM"] == rpp, cfg
+        row_programs = math.ceil(math.ceil(25216 / cfg["BLOCK_R"]) / rpp)
+        programs = row_programs * math.ceil(channels / cfg["BLOCK_C"])
+        atomics = row_programs * rational.groups_touched(channels, channels // 8, cfg["BLOCK_C"]) * 10
+        assert programs >= h100 and atomics <= math.ceil(25216 / 64) * 8 * 10
+    assert rational.backward_candidates(37, 48, 6, h100)[0]["ROWS_PER_PROGRAM"] == 1
+    assert {c["ROWS_PER_PROGRAM"] for c in rational.backward_candidates(25216, 3072, 384, h100)} >= {1, 16, 32}
 
 
 def test_launch_records(device):

@@ -1,16 +1,20 @@
 """Fused SNNK block kernels against snnk_block_ref: every kind, forward and gradients (x, W, b), dtypes, ragged
-sizes (m not a power of two, rows/widths not multiples of the blocks), non-finite inputs, limits that fall back,
+sizes (m not a power of two nor a multiple of the feature block, rows/widths not multiples of the blocks, row splits),
+non-finite inputs, only the gradients asked for, no (rows, m) tensor in the backward's memory, limits that fall back,
 custom-op checks and torch.compile of an SNNK block."""
+
+import contextlib
+import math
 
 import pytest
 import torch
 
-from kanc.codegen import forced_config, recording, snnk_block, snnk_block_ref
+from kanc.codegen import forced_config, kernels_disabled, recording, snnk_block, snnk_block_ref
 from kanc.codegen.snnk import MAX_KERNEL_FEATURES, SNNK_KINDS, snnk_width
 from kanc.nn import SNNKMlp
 from kanc.testing import assert_equivalent
 
-FWD, BWD = "_snnk_fwd_kernel", "_snnk_bwd_kernel"
+FWD, DX, DW = "_snnk_fwd_kernel", "_snnk_dx_kernel", "_snnk_dw_kernel"
 
 
 def _inputs(rows, d_in, feats, d_out, kind, dtype, device, bias=True, seed=0):
@@ -26,33 +30,49 @@ def _params(kind):
     return {"relu": (-0.1, 1.0), "exp": (0.0, 0.25), "cos": (0.0, 0.7)}[kind]  # (floor, input_scale)
 
 
-def _check(x, g, w, b, kind, **tol):
+def _check(x, g, w, b, kind, kernels=(FWD, DX, DW), **tol):
     floor, scale = _params(kind)
     fn = lambda x, w, *b: snnk_block(x, g, w, b[0] if b else None, kind, floor, scale)
     ref = lambda x, w, *b: snnk_block_ref(x, g, w, b[0] if b else None, kind, floor, scale)
     with recording() as launches:
         assert_equivalent(fn, ref, [x, w] + ([b] if b is not None else []), **tol)
-    assert [launch.kernel for launch in launches] == [FWD, BWD], "the fused kernels did not run"
+    assert [launch.kernel for launch in launches] == list(kernels), "the fused kernels did not run"
     return launches
 
 
-def _tiles(bm, bd, bn):
+def _tiles(bm, bd, bn, dw=(16, 16, 16, 16, 1)):
+    """Forced configs: forward and dx (BLOCK_M rows, BLOCK_D, BLOCK_N chunks); dW (BLOCK_N, BLOCK_F, BLOCK_M,
+    BLOCK_D, SPLIT_M)."""
     cfg = {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1}
-    return forced_config(FWD, cfg), forced_config(BWD, cfg)
+    names = ("BLOCK_N", "BLOCK_F", "BLOCK_M", "BLOCK_D", "SPLIT_M")
+    dw_cfg = {**dict(zip(names, dw)), "num_warps": 4, "num_stages": 1}
+    stack = contextlib.ExitStack()
+    for kernel, config in ((FWD, cfg), (DX, cfg), (DW, dw_cfg)):
+        stack.enter_context(forced_config(kernel, config))
+    return stack
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", SNNK_KINDS)
 def test_matches_reference_ragged(kind, dtype, device):
-    """rows 3 x 13 = 39 (16-row tiles), d_in 45 and d_out 29 (16-wide chunks), m = 21 (padded to 32)."""
-    a, b = _tiles(16, 16, 16)
-    with a, b:
-        _check(*_inputs((3, 13), 45, 21, 29, kind, dtype, device), kind)
+    """rows 3 x 13 = 39 (16-row tiles), d_in 45 and d_out 29 (16-wide chunks), m = 21 (padded to 32 in the forward and
+    dx; two 16-wide feature tiles in dW, the second ragged); dW over 2 row splits (32 + 7 rows, fp32 partial sums)."""
+    with _tiles(16, 16, 16, dw=(16, 16, 16, 16, 2)):
+        launches = _check(*_inputs((3, 13), 45, 21, 29, kind, dtype, device), kind)
+    dw = launches[2]
+    assert dw.grid == (2 * 2, 2) and dw.extra["splits"] == 2 and dw.extra["z_recomputed"] == 2
 
 
 @pytest.mark.parametrize("kind", SNNK_KINDS)
 def test_default_configs_without_bias(kind, device):
     _check(*_inputs((70,), 32, 16, 24, kind, torch.float32, device, bias=False), kind)
+
+
+def test_wide_dw_tiles_many_splits(device):
+    """dW tiles wider than the problem in outputs (32 > 20) and rows split 5 ways (one program per 16 rows), exp."""
+    with _tiles(32, 32, 32, dw=(32, 16, 16, 32, 5)):
+        launches = _check(*_inputs((75,), 40, 24, 20, "exp", torch.float16, device), "exp")
+    assert launches[2].grid == (2, 5)
 
 
 def test_non_finite_inputs(device):
@@ -63,7 +83,7 @@ def test_non_finite_inputs(device):
 
 
 def test_weight_only_gradient_and_layouts(device):
-    """x without grad (a first layer) and a transposed-storage weight: dW and db still match."""
+    """x without grad (a first layer) and a transposed-storage weight: dW and db match, and no dx kernel runs."""
     x, g, w, b = _inputs((33,), 20, 8, 12, "exp", torch.float32, device)
     wt = w.detach().t().contiguous().t().requires_grad_()
     floor, scale = _params("exp")
@@ -73,7 +93,79 @@ def test_weight_only_gradient_and_layouts(device):
             lambda w, b: snnk_block_ref(x.detach(), g, w, b, "exp", floor, scale),
             [wt, b],
         )
-    assert [launch.kernel for launch in launches] == [FWD, BWD]
+    assert [launch.kernel for launch in launches] == [FWD, DW]
+
+
+def test_input_only_gradient(device):
+    """A frozen weight with a trainable bias: dx by its kernel, db from dy's column sums, no dW kernel."""
+    x, g, w, b = _inputs((3, 11), 20, 13, 12, "cos", torch.float16, device)
+    floor, scale = _params("cos")
+    frozen = w.detach()
+    with recording() as launches:
+        assert_equivalent(
+            lambda x, b: snnk_block(x, g, frozen, b, "cos", floor, scale),
+            lambda x, b: snnk_block_ref(x, g, frozen, b, "cos", floor, scale),
+            [x, b],
+        )
+    assert [launch.kernel for launch in launches] == [FWD, DX]
+
+
+def _allocations(profile) -> list[tuple[str, int]]:
+    """(op, bytes) of every allocation an op made itself during a torch.profiler run (host and device memory)."""
+    out = []
+    for event in profile.events():
+        for field in ("self_cpu_memory_usage", "self_device_memory_usage"):
+            size = getattr(event, field, 0) or 0
+            if size > 0:
+                out.append((event.name, size))
+    return out
+
+
+@pytest.mark.parametrize("kind", SNNK_KINDS)
+def test_backward_allocates_no_feature_tensor(kind, device):
+    """The backward keeps Phi and Gx on chip: torch's memory profiler sees no allocation as large as one (rows, m)
+    tensor in 16-bit (the reference's backward, checked alongside, makes several). rows 96, m 40, d_in 8, d_out 6:
+    every legitimate buffer (dy, dx, dW partials of 3 row splits) is smaller."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows, feats = 96, 40
+    x, g, w, b = _inputs((rows,), 8, feats, 6, kind, torch.float32, device)
+    floor, scale = _params(kind)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    feature_bytes = rows * feats * 2
+
+    def backward_allocations():
+        y = snnk_block(x, g, w, b, kind, floor, scale)
+        with profile(activities=activities, profile_memory=True) as prof:
+            y.backward(torch.ones_like(y))
+        return _allocations(prof)
+
+    with _tiles(16, 16, 16, dw=(16, 16, 32, 16, 3)), recording() as launches:
+        allocations = backward_allocations()
+    assert [launch.kernel for launch in launches] == [FWD, DX, DW] and launches[2].grid[1] == 3
+    assert allocations and max(size for _, size in allocations) < feature_bytes, allocations
+    with kernels_disabled():
+        reference = backward_allocations()
+    assert max(size for _, size in reference) >= feature_bytes, "the check cannot see feature tensors"
+
+
+def test_dw_defaults_fill_the_gpu(monkeypatch):
+    """GPU defaults at ViT-B (25,216 tokens, d 768, m 256): the dW grid reaches 2 programs per SM of an H100 by row
+    splits; the default output tile has the least modelled work (Z recomputed twice, with 512-wide tiles); tiny
+    problems take one split."""
+    from kanc.codegen.kernels import snnk
+
+    monkeypatch.setattr(snnk, "interpreting", lambda: False)
+    for kind in SNNK_KINDS:
+        candidates = snnk.dw_candidates(25216, 768, 256, 768, kind, 132)
+        cfg = candidates[0]
+        tiles = math.ceil(768 / cfg["BLOCK_N"]) * math.ceil(256 / cfg["BLOCK_F"])
+        assert tiles * cfg["SPLIT_M"] >= 2 * 132 and tiles * (cfg["SPLIT_M"] - 1) < 2 * 132
+        work = [snnk.dw_work(c["BLOCK_N"], 768, 768, kind, 2) for c in candidates]
+        assert work[0] == min(work) and math.ceil(768 / cfg["BLOCK_N"]) == 2
+        assert {c["BLOCK_N"] for c in candidates} >= {128, 256, 512}
+    tiny = snnk.dw_candidates(40, 8, 12, 6, "relu", 132)
+    assert tiny[0]["SPLIT_M"] <= 3 and all(c["BLOCK_F"] == 16 and c["BLOCK_N"] == 16 for c in tiny)
 
 
 def test_limits_fall_back_to_the_reference(device):
@@ -105,8 +197,8 @@ def test_opcheck(kind, device):
     torch.library.opcheck(torch.ops.kanc.snnk_block.default, (x, g, w, b, kind, floor, scale))
     torch.library.opcheck(torch.ops.kanc.snnk_block.default, (x, g, w, None, kind, floor, scale))
     grad = torch.randn(2, 5, 6, device=device)
-    for has_bias, weight_grad in ((True, True), (False, False)):
-        args = (grad, x.detach(), g, w, has_bias, weight_grad, kind, floor, scale)
+    for has_bias, input_grad, weight_grad in ((True, True, True), (False, True, False), (True, False, True)):
+        args = (grad, x.detach(), g, w, has_bias, input_grad, weight_grad, kind, floor, scale)
         torch.library.opcheck(torch.ops.kanc.snnk_block_backward.default, args)
 
 
@@ -120,8 +212,6 @@ def test_compiled_block_holds_the_fused_op(device, compile_capture):
     grads = [x.grad.clone(), block.linear.weight.grad.clone(), block.linear.bias.grad.clone()]
     x.grad = None
     block.zero_grad()
-    from kanc.codegen import kernels_disabled
-
     with kernels_disabled():
         ref = block(x)
         ref.square().sum().backward()
@@ -130,12 +220,15 @@ def test_compiled_block_holds_the_fused_op(device, compile_capture):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     forward, backward = graphs.targets("forward"), graphs.targets("backward")
     assert "kanc.snnk_block.default" in forward and "kanc.snnk_block_backward.default" in backward
-    assert not {"aten.exp.default", "aten.mm.default", "aten.addmm.default"} & forward
+    matmuls = {"aten.exp.default", "aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
+    assert not matmuls & forward and not matmuls & backward, "the features were computed outside the fused ops"
 
 
 def test_launch_records(device):
     launches = _check(*_inputs((5,), 16, 10, 7, "cos", torch.float16, device), "cos")
-    fwd, bwd = launches
-    assert fwd.op == bwd.op == "kanc::snnk_block" and fwd.atomics == bwd.atomics == 0
+    fwd, dx, dw = launches
+    assert fwd.op == dx.op == dw.op == "kanc::snnk_block" and fwd.atomics == dx.atomics == dw.atomics == 0
     assert fwd.extra == {"direction": "forward", "kind": "cos", "BLOCK_F": 16}
-    assert bwd.extra["direction"] == "backward" and fwd.dtype == "float16"
+    assert dx.extra["direction"] == dw.extra["direction"] == "backward" and fwd.dtype == "float16"
+    assert dx.extra["grads"] == "input" and dw.extra["grads"] == "weight,bias"
+    assert {"BLOCK_N", "BLOCK_F", "BLOCK_M", "BLOCK_D", "SPLIT_M"} <= set(dw.config)

@@ -125,3 +125,16 @@ def test_forced_config_wins_and_restores():
             assert tuning.pick_config("k", (3,), CANDIDATES, _bench(calls), "cpu") == {"BLOCK": 256}
         assert calls == [] and not tuning.cache_path("cpu").exists()  # forced: nothing timed, nothing cached
         assert tuning.pick_config("k", (3,), CANDIDATES, _bench(calls), "cpu") == {"BLOCK": 128}
+
+
+def test_a_cached_config_with_other_fields_is_stale():
+    """A kernel that gained a tuning dimension (ROWS_PER_PROGRAM) must not launch with a config cached before it."""
+    with tuning.autotuning("1"):
+        tuning.pick_config("k", (5,), CANDIDATES, _bench([]), "cpu")
+    grown = [{**c, "ROWS": 2} for c in CANDIDATES]
+    with tuning.autotuning("0"):
+        assert tuning.pick_config("k", (5,), grown, None, "cpu") == {"BLOCK": 64, "ROWS": 2}
+    calls = []
+    with tuning.autotuning("1"):
+        assert tuning.pick_config("k", (5,), grown, _bench(calls), "cpu") == {"BLOCK": 128, "ROWS": 2}
+    assert calls == [64, 128, 256]

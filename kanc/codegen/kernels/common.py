@@ -41,6 +41,34 @@ def row_bucket(rows: int) -> int:
     return next_pow2(rows)
 
 
+# Row loops (coefficient gradients reduced over several row tiles per program before their atomics): at most this many
+# row tiles per program, and no fewer programs than ``min_programs`` while the loop can still shrink.
+MAX_ROWS_PER_PROGRAM = 32
+PROGRAMS_PER_SM = 8
+DEFAULT_SMS = 132  # an H100 SXM: the reference target when no GPU is present (interpreter, AOT compile reports)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (DEFAULT_SMS off CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def min_programs(device: torch.device) -> int:
+    """Programs a row-looping launch should keep: PROGRAMS_PER_SM per streaming multiprocessor of ``device``."""
+    return PROGRAMS_PER_SM * sm_count(device)
+
+
+def rows_per_program(row_tiles: int, col_tiles: int, min_programs: int) -> int:
+    """Row tiles per program: the largest power of two <= MAX_ROWS_PER_PROGRAM that leaves at least ``min_programs``
+    programs (1 when even one row tile per program leaves fewer). Atomics fall by the same factor."""
+    rpp = 1
+    while rpp < MAX_ROWS_PER_PROGRAM and triton.cdiv(row_tiles, 2 * rpp) * col_tiles >= min_programs:
+        rpp *= 2
+    return rpp
+
+
 def dot_dtype(io_dtype: torch.dtype) -> tl.dtype:
     """Operand dtype of tl.dot for I/O in ``io_dtype``: fp16/bf16 on tensor cores, fp32 otherwise.
 

@@ -6,7 +6,8 @@ F(x) never goes to memory, in either direction:
 - backward ``_grkan_linear_dw_kernel``: dW = dy^T F(x) with F(x) recomputed in the prologue (and db = column sums
   of dy by the programs of the first K tile).
 - backward ``_grkan_linear_dx_kernel``: dF = dy W accumulated in fp32, then in the epilogue dx = dF F'(x) and the
-  coefficient gradients, reduced per program over rows and per group (one atomic per group and coefficient).
+  coefficient gradients. A program runs ROWS_PER_PROGRAM row tiles of one K column in turn, carrying the coefficient
+  partial sums in registers, and reduces them per group at the end (one atomic per group and coefficient).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import triton.language as tl
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
-from kanc.codegen.kernels.rational import _coef_grads, _rational_grads, _rational_pq, group_span, groups_touched
+from kanc.codegen.kernels.rational import (
+    _add_coef_partials,
+    _flush_coef_grads,
+    _rational_grads,
+    _rational_pq,
+    _zero_sums,
+    group_span,
+    groups_touched,
+)
 
 OP = "kanc::grkan_linear"
 
@@ -132,28 +141,36 @@ def _grkan_linear_dx_kernel(
     stride_xm, stride_xk, stride_dym, stride_wn, stride_wk, stride_dxm,
     NP: tl.constexpr, NQ: tl.constexpr, G_SPAN: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M, BLOCK_K) tile of dF = dy W (fp32), then in the epilogue dx and the coefficient partial sums."""
-    pid_m, pid_k = _swizzle(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    """ROWS_PER_PROGRAM (BLOCK_M, BLOCK_K) tiles of dF = dy W (fp32) in one K column, each followed by the epilogue
+    (dx, and the coefficient partial sums carried in registers); one atomic per (group, coefficient) at the end."""
+    pid_m, pid_k = _swizzle(tl.program_id(0), M, K, BLOCK_M * ROWS_PER_PROGRAM, BLOCK_K, GROUP_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mmask, kmask = rm < M, rk < K
-    df = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        nmask = rn < N
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk
-        w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
-        df = _dot(dy, w, df, DOT, IEEE)
-    mask = mmask[:, None] & kmask[None, :]
-    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    kmask = rk < K
     g = _groups(pid_k * BLOCK_K, rk, D, G_SPAN == 1)
-    dx, gq, y = _rational_grads(x, df, num_ptr, den_ptr, g, kmask, NP, NQ, G_SPAN == 1)
-    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     g_first = (pid_k * BLOCK_K) // D
     g_last = (tl.minimum(pid_k * BLOCK_K + BLOCK_K, K) - 1) // D
-    _coef_grads(acc_ptr, x, gq, y, mask, g, kmask, g_first, g_last, NP, NQ, G_SPAN)
+    sums = _zero_sums(NP + NQ, G_SPAN)
+    first = pid_m * ROWS_PER_PROGRAM
+    for i in range(tl.minimum(ROWS_PER_PROGRAM, tl.cdiv(M, BLOCK_M) - first)):  # the last program may own fewer
+        rm = ((first + i) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mmask = rm < M
+        df = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            nmask = rn < N
+            dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn[None, :]
+            dy = tl.load(dy_ptrs, mask=mmask[:, None] & nmask[None, :], other=0.0)
+            w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk
+            w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
+            df = _dot(dy, w, df, DOT, IEEE)
+        mask = mmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        dx, gq, y = _rational_grads(x, df, num_ptr, den_ptr, g, kmask, NP, NQ, G_SPAN == 1)
+        tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+        sums = _add_coef_partials(sums, x, gq, y, mask, g, kmask, g_first, NP, NQ, G_SPAN)
+    _flush_coef_grads(acc_ptr, sums, g_first, g_last, NP + NQ, G_SPAN)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -170,9 +187,12 @@ DW_TILES = [  # dW tile (BLOCK_N, BLOCK_K), M reduced
     (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3),
     (64, 64, 32, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3),
 ]  # fmt: skip
-DX_TILES = [  # dx tile (BLOCK_M, BLOCK_K), N reduced; the epilogue holds ~10 fp32 values per element
-    (64, 64, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3),
-    (32, 128, 64, 4, 4), (128, 64, 32, 8, 3), (32, 64, 64, 4, 4),
+# dx tile (BLOCK_M, BLOCK_K), N reduced; the epilogue holds ~10 fp32 values per element and the row loop carries the
+# coefficient sums: the first six compile spill-free with the loop (ROWS_PER_PROGRAM 8, sm_90), the last two spill
+# ~200 B per thread and are left for the tuner to time.
+DX_TILES = [
+    (64, 64, 64, 8, 3), (32, 64, 64, 4, 4), (32, 64, 64, 8, 3), (64, 64, 32, 8, 3), (32, 128, 32, 8, 3),
+    (64, 32, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
 ]  # fmt: skip
 INTERPRETER_TILES = [(64, 64, 64, 4, 1), (32, 32, 32, 4, 1), (16, 16, 16, 4, 1)]  # few programs, little numpy work
 
@@ -189,6 +209,22 @@ def tile_candidates(tiles, names: tuple[str, str, str], sizes: tuple[int, int, i
         cfg = {name: cap(b, size) for name, b, size in zip(names, blocks, sizes)}
         cfg.update(GROUP_M=8, num_warps=warps, num_stages=stages)
         if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def dx_candidates(rows: int, cols: int, inner: int, min_programs: int) -> list[dict]:
+    """Configs of the dx kernel (dx tile (rows, cols), reducing over ``inner``): each tile with its heuristic
+    ROWS_PER_PROGRAM (row tiles whose coefficient partial sums a program carries before its atomics), then the default
+    tile with other row counts (1, half, double)."""
+    out = []
+    for cfg in tile_candidates(DX_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"), (rows, cols, inner)):
+        tiles = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_K"]))
+        out.append({**cfg, "ROWS_PER_PROGRAM": common.rows_per_program(*tiles, min_programs)})
+    first = out[0]
+    for rpp in (1, first["ROWS_PER_PROGRAM"] // 2, 2 * first["ROWS_PER_PROGRAM"]):
+        cfg = {**first, "ROWS_PER_PROGRAM": rpp}
+        if 1 <= rpp <= common.MAX_ROWS_PER_PROGRAM and cfg not in out:
             out.append(cfg)
     return out
 
@@ -281,23 +317,25 @@ def _launch_dx(x2, dy2, weight, num, den, groups: int) -> tuple[torch.Tensor, to
     dot, ieee = _dot_args(x2.dtype)
 
     def run(cfg: dict, out: torch.Tensor = dx, sums: torch.Tensor = acc) -> tuple:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k_in, cfg["BLOCK_K"]),)
+        row_programs = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
+        grid = (row_programs * triton.cdiv(k_in, cfg["BLOCK_K"]),)
         _grkan_linear_dx_kernel[grid](
             x2, dy2, weight, out, num, den, sums, m, n_out, k_in, group_size,
             x2.stride(0), x2.stride(1), dy2.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
             np_, nq, group_span(cfg["BLOCK_K"], group_size), dot, ieee,
-            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], **common.launch_options(cfg),
+            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], cfg["ROWS_PER_PROGRAM"],
+            **common.launch_options(cfg),
         )  # fmt: skip
         return grid
 
     # the output tile is (M, K) and the reduction runs over N
-    candidates = tile_candidates(DX_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"), (m, k_in, n_out))
+    candidates = dx_candidates(m, k_in, n_out, common.min_programs(x2.device))
     key = _key(m, n_out, k_in, groups, np_, nq, x2.dtype)
     scratch = lambda c: run(c, torch.empty_like(dx), torch.zeros_like(acc))
     cfg = common.choose(_grkan_linear_dx_kernel, key, candidates, scratch, x2.device)
     grid = run(cfg)
-    row_tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    atomics = row_tiles * groups_touched(k_in, group_size, cfg["BLOCK_K"]) * (np_ + nq)
+    row_programs = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
+    atomics = row_programs * groups_touched(k_in, group_size, cfg["BLOCK_K"]) * (np_ + nq)
     shapes = [x2.shape, dy2.shape, weight.shape]
     common.record(
         OP, _grkan_linear_dx_kernel, grid, cfg, shapes, x2.dtype, "backward", atomics,

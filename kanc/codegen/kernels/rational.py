@@ -1,13 +1,17 @@
 """Group-rational Triton kernels: forward, backward (dx and per-program coefficient gradients), launchers.
 
 The math of ``kanc.codegen.rational.rational_ref`` on (rows, C) tiles, fp32 in registers, I/O in the tensor's dtype.
-The ``@triton.jit`` helpers (``_rational_pq``, ``_rational_grads``, ``_coef_grads``) are shared with the fused GR-KAN
-linear kernels, which evaluate the same rational in a matmul's prologue or epilogue.
+The ``@triton.jit`` helpers (``_rational_pq``, ``_rational_grads``, ``_zero_sums``, ``_add_coef_partials``,
+``_flush_coef_grads``) are shared with the fused GR-KAN linear kernels, which evaluate the same rational in a matmul's
+prologue or epilogue.
 
-Coefficient gradients (FlashKAT's design, not KAT's per-element global atomics): each program reduces its tile over
-rows in registers, then over the columns of each group it touches, and issues one atomic add per (group, coefficient)
-it touches. A tile may straddle groups (C / G not a multiple of BLOCK_C): the per-group sum uses a one-hot mask over
-at most G_SPAN groups per tile.
+Coefficient gradients (FlashKAT's design, not KAT's per-element global atomics): each program owns one column tile
+and ROWS_PER_PROGRAM consecutive row tiles (a tuning dimension). It reduces every tile over its rows and over the
+columns of each group it touches into sums that stay in registers across its row tiles (a tuple of NP + NQ vectors of
+G_SPAN, the most groups a column tile can touch), then issues one atomic add per (group, coefficient): atomics = row
+programs x groups touched by the column tiles x coefficients, ROWS_PER_PROGRAM times fewer than one program per tile.
+A tile may straddle groups (C / G not a multiple of BLOCK_C): the per-group sum uses a one-hot mask over the G_SPAN
+groups.
 """
 
 from __future__ import annotations
@@ -71,31 +75,52 @@ def _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP: tl.constexpr, NQ: tl.
 
 
 @triton.jit
-def _group_atomic_add(acc_ptr, s, g, cmask, g_first, g_last, k, NCOEF: tl.constexpr, G_SPAN: tl.constexpr):
-    """acc[group, k] += sum of ``s`` (per-column partial sums) over each group's columns: one atomic per group."""
-    if G_SPAN == 1:
-        tl.atomic_add(acc_ptr + g_first * NCOEF + k, tl.sum(tl.where(cmask, s, 0.0), axis=0))
-    else:
-        j = tl.arange(0, G_SPAN)
-        hit = ((g - g_first)[:, None] == j[None, :]) & cmask[:, None]
-        total = tl.sum(tl.where(hit, s[:, None], 0.0), axis=0)
-        tl.atomic_add(acc_ptr + (g_first + j) * NCOEF + k, total, mask=g_first + j <= g_last)
+def _zero_sums(NCOEF: tl.constexpr, G_SPAN: tl.constexpr):
+    """The coefficient-gradient sums a program carries over its row tiles: NCOEF fp32 zero vectors of G_SPAN (one
+    entry per group the program's columns touch), a tuple."""
+    out = ()
+    for _ in tl.static_range(NCOEF):
+        out = out + (tl.zeros((G_SPAN,), tl.float32),)
+    return out
 
 
 @triton.jit
-def _coef_grads(
-    acc_ptr, x, gq, y, mask, g, cmask, g_first, g_last, NP: tl.constexpr, NQ: tl.constexpr, G_SPAN: tl.constexpr
-):
-    """Accumulate dF/da_k = dy x^k / Q and dF/d|b_k| = -dy F |x|^(k+1) / Q into acc (G, NP + NQ), fp32."""
+def _group_sums(s, g, cmask, g_first, G_SPAN: tl.constexpr):
+    """Sums of a (rows, cols) fp32 tile (zero where masked) over its rows and each group's columns: (G_SPAN,), entry j
+    for group g_first + j. A tile in one group (G_SPAN 1) is summed whole."""
+    col = tl.sum(s, axis=0)
+    if G_SPAN == 1:
+        return tl.zeros((1,), tl.float32) + tl.sum(col, axis=0)
+    else:
+        j = tl.arange(0, G_SPAN)
+        hit = ((g - g_first)[:, None] == j[None, :]) & cmask[:, None]
+        return tl.sum(tl.where(hit, col[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _add_coef_partials(
+    sums, x, gq, y, mask, g, cmask, g_first, NP: tl.constexpr, NQ: tl.constexpr, G_SPAN: tl.constexpr
+):  # fmt: skip
+    """``sums`` plus this tile's per-group sums of dF/da_k = dy x^k / Q and dF/d|b_k| = -dy F |x|^(k+1) / Q (fp32)."""
+    out = ()
     t = tl.where(mask, gq, 0.0)
     for k in tl.static_range(NP):
-        _group_atomic_add(acc_ptr, tl.sum(t, axis=0), g, cmask, g_first, g_last, k, NP + NQ, G_SPAN)
+        out = out + (sums[k] + _group_sums(t, g, cmask, g_first, G_SPAN),)
         t = t * x
     ax = tl.abs(x)
     u = tl.where(mask, -gq * y, 0.0)
     for k in tl.static_range(NQ):
         u = u * ax
-        _group_atomic_add(acc_ptr, tl.sum(u, axis=0), g, cmask, g_first, g_last, NP + k, NP + NQ, G_SPAN)
+        out = out + (sums[NP + k] + _group_sums(u, g, cmask, g_first, G_SPAN),)
+    return out
+
+
+@triton.jit
+def _flush_coef_grads(acc_ptr, sums, g_first, g_last, NCOEF: tl.constexpr, G_SPAN: tl.constexpr):
+    """acc[group, k] += a program's sums (acc is (G, NCOEF) fp32): one atomic per (group touched, coefficient)."""
+    j = tl.arange(0, G_SPAN)
+    for k in tl.static_range(NCOEF):
+        tl.atomic_add(acc_ptr + (g_first + j) * NCOEF + k, sums[k], mask=g_first + j <= g_last)
 
 
 @triton.jit
@@ -143,35 +168,34 @@ def _rational_fwd_kernel(
 
 @triton.jit
 def _rational_bwd_kernel(
-    x_ptr,
-    dy_ptr,
-    dx_ptr,
-    num_ptr,
-    den_ptr,
-    acc_ptr,
-    R,
-    C,
-    D,
-    stride_x,
-    stride_dy,
-    stride_dx,
-    NP: tl.constexpr,
-    NQ: tl.constexpr,
-    G_SPAN: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """dx on one tile, and the tile's coefficient-gradient partial sums: one atomic per (group, coefficient)."""
+    x_ptr, dy_ptr, dx_ptr, num_ptr, den_ptr, acc_ptr,
+    R, C, D, stride_x, stride_dy, stride_dx,
+    NP: tl.constexpr, NQ: tl.constexpr, G_SPAN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+):  # fmt: skip
+    """dx on ROWS_PER_PROGRAM row tiles of one column tile, their coefficient-gradient partial sums carried in
+    registers across the tiles, then one atomic per (group, coefficient) for the whole program."""
     pid_c = tl.program_id(1)
-    rows, cols, cmask, mask = _tile(tl.program_id(0), pid_c, R, C, BLOCK_R, BLOCK_C)
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    first = tl.program_id(0) * ROWS_PER_PROGRAM
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
     g = _groups(pid_c, cols, D, BLOCK_C, G_SPAN == 1)
-    dx, gq, y = _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP, NQ, G_SPAN == 1)
-    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     g_first = (pid_c * BLOCK_C) // D
     g_last = (tl.minimum(pid_c * BLOCK_C + BLOCK_C, C) - 1) // D
-    _coef_grads(acc_ptr, x, gq, y, mask, g, cmask, g_first, g_last, NP, NQ, G_SPAN)
+    sums = _zero_sums(NP + NQ, G_SPAN)
+    # 32-bit offsets within a tile, loop-invariant; each tile moves 64-bit scalar bases (few registers per element)
+    r = tl.arange(0, BLOCK_R)
+    off_x, off_dy = r[:, None] * stride_x + cols[None, :], r[:, None] * stride_dy + cols[None, :]
+    off_dx = r[:, None] * stride_dx + cols[None, :]
+    for i in range(tl.minimum(ROWS_PER_PROGRAM, tl.cdiv(R, BLOCK_R) - first)):  # the last program may own fewer
+        row0 = ((first + i) * BLOCK_R).to(tl.int64)
+        mask = (row0 + r[:, None] < R) & cmask[None, :]
+        x = tl.load(x_ptr + row0 * stride_x + off_x, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row0 * stride_dy + off_dy, mask=mask, other=0.0).to(tl.float32)
+        dx, gq, y = _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP, NQ, G_SPAN == 1)
+        tl.store(dx_ptr + row0 * stride_dx + off_dx, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+        sums = _add_coef_partials(sums, x, gq, y, mask, g, cmask, g_first, NP, NQ, G_SPAN)
+    _flush_coef_grads(acc_ptr, sums, g_first, g_last, NP + NQ, G_SPAN)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -192,15 +216,19 @@ def groups_touched(channels: int, group_size: int, block_c: int) -> int:
     return total
 
 
-# (BLOCK_R, BLOCK_C, num_warps): 16 elements per thread each (ptxas at sm_90: the backward's ~15 live fp32 values per
-# element stay in registers without spills; 32 per thread reach 255 registers). First = default on a GPU.
+# (BLOCK_R, BLOCK_C, num_warps), first = default on a GPU. Forward: 16 elements per thread each (ptxas at sm_90: the
+# ~15 live fp32 values per element stay in registers without spills; 32 per thread reach 255 registers).
 GPU_TILES = [(16, 128, 4), (32, 128, 8), (64, 64, 8), (16, 256, 8), (8, 128, 2), (32, 256, 16), (64, 128, 16)]
+# Backward: the row loop keeps loop-invariant offsets and coefficients live across its tiles, so a tile of 16 elements
+# per thread needs ~203 registers there (2 programs of 4 warps per SM at sm_90) against 128 without the loop; 8 per
+# thread needs ~80 (6 programs per SM, 3/4 of the elements in flight per SM of the unlooped kernel). Default: 8.
+BWD_GPU_TILES = [(8, 128, 4), (8, 256, 8), (16, 128, 8), (8, 64, 2), (4, 256, 4), (16, 128, 4), (32, 32, 4)]
 INTERPRETER_TILES = [(32, 128, 4), (16, 64, 4), (64, 64, 4)]  # few programs: the interpreter pays per program
 
 
-def elementwise_candidates(rows: int, channels: int, group_size: int) -> list[dict]:
+def elementwise_candidates(rows: int, channels: int, group_size: int, tiles=None) -> list[dict]:
     """Tile configs; the first is the heuristic default, group-aligned column tiles (scalar coefficients) first."""
-    tiles = INTERPRETER_TILES if interpreting() else GPU_TILES
+    tiles = INTERPRETER_TILES if interpreting() else (tiles or GPU_TILES)
     col_cap, row_cap = max(common.next_pow2(channels), 32), max(common.next_pow2(rows), 8)
     out = []
     for br, bc, warps in tiles:
@@ -209,6 +237,21 @@ def elementwise_candidates(rows: int, channels: int, group_size: int) -> list[di
             out.append(cfg)
     aligned = lambda cfg: group_size % cfg["BLOCK_C"] == 0
     return sorted(out, key=lambda cfg: not aligned(cfg))  # stable: the order above within each class
+
+
+def backward_candidates(rows: int, channels: int, group_size: int, min_programs: int) -> list[dict]:
+    """Backward configs: each tile with its heuristic ROWS_PER_PROGRAM (``common.rows_per_program``), then the default
+    tile with other row counts (1, half, double). First = the heuristic default."""
+    out = []
+    for cfg in elementwise_candidates(rows, channels, group_size, BWD_GPU_TILES):
+        tiles = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(channels, cfg["BLOCK_C"]))
+        out.append({**cfg, "ROWS_PER_PROGRAM": common.rows_per_program(*tiles, min_programs)})
+    first = out[0]
+    for rpp in (1, first["ROWS_PER_PROGRAM"] // 2, 2 * first["ROWS_PER_PROGRAM"]):
+        cfg = {**first, "ROWS_PER_PROGRAM": rpp}
+        if 1 <= rpp <= common.MAX_ROWS_PER_PROGRAM and cfg not in out:
+            out.append(cfg)
+    return out
 
 
 def _key(rows: int, channels: int, groups: int, dtype: torch.dtype, np_: int, nq: int) -> tuple:
@@ -253,16 +296,17 @@ def rational_backward(
     acc = torch.zeros(groups, np_ + nq, dtype=torch.float32, device=x.device)
 
     def run(cfg: dict, out: torch.Tensor = dx2, sums: torch.Tensor = acc) -> tuple:
-        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(channels, cfg["BLOCK_C"]))
+        row_tiles = triton.cdiv(rows, cfg["BLOCK_R"])
+        grid = (triton.cdiv(row_tiles, cfg["ROWS_PER_PROGRAM"]), triton.cdiv(channels, cfg["BLOCK_C"]))
         _rational_bwd_kernel[grid](
             x2, dy2, out, num, den, sums, rows, channels, group_size, x2.stride(0), dy2.stride(0), out.stride(0),
-            np_, nq, group_span(cfg["BLOCK_C"], group_size), cfg["BLOCK_R"], cfg["BLOCK_C"],
+            np_, nq, group_span(cfg["BLOCK_C"], group_size), cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["ROWS_PER_PROGRAM"],
             **common.launch_options(cfg),
         )  # fmt: skip
         return grid
 
     key = _key(rows, channels, groups, x.dtype, np_, nq)
-    candidates = elementwise_candidates(rows, channels, group_size)
+    candidates = backward_candidates(rows, channels, group_size, common.min_programs(x.device))
     scratch = lambda c: run(c, torch.empty_like(dx2), torch.zeros_like(acc))
     cfg = common.choose(_rational_bwd_kernel, key, candidates, scratch, x.device)
     grid = run(cfg)

@@ -1,11 +1,17 @@
-"""Fused SNNK block Triton kernels: y = Phi(x) W^T + b with the m-wide features kept on chip.
+"""Fused SNNK block Triton kernels: y = Phi(x) W^T + b with the m-wide features kept on chip, forward and backward.
 
-Each program owns BLOCK_M rows and all m features (BLOCK_F = next power of two of m), so the two matmuls chain:
-- forward ``_snnk_fwd_kernel``: Z = (s x) G^T accumulated over the input width (with |s x|^2 for "exp" in the same
-  loop), Phi = m^-1/2 g(Z) in registers, then y = Phi W^T + b tile by tile over the output width.
-- backward ``_snnk_bwd_kernel``: Z recomputed, dPhi = dy W over the output width, dZ = dPhi g'(Z) (for "exp" with the
-  row-norm term), dx = s dZ G tile by tile; Phi is written out (m wide, I/O dtype) only when W needs a gradient,
-  for dW = dy^T Phi, which the launcher leaves to torch.matmul (a plain GEMM over the rows), with db = dy summed.
+- forward ``_snnk_fwd_kernel``: each program owns BLOCK_M rows and all m features (BLOCK_F = next power of two of m),
+  so the two matmuls chain: Z = (s x) G^T accumulated over the input width (with |s x|^2 for "exp" in the same loop),
+  Phi = m^-1/2 g(Z) in registers, then y = Phi W^T + b tile by tile over the output width.
+- backward, input ``_snnk_dx_kernel``: the same row ownership; Z recomputed, dPhi = dy W over the output width, dZ =
+  dPhi g'(Z) (for "exp" with the row-norm term), dx = s dZ G tile by tile. Z, Phi, dPhi and dZ stay in registers.
+- backward, weight ``_snnk_dw_kernel``: each program owns a (BLOCK_N outputs, BLOCK_F features) tile of dW and a
+  range of rows (SPLIT_M ranges in all); per BLOCK_M rows it recomputes Z for its features over the input width (and
+  |s x|^2 for "exp"), builds Phi in registers (cos and sin halves for "cos", written to W's two column halves) and
+  accumulates dW += dy^T Phi with tl.dot; db = dy's column sums from the first feature tile's programs. Z is thus
+  recomputed d_out / BLOCK_N times in all (the price of never writing the (rows, m) features to memory; the launch
+  records it as ``z_recomputed``). Several row splits write fp32 partial sums (splits, d_out, width) that the
+  launcher adds up: deterministic, no atomics, and no tensor with a row dimension.
 
 Kinds (constexpr KIND): 0 relu max(Z, floor), 1 exp exp(Z - |s x|^2 / 2), 2 cos [cos Z, sin Z] (width 2m, the two
 halves as two accumulators, and W's two column halves as two operands).
@@ -99,15 +105,15 @@ def _snnk_fwd_kernel(
 
 
 @triton.jit
-def _snnk_bwd_kernel(
-    x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr, phi_ptr,
+def _snnk_dx_kernel(
+    x_ptr, g_ptr, w_ptr, dy_ptr, dx_ptr,
     M, D_IN, D_OUT, M_FEAT,
-    stride_xm, stride_xd, stride_gf, stride_gd, stride_wn, stride_wf, stride_dym, stride_dxm, stride_pm,
+    stride_xm, stride_xd, stride_gf, stride_gd, stride_wn, stride_wf, stride_dym, stride_dxm,
     scale, floor, coef,
-    KIND: tl.constexpr, STORE_PHI: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, Z_IEEE: tl.constexpr,
+    KIND: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, Z_IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_M rows of dx (and of Phi when STORE_PHI): Z recomputed, dPhi = dy W and dZ kept on chip."""
+    """BLOCK_M rows of dx: Z (and Phi for exp) recomputed, dPhi = dy W and dZ kept on chip, dx = s dZ G."""
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rf = tl.arange(0, BLOCK_F)
     mmask, fmask = rm < M, rf < M_FEAT
@@ -115,7 +121,6 @@ def _snnk_bwd_kernel(
         x_ptr, g_ptr, rm, mmask, rf, fmask, D_IN, stride_xm, stride_xd, stride_gf, stride_gd, scale,
         KIND == 1, Z_IEEE, BLOCK_M, BLOCK_F, BLOCK_D,
     )  # fmt: skip
-    phi, phi_s = _features(z, r, fmask, floor, coef, KIND)
     dphi = tl.zeros((BLOCK_M, BLOCK_F), tl.float32)
     dphi_s = tl.zeros((BLOCK_M, BLOCK_F), tl.float32)
     for n0 in range(0, D_OUT, BLOCK_N):
@@ -130,17 +135,12 @@ def _snnk_bwd_kernel(
     if KIND == 0:
         dz = tl.where(z >= floor, dphi * coef, 0.0)
     elif KIND == 1:
+        phi, _ = _features(z, r, fmask, floor, coef, KIND)
         dz = dphi * phi
     else:
         dz = (tl.cos(z) * dphi_s - tl.sin(z) * dphi) * coef
     dz = tl.where(mmask[:, None] & fmask[None, :], dz, 0.0)
     t = tl.sum(dz, axis=1)  # exp: sum_j dPhi_j Phi_j, the row-norm term's weight
-    if STORE_PHI:
-        p_ptrs = phi_ptr + rm[:, None] * stride_pm + rf[None, :]
-        pmask = mmask[:, None] & fmask[None, :]
-        tl.store(p_ptrs, cast_to(phi, phi_ptr.dtype.element_ty), mask=pmask)
-        if KIND == 2:
-            tl.store(p_ptrs + M_FEAT, cast_to(phi_s, phi_ptr.dtype.element_ty), mask=pmask)
     for d0 in range(0, D_IN, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         dmask = rd < D_IN
@@ -153,6 +153,54 @@ def _snnk_bwd_kernel(
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rd[None, :] * stride_xd, mask=mask, other=0.0)
             dx -= (scale * scale) * x.to(tl.float32) * t[:, None]
         tl.store(dx_ptr + rm[:, None] * stride_dxm + rd[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _snnk_dw_kernel(
+    x_ptr, g_ptr, dy_ptr, dw_ptr, db_ptr,
+    M, D_IN, D_OUT, M_FEAT, ROWS_PER_SPLIT,
+    stride_xm, stride_xd, stride_gf, stride_gd, stride_dym, stride_dws, stride_dwn, stride_dbs,
+    scale, floor, coef,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, Z_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_N, BLOCK_F) tile of dW = dy^T Phi over the rows of one split: per BLOCK_M rows, Z of the tile's
+    features recomputed over the input width (with |s x|^2 for exp), Phi built in registers (both halves for cos) and
+    fed to tl.dot; db = column sums of dy from the first feature tile's programs. Output: dw[split] (and db[split])."""
+    f_tiles = tl.cdiv(M_FEAT, BLOCK_F)
+    pid_n, pid_f, split = tl.program_id(0) // f_tiles, tl.program_id(0) % f_tiles, tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rf = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    nmask, fmask = rn < D_OUT, rf < M_FEAT
+    acc = tl.zeros((BLOCK_N, BLOCK_F), tl.float32)
+    acc_s = tl.zeros((BLOCK_N, BLOCK_F), tl.float32)
+    db = tl.zeros((BLOCK_N,), tl.float32)
+    start = split * ROWS_PER_SPLIT
+    end = tl.minimum(start + ROWS_PER_SPLIT, M)
+    for m0 in range(start, end, BLOCK_M):
+        rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mmask = rm < end
+        z, r = _projection(
+            x_ptr, g_ptr, rm, mmask, rf, fmask, D_IN, stride_xm, stride_xd, stride_gf, stride_gd, scale,
+            KIND == 1, Z_IEEE, BLOCK_M, BLOCK_F, BLOCK_D,
+        )  # fmt: skip
+        phi, phi_s = _features(z, r, fmask, floor, coef, KIND)
+        dy_ptrs = dy_ptr + rm[None, :] * stride_dym + rn[:, None]
+        dyt = tl.load(dy_ptrs, mask=nmask[:, None] & mmask[None, :], other=0.0)  # (BLOCK_N, BLOCK_M): dy^T
+        acc = _dot(dyt, phi, acc, DOT, IEEE)
+        if KIND == 2:
+            acc_s = _dot(dyt, phi_s, acc_s, DOT, IEEE)
+        if HAS_BIAS:
+            if pid_f == 0:
+                db += tl.sum(dyt.to(tl.float32), axis=1)
+    dw_ptrs = dw_ptr + split * stride_dws + rn[:, None] * stride_dwn + rf[None, :]
+    wmask = nmask[:, None] & fmask[None, :]
+    tl.store(dw_ptrs, cast_to(acc, dw_ptr.dtype.element_ty), mask=wmask)
+    if KIND == 2:
+        tl.store(dw_ptrs + M_FEAT, cast_to(acc_s, dw_ptr.dtype.element_ty), mask=wmask)
+    if HAS_BIAS:
+        if pid_f == 0:
+            tl.store(db_ptr + split * stride_dbs + rn, cast_to(db, db_ptr.dtype.element_ty), mask=nmask)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -183,6 +231,57 @@ def snnk_candidates(rows: int, block_f: int, kind: str) -> list[dict]:
             if max(bd, bn) * block_f <= operand and cfg not in out:
                 out.append(cfg)
     return out or [{"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_N": 16, "num_warps": 16, "num_stages": 2}]
+
+
+# dW tiles (BLOCK_N outputs, BLOCK_F features, BLOCK_M rows per step, BLOCK_D input chunk, num_warps, num_stages).
+# A program recomputes Z for its BLOCK_F features once per BLOCK_M rows, so Z is recomputed once per output tile
+# (cdiv(d_out, BLOCK_N) times in all): wide output tiles cost fewer recomputations but pad d_out up to a multiple of
+# BLOCK_N. A tile's registers do not depend on m: all of these compile spill-free for relu, exp and cos in bf16 and fp32
+# (ptxas, sm_90, ViT-B); BLOCK_N x BLOCK_F = 16384 (1024 x 16, 512 x 32) spills. The default is the tile of least
+# modelled work (``dw_work``), ties in this order.
+DW_TILES = [
+    (256, 32, 32, 32, 8, 3), (512, 16, 32, 32, 8, 3), (256, 32, 32, 32, 8, 2), (512, 16, 32, 64, 8, 3),
+    (256, 32, 64, 32, 8, 2), (256, 32, 32, 64, 8, 2), (128, 64, 32, 32, 8, 3), (128, 32, 32, 32, 8, 2),
+    (128, 32, 64, 32, 8, 2), (64, 64, 32, 32, 8, 2),
+]  # fmt: skip
+INTERPRETER_DW_TILES = [(64, 64, 64, 64, 4, 1), (32, 32, 32, 32, 4, 1)]
+DW_PROGRAMS_PER_SM = 2  # row splits until the dW grid has this many programs per SM (each one a GEMM-sized tile)
+
+
+def dw_work(block_n: int, d_in: int, d_out: int, kind: str, io_itemsize: int) -> int:
+    """Modelled tensor-core work of the dW kernel per row and feature, in 16-bit MAC units: Z over d_in once per output
+    tile (its fp32 operands run at half the 16-bit rate when the I/O is 16-bit) plus dy^T Phi over the padded outputs
+    (twice for cos)."""
+    tiles = triton.cdiv(d_out, block_n)
+    z_cost = 2 if io_itemsize < 4 else 1
+    return tiles * (z_cost * d_in + block_n * (2 if kind == "cos" else 1))
+
+
+def dw_candidates(rows: int, d_in: int, feats: int, d_out: int, kind: str, sms: int, io_itemsize: int = 2) -> list:
+    """Configs of the dW kernel: tiles capped at the problem, each with its heuristic SPLIT_M (row splits until the
+    grid has DW_PROGRAMS_PER_SM programs per SM; 1 under the interpreter), ordered by ``dw_work`` (stable), then the
+    default tile with other splits (1, double)."""
+    cap = lambda block, size: max(16, min(block, common.next_pow2(size)))
+    if interpreting():
+        tiles, target = INTERPRETER_DW_TILES, 1
+    else:
+        tiles, target = DW_TILES, DW_PROGRAMS_PER_SM * sms
+    out: list[dict] = []
+    for bn, bf, bm, bd, warps, stages in tiles:
+        cfg = {"BLOCK_N": cap(bn, d_out), "BLOCK_F": cap(bf, feats), "BLOCK_M": cap(bm, rows), "BLOCK_D": cap(bd, d_in)}
+        programs = triton.cdiv(d_out, cfg["BLOCK_N"]) * triton.cdiv(feats, cfg["BLOCK_F"])
+        split = min(triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(target, programs))
+        cfg.update(SPLIT_M=split, num_warps=warps, num_stages=stages)
+        if cfg not in out:
+            out.append(cfg)
+    if not interpreting():
+        out.sort(key=lambda cfg: dw_work(cfg["BLOCK_N"], d_in, d_out, kind, io_itemsize))
+    first = out[0]
+    for split in (1, 2 * first["SPLIT_M"]):
+        cfg = {**first, "SPLIT_M": split}
+        if split <= triton.cdiv(rows, first["BLOCK_M"]) and cfg not in out:
+            out.append(cfg)
+    return out
 
 
 def _flags(x: torch.Tensor) -> dict:
@@ -228,40 +327,85 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
 
 
 def snnk_backward(
-    grad, x, projection, weight, has_bias: bool, weight_grad: bool, kind: str, floor: float, input_scale: float
-):
-    """Launch the fused backward (dx, and Phi when ``weight_grad``) and the weight GEMM: (dx, dW, db).
+    grad, x, projection, weight, has_bias: bool, input_grad: bool, weight_grad: bool, kind: str, floor: float,
+    input_scale: float,
+):  # fmt: skip
+    """Launch the fused backward kernels: (dx, dW, db), Phi recomputed on chip by each (never written to memory).
 
-    dW is empty unless ``weight_grad``; db is empty unless ``has_bias``.
+    dx (``_snnk_dx_kernel``) is empty unless ``input_grad``; dW and db (``_snnk_dw_kernel``) are empty unless
+    ``weight_grad`` and ``has_bias``. With a bias but no weight gradient, db is dy's column sums (torch).
     """
-    d_in, (feats, _), d_out = x.shape[-1], projection.shape, weight.shape[0]
+    d_in, d_out = x.shape[-1], weight.shape[0]
     x2, dy2 = x.reshape(-1, d_in), common.as_rows(grad.to(x.dtype), d_out)
-    m = x2.shape[0]
-    dx2 = torch.empty(m, d_in, dtype=x.dtype, device=x.device)
-    phi = torch.empty(m if weight_grad else 0, weight.shape[1], dtype=x.dtype, device=x.device)
-    block_f = max(16, common.next_pow2(feats))
-    flags, coef = _flags(x), 1.0 / math.sqrt(feats)
+    flags, coef = _flags(x), 1.0 / math.sqrt(projection.shape[0])
+    args = (x2, projection, weight, dy2, kind, float(floor), float(input_scale), flags, coef)
+    dx = _launch_dx(*args).view(x.shape) if input_grad else x.new_empty(0)
+    if weight_grad:
+        dw, db = _launch_dw(*args, has_bias)
+    else:
+        dw = weight.new_empty(0)
+        db = dy2.sum(0, dtype=torch.float32).to(weight.dtype) if has_bias else weight.new_empty(0)
+    return dx, dw, db if has_bias else weight.new_empty(0)
 
-    def run(cfg: dict, out: torch.Tensor = dx2, phi_out: torch.Tensor = phi) -> tuple:
+
+def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coef) -> torch.Tensor:
+    (m, d_in), feats, d_out = x2.shape, projection.shape[0], weight.shape[0]
+    dx2 = torch.empty(m, d_in, dtype=x2.dtype, device=x2.device)
+    block_f = max(16, common.next_pow2(feats))
+
+    def run(cfg: dict, out: torch.Tensor = dx2) -> tuple:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
-        _snnk_bwd_kernel[grid](
-            x2, projection, weight, dy2, out, phi_out, m, d_in, d_out, feats,
+        _snnk_dx_kernel[grid](
+            x2, projection, weight, dy2, out, m, d_in, d_out, feats,
             x2.stride(0), x2.stride(1), projection.stride(0), projection.stride(1), weight.stride(0),
-            weight.stride(1), dy2.stride(0), out.stride(0), phi_out.stride(0), float(input_scale), float(floor), coef,
-            KIND_CODES[kind], weight_grad, flags["DOT"], flags["IEEE"], flags["Z_IEEE"],
+            weight.stride(1), dy2.stride(0), out.stride(0), input_scale, floor, coef,
+            KIND_CODES[kind], flags["DOT"], flags["IEEE"], flags["Z_IEEE"],
             cfg["BLOCK_M"], block_f, cfg["BLOCK_D"], cfg["BLOCK_N"], **common.launch_options(cfg),
         )  # fmt: skip
         return grid
 
-    key = _key(m, d_in, feats, d_out, kind, x.dtype)
-    scratch = lambda c: run(c, torch.empty_like(dx2), torch.empty_like(phi))
-    cfg = common.choose(_snnk_bwd_kernel, key, snnk_candidates(m, block_f, kind), scratch, x.device)
+    key = _key(m, d_in, feats, d_out, kind, x2.dtype)
+    candidates = snnk_candidates(m, block_f, kind)
+    cfg = common.choose(_snnk_dx_kernel, key, candidates, lambda c: run(c, torch.empty_like(dx2)), x2.device)
     grid = run(cfg)
-    shapes = [x.shape, projection.shape, weight.shape]
+    shapes = [x2.shape, projection.shape, weight.shape]
     common.record(
-        OP, _snnk_bwd_kernel, grid, cfg, shapes, x.dtype, "backward", kind=kind, BLOCK_F=block_f,
-        weight_grad="torch.matmul(dy^T, Phi)",
+        OP, _snnk_dx_kernel, grid, cfg, shapes, x2.dtype, "backward", kind=kind, BLOCK_F=block_f, grads="input"
+    )
+    return dx2
+
+
+def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, flags, coef, has_bias: bool) -> tuple:
+    """dW (and db) by ``_snnk_dw_kernel``: one launch over (output tiles x feature tiles, row splits); with more than
+    one split each writes fp32 partial sums (splits, d_out, width) that torch adds up (deterministic, no atomics)."""
+    (m, d_in), feats, (d_out, width) = x2.shape, projection.shape[0], weight.shape
+    device = x2.device
+
+    def run(cfg: dict) -> tuple:
+        rows_per_split = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), cfg["SPLIT_M"]) * cfg["BLOCK_M"]
+        splits = triton.cdiv(m, rows_per_split)
+        dtype = weight.dtype if splits == 1 else torch.float32
+        dw = torch.empty(splits, d_out, width, dtype=dtype, device=device)
+        db = torch.empty(splits, d_out if has_bias else 0, dtype=dtype, device=device)
+        grid = (triton.cdiv(d_out, cfg["BLOCK_N"]) * triton.cdiv(feats, cfg["BLOCK_F"]), splits)
+        _snnk_dw_kernel[grid](
+            x2, projection, dy2, dw, db if has_bias else dw, m, d_in, d_out, feats, rows_per_split,
+            x2.stride(0), x2.stride(1), projection.stride(0), projection.stride(1), dy2.stride(0),
+            dw.stride(0), dw.stride(1), db.stride(0), input_scale, floor, coef,
+            KIND_CODES[kind], has_bias, flags["DOT"], flags["IEEE"], flags["Z_IEEE"],
+            cfg["BLOCK_N"], cfg["BLOCK_F"], cfg["BLOCK_M"], cfg["BLOCK_D"], **common.launch_options(cfg),
+        )  # fmt: skip
+        return grid, dw, db
+
+    key = _key(m, d_in, feats, d_out, kind, x2.dtype)
+    candidates = dw_candidates(m, d_in, feats, d_out, kind, common.sm_count(device), x2.dtype.itemsize)
+    cfg = common.choose(_snnk_dw_kernel, key, candidates, run, device)
+    grid, dw, db = run(cfg)
+    shapes = [x2.shape, projection.shape, weight.shape]
+    common.record(
+        OP, _snnk_dw_kernel, grid, cfg, shapes, x2.dtype, "backward", kind=kind, grads="weight,bias",
+        splits=grid[1], z_recomputed=triton.cdiv(d_out, cfg["BLOCK_N"]),
     )  # fmt: skip
-    dw = (dy2.t() @ phi).to(weight.dtype) if weight_grad else weight.new_empty(0)
-    db = dy2.sum(0, dtype=torch.float32).to(weight.dtype) if has_bias else weight.new_empty(0)
-    return dx2.view(x.shape), dw, db
+    if grid[1] == 1:
+        return dw[0], db[0]
+    return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
