@@ -150,3 +150,17 @@ def test_export_errors_name_the_cause():
     text += "<class 'torch._dynamo.exc.Unsupported'>: Data-dependent branching\n\nmore"
     assert _first_line(RuntimeError(text)) == "Unsupported: Data-dependent branching"
     assert _first_line(ValueError("plain\nsecond")) == "plain"
+
+
+@pytest.mark.parametrize("target", ["grkan", "snnk"])
+def test_compiled_vit_exports_with_dynamic_batch(tmp_path, target):
+    """A timm-style ViT (kanc.nn.Mlp blocks) converted by kanc.compile exports and matches at two batch sizes."""
+    import kanc
+
+    torch.manual_seed(0)
+    images = torch.randn(4, 1, 8, 8)
+    converted = kanc.compile(ViT(dim=32, depth=2, heads=4, mlp="mlp").eval(), target=target, calibration=images)
+    assert len(kanc.report(converted).converted) == 2
+    result = export_onnx(converted, images[:2], tmp_path / f"vit_{target}.onnx", dynamic=("batch",))
+    assert [c["shapes"] for c in result.checks] == [[[2, 1, 8, 8]], [[3, 1, 8, 8]]]
+    assert result.worst < 1e-4
