@@ -139,9 +139,12 @@ def plot(results: dict, out: Path) -> list[Path]:
 
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, hist in results["conversion"]["curves"].items():
-        axes[0].plot(range(1, len(hist["loss"]) + 1), hist["loss"], label=name)
-        axes[1].plot(range(1, len(hist["acc"]) + 1), hist["acc"], label=name)
+    curves = results["conversion"]["curves"]
+    start = len(curves["pretrain"]["loss"])  # fine-tuning continues from the end of pretraining
+    for name, hist in curves.items():
+        first = 1 if name == "pretrain" else start + 1
+        axes[0].plot(range(first, first + len(hist["loss"])), hist["loss"], label=name)
+        axes[1].plot(range(first, first + len(hist["acc"])), hist["acc"], label=name)
     _label(axes, "conversion: pretrain (MLP) then fine-tune")
     paths.append(_save(fig, out / "conversion_curves.png"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
