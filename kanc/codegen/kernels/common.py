@@ -69,6 +69,20 @@ def rows_per_program(row_tiles: int, col_tiles: int, min_programs: int) -> int:
     return rpp
 
 
+def with_rows_per_program(
+    configs: Sequence[dict[str, Any]], tiles: Callable[[dict[str, Any]], tuple[int, int]], min_programs: int
+) -> list[dict[str, Any]]:
+    """Row-looping candidates: each tile config with its heuristic ROWS_PER_PROGRAM (``tiles(cfg)`` gives its row
+    and column tile counts), then the first (default) tile with other row counts (1, half, double)."""
+    out = [{**cfg, "ROWS_PER_PROGRAM": rows_per_program(*tiles(cfg), min_programs)} for cfg in configs]
+    first = out[0]
+    for rpp in (1, first["ROWS_PER_PROGRAM"] // 2, 2 * first["ROWS_PER_PROGRAM"]):
+        cfg = {**first, "ROWS_PER_PROGRAM": rpp}
+        if 1 <= rpp <= MAX_ROWS_PER_PROGRAM and cfg not in out:
+            out.append(cfg)
+    return out
+
+
 def dot_dtype(io_dtype: torch.dtype) -> tl.dtype:
     """Operand dtype of tl.dot for I/O in ``io_dtype``: fp16/bf16 on tensor cores, fp32 otherwise.
 

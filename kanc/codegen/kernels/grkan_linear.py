@@ -217,16 +217,9 @@ def dx_candidates(rows: int, cols: int, inner: int, min_programs: int) -> list[d
     """Configs of the dx kernel (dx tile (rows, cols), reducing over ``inner``): each tile with its heuristic
     ROWS_PER_PROGRAM (row tiles whose coefficient partial sums a program carries before its atomics), then the default
     tile with other row counts (1, half, double)."""
-    out = []
-    for cfg in tile_candidates(DX_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"), (rows, cols, inner)):
-        tiles = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_K"]))
-        out.append({**cfg, "ROWS_PER_PROGRAM": common.rows_per_program(*tiles, min_programs)})
-    first = out[0]
-    for rpp in (1, first["ROWS_PER_PROGRAM"] // 2, 2 * first["ROWS_PER_PROGRAM"]):
-        cfg = {**first, "ROWS_PER_PROGRAM": rpp}
-        if 1 <= rpp <= common.MAX_ROWS_PER_PROGRAM and cfg not in out:
-            out.append(cfg)
-    return out
+    tiles = tile_candidates(DX_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"), (rows, cols, inner))
+    counts = lambda cfg: (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_K"]))
+    return common.with_rows_per_program(tiles, counts, min_programs)
 
 
 def matmul_candidates(rows: int, cols: int, inner: int) -> list[dict]:

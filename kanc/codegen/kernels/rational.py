@@ -242,16 +242,9 @@ def elementwise_candidates(rows: int, channels: int, group_size: int, tiles=None
 def backward_candidates(rows: int, channels: int, group_size: int, min_programs: int) -> list[dict]:
     """Backward configs: each tile with its heuristic ROWS_PER_PROGRAM (``common.rows_per_program``), then the default
     tile with other row counts (1, half, double). First = the heuristic default."""
-    out = []
-    for cfg in elementwise_candidates(rows, channels, group_size, BWD_GPU_TILES):
-        tiles = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(channels, cfg["BLOCK_C"]))
-        out.append({**cfg, "ROWS_PER_PROGRAM": common.rows_per_program(*tiles, min_programs)})
-    first = out[0]
-    for rpp in (1, first["ROWS_PER_PROGRAM"] // 2, 2 * first["ROWS_PER_PROGRAM"]):
-        cfg = {**first, "ROWS_PER_PROGRAM": rpp}
-        if 1 <= rpp <= common.MAX_ROWS_PER_PROGRAM and cfg not in out:
-            out.append(cfg)
-    return out
+    tiles = elementwise_candidates(rows, channels, group_size, BWD_GPU_TILES)
+    counts = lambda cfg: (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(channels, cfg["BLOCK_C"]))
+    return common.with_rows_per_program(tiles, counts, min_programs)
 
 
 def _key(rows: int, channels: int, groups: int, dtype: torch.dtype, np_: int, nq: int) -> tuple:
