@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from kanc.cli.common import read_inputs
 from kanc.errors import KancError
 
 _MODEL = click.Path(path_type=Path)
@@ -51,32 +52,7 @@ def _load(model: Path, trust_pickle: bool, arch: str | None, arch_kwargs: str | 
 
 
 def _read_inputs(path: Path | None, what: str) -> Any:
-    if path is None:
-        return None
-    import torch
-
-    if not path.is_file():
-        raise KancError(f"{what} file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KancError(f"{path} is not a tensor file torch.load can read safely ({first})") from None
-    if not _has_tensor(obj):
-        raise KancError(f"{path} holds no tensor: save a tensor, a tuple of tensors or a dict of tensors")
-    return obj
-
-
-def _has_tensor(obj: Any) -> bool:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return True
-    if isinstance(obj, dict):
-        return any(_has_tensor(v) for v in obj.values())
-    if isinstance(obj, tuple | list):
-        return any(_has_tensor(v) for v in obj)
-    return False
+    return None if path is None else read_inputs(path, what)
 
 
 class _Progress:

@@ -7,31 +7,12 @@ from pathlib import Path
 
 import click
 
-from kanc.errors import KancError
+from kanc.cli.common import load_module, random_inputs
 
 
 @click.group("export")
 def export() -> None:
     """Export a model to another runtime's format."""
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        raise KancError(f"bad --input-shape {text!r}: expected integers like 2,16") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise KancError(f"bad --input-shape {text!r}: dimensions must be positive integers")
-    return shape
-
-
-def _example(shape: tuple[int, ...], dtype: str, vocab: int):
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    if dtype == "long":
-        return torch.randint(0, vocab, shape, generator=gen)
-    return torch.randn(shape, generator=gen)
 
 
 @export.command("onnx")
@@ -44,7 +25,8 @@ def _example(shape: tuple[int, ...], dtype: str, vocab: int):
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--atol", type=float, default=1e-4, help="Max abs difference onnxruntime vs PyTorch.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled full model (runs code).")
-@click.option("--arch", default=None, help="Architecture to rebuild when MODEL holds only weights.")
+@click.option("--arch", default=None, help="module:Class or file.py:Class when MODEL holds only weights.")
+@click.option("--arch-kwargs", default=None, help="JSON object of keyword arguments for --arch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def onnx_cmd(
     model: Path,
@@ -57,17 +39,15 @@ def onnx_cmd(
     atol: float,
     trust_pickle: bool,
     arch: str | None,
+    arch_kwargs: str | None,
     as_json: bool,
 ) -> None:
     """Export MODEL to OUT.onnx and check it with onnxruntime at the example shape and a second shape."""
     axes = tuple(a.strip() for a in dynamic.split(",") if a.strip() and a.strip() != "none")
-    inputs = tuple(_example(_parse_shape(s), dtype, vocab) for s in shapes)
-    if not model.exists():
-        raise KancError(f"model file not found: {model}")
-    from kanc.api import load
+    inputs = random_inputs(shapes, dtype, vocab)
+    module = load_module(model, trust_pickle, arch, arch_kwargs)
     from kanc.export import export_onnx
 
-    module = load(str(model), trust_pickle=trust_pickle, arch=arch)
     click.echo(f"exporting {model} -> {out}", err=True)
     result = export_onnx(module, inputs, out, dynamic=axes or None, opset=opset, atol=atol)
     if as_json:

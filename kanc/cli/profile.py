@@ -8,71 +8,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
+from kanc.cli.common import load_module, random_inputs, read_inputs
 from kanc.errors import KancError
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        raise KancError(f"bad --input-shape {text!r}: expected integers like 8,197,768") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise KancError(f"bad --input-shape {text!r}: dimensions must be positive integers")
-    return shape
-
-
-def _load_model(path: Path, trust_pickle: bool, arch: str | None, arch_kwargs: str | None):
-    """kanc.api.load when present (it also rebuilds kanc-converted models), else the frontend's loader."""
-    if not path.exists():
-        raise KancError(f"model file not found: {path}")
-    try:
-        from kanc.api import load
-    except ImportError:
-        from kanc.frontend.loading import load_model
-
-        return load_model(path, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs).module
-    kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "arch": arch}
-    if arch_kwargs:
-        kwargs["arch_kwargs"] = arch_kwargs
-    module = load(str(path), **kwargs)
-    return getattr(module, "module", module)
-
-
-def _load_inputs(path: Path):
-    import torch
-
-    if not path.is_file():
-        raise KancError(f"inputs file not found: {path}")
-    try:
-        inputs = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one line for the user
-        raise KancError(f"cannot read inputs from {path} (expected torch.save of tensors): {_first(e)}") from None
-    if not isinstance(inputs, (torch.Tensor, tuple, list, dict)):
-        raise KancError(f"{path} holds a {type(inputs).__name__}; expected a tensor, a tuple/list or a dict of tensors")
-    return inputs
-
-
 def _example_inputs(shapes: tuple[str, ...], inputs_file: Path | None, input_dtype: str, vocab: int):
-    import torch
 
     if inputs_file is not None and shapes:
         raise click.UsageError("give either --input-shape or --inputs, not both")
     if inputs_file is not None:
-        return _load_inputs(inputs_file)
+        return read_inputs(inputs_file)
     if not shapes:
         raise click.UsageError("give the example input: --input-shape 8,197,768 (repeatable) or --inputs FILE")
-    gen = torch.Generator().manual_seed(0)
-    if input_dtype == "long":
-        tensors = [torch.randint(0, vocab, _parse_shape(s), generator=gen) for s in shapes]
-    else:
-        tensors = [torch.randn(_parse_shape(s), generator=gen) for s in shapes]
-    return tuple(tensors)
+    return random_inputs(shapes, input_dtype, vocab)
 
 
 def _device(device: str | None) -> str:
@@ -89,11 +42,6 @@ def _dtype(name: str | None):
     import torch
 
     return getattr(torch, name) if name else None
-
-
-def _first(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def _common(fn):
@@ -161,7 +109,7 @@ def profile_cmd(model: Path, shapes, inputs_file, input_dtype, vocab, dtype, dev
     device = _device(device)
     if out is not None and out.exists() and not out.is_dir():
         raise KancError(f"output path {out} exists and is not a directory")
-    module = _load_model(model, trust_pickle, arch, arch_kwargs)
+    module = load_module(model, trust_pickle, arch, arch_kwargs)
     click.echo(f"profiling {model} on {device} ({'train step' if train else 'forward'}, {iters} steps)", err=True)
     report = profile(module, example, train=train, warmup=warmup, iters=iters, device=device, dtype=_dtype(dtype),
                      stalls=stalls, name=model.stem)  # fmt: skip
@@ -185,7 +133,7 @@ def tune_cmd(model: Path, shapes, inputs_file, input_dtype, vocab, dtype, device
 
     example = _example_inputs(shapes, inputs_file, input_dtype, vocab)
     device = _device(device)
-    module = _load_model(model, trust_pickle, arch, arch_kwargs)
+    module = load_module(model, trust_pickle, arch, arch_kwargs)
     click.echo(f"tuning {model} on {device} ({'forward and backward' if train else 'forward'})", err=True)
     result = tune(module, example, train=train, warmup=warmup, iters=iters, device=device, dtype=_dtype(dtype))
     if not result.entries:
