@@ -83,21 +83,16 @@ def run_case(name, tokens, channels, hidden, torch, device, dtype, bench, backen
 
 
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0], list(SHAPES) + list(SMOKE_SHAPES))
-    torch, device, dtype = common.setup(args)
-    names = args.shapes or list(SMOKE_SHAPES if args.smoke else SHAPES)
-    groups = 4 if args.smoke else GROUPS
-    bench = common.timer(device, args)
-    env = common.environment(torch, device)
-    table = {**SHAPES, **SMOKE_SHAPES}
-    cases = [run_case(nm, *table[nm], torch, device, dtype, bench, args.compile_backend, groups) for nm in names]
-    payload = {"benchmark": "mlp_block", **env, "dtype": args.dtype, "smoke": args.smoke,
-               "compile_backend": args.compile_backend, "target_vs_mlp_compiled": 1.15, "cases": cases}  # fmt: skip
-    common.print_table(cases, args.smoke)
-    for case in cases:
-        for r in case["results"]:
-            print(f"{case['name']:<12} {r['impl']:<44} {r['pass']:<17} {r['vs_mlp_compiled']:.2f}x MLP compiled")
-    print(f"\nwrote {common.write('mlp_block', payload, args, device)}")
+    def case(name, spec, c):
+        return run_case(name, *spec, c.torch, c.device, c.dtype, c.bench, c.backend, 4 if c.smoke else GROUPS)
+
+    def report(cases):
+        for case_ in cases:
+            for r in case_["results"]:
+                print(f"{case_['name']:<12} {r['impl']:<44} {r['pass']:<17} {r['vs_mlp_compiled']:.2f}x MLP compiled")
+
+    extra = lambda env, cases: {"target_vs_mlp_compiled": 1.15}
+    common.run("mlp_block", __doc__.splitlines()[0], SHAPES, SMOKE_SHAPES, case, extra, report)
 
 
 if __name__ == "__main__":

@@ -103,22 +103,17 @@ def run_case(name, tokens, channels, groups, torch, device, dtype, bench, compil
 
 
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0], list(SHAPES) + list(SMOKE_SHAPES))
-    torch, device, dtype = common.setup(args)
-    table = SMOKE_SHAPES if args.smoke else SHAPES
-    names = args.shapes or list(table)
-    bench = common.timer(device, args)
-    env = common.environment(torch, device)
-    cases = [run_case(nm, *{**SHAPES, **SMOKE_SHAPES}[nm], torch, device, dtype, bench, args.compile_backend)
-             for nm in names]  # fmt: skip
-    peak = hbm_peak(env["device"])
-    for case in cases:
-        for r in case["results"]:
-            r["pct_of_hbm_peak"] = 100 * r["gbps"] / peak if peak and r.get("gbps") else None
-    payload = {"benchmark": "rational", **env, "dtype": args.dtype, "smoke": args.smoke, "hbm_peak_gbps": peak,
-               "compile_backend": args.compile_backend, "cases": cases}  # fmt: skip
-    common.print_table(cases, args.smoke)
-    print(f"\nwrote {common.write('rational', payload, args, device)}")
+    def case(name, spec, c):
+        return run_case(name, *spec, c.torch, c.device, c.dtype, c.bench, c.backend)
+
+    def extra(env, cases):
+        peak = hbm_peak(env["device"])
+        for case_ in cases:
+            for r in case_["results"]:
+                r["pct_of_hbm_peak"] = 100 * r["gbps"] / peak if peak and r.get("gbps") else None
+        return {"hbm_peak_gbps": peak}
+
+    common.run("rational", __doc__.splitlines()[0], SHAPES, SMOKE_SHAPES, case, extra)
 
 
 if __name__ == "__main__":

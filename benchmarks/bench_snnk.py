@@ -109,17 +109,10 @@ def run_case(name, tokens, d, hidden, feats, kind, torch, device, dtype, bench, 
 
 
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0], list(SHAPES) + list(SMOKE_SHAPES))
-    torch, device, dtype = common.setup(args)
-    names = args.shapes or list(SMOKE_SHAPES if args.smoke else SHAPES)
-    bench = common.timer(device, args)
-    env = common.environment(torch, device)
-    table = {**SHAPES, **SMOKE_SHAPES}
-    cases = [run_case(nm, *table[nm], torch, device, dtype, bench, args.compile_backend) for nm in names]
-    payload = {"benchmark": "snnk", **env, "dtype": args.dtype, "smoke": args.smoke,
-               "compile_backend": args.compile_backend, "cases": cases}  # fmt: skip
-    common.print_table(cases, args.smoke)
-    print(f"\nwrote {common.write('snnk', payload, args, device)}")
+    def case(name, spec, c):
+        return run_case(name, *spec, c.torch, c.device, c.dtype, c.bench, c.backend)
+
+    common.run("snnk", __doc__.splitlines()[0], SHAPES, SMOKE_SHAPES, case)
 
 
 if __name__ == "__main__":

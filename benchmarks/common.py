@@ -18,9 +18,9 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 QUANTILES = (0.5, 0.2, 0.8)
@@ -76,13 +76,9 @@ def timer(device, args: argparse.Namespace) -> Callable[..., dict[str, float]]:
         return bench
 
     def wall_clock(fn, grad_to_none=None, reps: int = 3):
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        times.sort()
+        from kanc.codegen.tuning import cpu_times
+
+        times = sorted(cpu_times(fn, warmup=1, reps=reps))
         return {"median_ms": statistics.median(times), "p20_ms": times[0], "p80_ms": times[-1]}
 
     return wall_clock
@@ -169,3 +165,34 @@ def max_error(actual, expected) -> float:
 
 def element_size(dtype) -> int:
     return dtype.itemsize
+
+
+def run(
+    benchmark: str,
+    description: str,
+    shapes: dict[str, tuple],
+    smoke_shapes: dict[str, tuple],
+    case: Callable[[str, tuple, SimpleNamespace], dict[str, Any]],
+    extra: Callable[[dict[str, Any], list[dict[str, Any]]], dict[str, Any]] | None = None,
+    report: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> None:
+    """A benchmark's main: parse the options, run ``case(name, shape_spec, ctx)`` for each shape (``ctx`` holds
+    torch, device, dtype, bench, backend and smoke), then print the table and write the JSON. ``extra(env, cases)``
+    adds payload fields (and may annotate the cases); ``report(cases)`` prints lines after the table."""
+    args = parse_args(description, list(shapes) + list(smoke_shapes))
+    torch, device, dtype = setup(args)
+    names = args.shapes or list(smoke_shapes if args.smoke else shapes)
+    ctx = SimpleNamespace(torch=torch, device=device, dtype=dtype, bench=timer(device, args),
+                          backend=args.compile_backend, smoke=args.smoke)  # fmt: skip
+    env = environment(torch, device)
+    table = {**shapes, **smoke_shapes}
+    cases = [case(name, table[name], ctx) for name in names]
+    payload = {"benchmark": benchmark, **env, "dtype": args.dtype, "smoke": args.smoke,
+               "compile_backend": args.compile_backend}  # fmt: skip
+    if extra is not None:
+        payload.update(extra(env, cases))
+    payload["cases"] = cases
+    print_table(cases, args.smoke)
+    if report is not None:
+        report(cases)
+    print(f"\nwrote {write(benchmark, payload, args, device)}")

@@ -214,8 +214,8 @@ def _time_candidates(candidates: Sequence[Config], bench: Callable[[Config], flo
     return dict(candidates[best]), timings
 
 
-def cpu_bench(fn: Callable[[], Any], warmup: int = 1, reps: int = 3) -> float:
-    """Median wall-clock time of ``fn()`` in ms: the benchmarker under the interpreter (no GPU events)."""
+def cpu_times(fn: Callable[[], Any], warmup: int = 1, reps: int = 3) -> list[float]:
+    """Wall-clock times of ``reps`` calls of ``fn()`` in ms, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -223,7 +223,12 @@ def cpu_bench(fn: Callable[[], Any], warmup: int = 1, reps: int = 3) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def cpu_bench(fn: Callable[[], Any], warmup: int = 1, reps: int = 3) -> float:
+    """Median wall-clock time of ``fn()`` in ms: the benchmarker under the interpreter (no GPU events)."""
+    return statistics.median(cpu_times(fn, warmup, reps))
 
 
 def _key_text(key: Key) -> str:
