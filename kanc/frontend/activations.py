@@ -229,7 +229,18 @@ def function_activation(node: fx.Node) -> ActSpec | None:
 # ---- activations written as arithmetic --------------------------------------------------------------------------
 
 _AFFINE = {operator.add, operator.sub, operator.truediv, operator.neg, torch.add, torch.sub, torch.div, torch.neg}
-_CASTS = {"float", "half", "bfloat16", "to", "type_as", "add", "sub", "div", "neg", "__add__"}
+_AFFINE_METHODS = {  # casts and arithmetic that stay affine in the input
+    "float",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
+    "add",
+    "sub",
+    "div",
+    "neg",
+    "__add__",
+}
 
 
 def is_elementwise(node: fx.Node) -> bool:
@@ -283,7 +294,7 @@ def _grow(exit_node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
 
 def _affine(node: fx.Node) -> bool:
     if node.op == "call_method":
-        return node.target in _CASTS or (node.target == "mul" and _one_constant(node))
+        return node.target in _AFFINE_METHODS or (node.target == "mul" and _one_constant(node))
     if node.target in (operator.mul, torch.mul):
         return _one_constant(node)
     return node.target in _AFFINE
