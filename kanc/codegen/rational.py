@@ -3,6 +3,8 @@
 F_g(x) = P_g(x) / Q_g(x) over the last dimension, split into G contiguous groups:
     P_g(x) = a_g0 + a_g1 x + ... + a_gm x^m
     Q_g(x) = 1 + |b_g1| |x| + ... + |b_gn| |x|^n        (>= 1: no poles)
+Gradient convention: d|b|/db = +1 at b = 0 (``abs_grad_sign``; KAT's kernels do the same), never sign(0) = 0, so an
+identity-initialised rational (b = 0) can start to learn its denominator. The reference and every kernel agree.
 ``numerator`` is (G, m+1) and ``denominator`` is (G, n). Math runs in fp32 (x^5 overflows fp16
 past |x| = 9.19; fp64 inputs stay fp64) and the result is stored in the input's dtype.
 
@@ -37,6 +39,11 @@ def check_rational_args(x: Tensor, numerator: Tensor, denominator: Tensor) -> in
     return groups
 
 
+def abs_grad_sign(b: Tensor) -> Tensor:
+    """The sign kanc takes for d|b|/db: -1 where b < 0, else +1 (b = 0 included). A constant for autograd."""
+    return torch.where(b < 0, -1.0, 1.0).to(b.dtype)
+
+
 def rational_ref(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
     """Pure-PyTorch group rational (the living definition every kernel is checked against).
 
@@ -47,7 +54,8 @@ def rational_ref(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
     math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(math_dtype).reshape(*shape[:-1], groups, shape[-1] // groups)
     a = numerator.to(math_dtype).unsqueeze(-1)  # (G, m+1, 1): a[:, k] broadcasts over (..., G, C/G)
-    b = denominator.to(math_dtype).abs().unsqueeze(-1)
+    den = denominator.to(math_dtype)
+    b = (den * abs_grad_sign(den)).unsqueeze(-1)  # |b| with d|b|/db = +1 at b = 0
     p = a[:, -1]
     for k in range(a.shape[1] - 2, -1, -1):
         p = p * xf + a[:, k]

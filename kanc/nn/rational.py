@@ -17,6 +17,9 @@ ActInit = str | Callable[[Tensor], Tensor]
 class GroupRational(nn.Module):
     """Safe (version-A) rational activation with per-group coefficients over the last dimension.
 
+    Gradient convention: d|b|/db = +1 at b = 0 (as KAT's kernels), so the identity init (b = 0) learns its
+    denominator; the reference and every kernel agree (``kanc.codegen.rational.abs_grad_sign``).
+
     Args:
         channels: size of the last dimension C.
         groups: G contiguous channel groups (C % G == 0); group of channel c is c // (C // G).

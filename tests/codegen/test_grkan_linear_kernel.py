@@ -227,3 +227,12 @@ def test_onnx_export_decomposes_even_with_kernels_available(device, tmp_path):
         n.domain in ("", "ai.onnx") for n in onnx.load(str(tmp_path / "m.onnx")).graph.node
     )
     assert result.worst < 1e-4
+
+
+def test_denominator_gradient_at_zero_takes_plus_one(device):
+    """b = 0 (the identity init of fc1): the fused backward's d|b|/db is +1, as in the reference."""
+    x, num, _, w, b = _inputs((37, 48), 20, 3, torch.float32, device)
+    den = torch.zeros(3, 4, device=device).requires_grad_()
+    _check([x, num, den, w, b])
+    grkan_linear(x, num, den, w, b).square().sum().backward()
+    assert torch.count_nonzero(den.grad) == den.numel()

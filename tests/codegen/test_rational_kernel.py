@@ -218,3 +218,14 @@ def test_debug_level_3_dumps_source_and_config(device, monkeypatch, capfd):
     err = capfd.readouterr().err
     assert "def _rational_fwd_kernel(" in err and "tl.store" in err
     assert "_rational_fwd_kernel key=(4, 8, 2, 6, 4, 'float32') config={'BLOCK_R'" in err
+
+
+def test_denominator_gradient_at_zero_takes_plus_one(device):
+    """b = 0 (the identity init): the kernel's d|b|/db is +1, as in the reference, so the gradient is not zero."""
+    x, num, _ = _inputs((37, 48), 8, torch.float32, device)
+    den = torch.zeros(8, 4, device=device).requires_grad_()
+    with recording() as launches:
+        assert_equivalent(group_rational, rational_ref, [x, num, den])
+    assert [launch.kernel for launch in launches] == [FWD, BWD]
+    group_rational(x, num, den).sum().backward()
+    assert torch.count_nonzero(den.grad) == den.numel()

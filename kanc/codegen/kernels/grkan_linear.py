@@ -28,6 +28,7 @@ from kanc.codegen.kernels.rational import (
     group_span,
     groups_touched,
 )
+from kanc.codegen.rational import abs_grad_sign
 
 OP = "kanc::grkan_linear"
 
@@ -275,7 +276,7 @@ def grkan_linear_backward(grad, x, numerator, denominator, weight, has_bias: boo
     dx, acc = _launch_dx(x2, dy2, weight, num, den, groups)
     np_ = num.shape[1]
     dnum = acc[:, :np_].to(numerator.dtype).contiguous()
-    dden = (acc[:, np_:] * torch.sign(den)).to(denominator.dtype)
+    dden = (acc[:, np_:] * abs_grad_sign(den)).to(denominator.dtype)
     return dx.view(x.shape), dnum, dden, dw, db
 
 

@@ -23,6 +23,7 @@ import triton.language as tl
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
+from kanc.codegen.rational import abs_grad_sign
 
 OP = "kanc::group_rational"
 
@@ -306,4 +307,4 @@ def rational_backward(
     atomics = grid[0] * groups_touched(channels, group_size, cfg["BLOCK_C"]) * (np_ + nq)
     shapes = [x.shape, num.shape, den.shape]
     common.record(OP, _rational_bwd_kernel, grid, cfg, shapes, x.dtype, "backward", atomics, coefficients=np_ + nq)
-    return dx, acc[:, :np_].to(numerator.dtype).contiguous(), (acc[:, np_:] * torch.sign(den)).to(denominator.dtype)
+    return dx, acc[:, :np_].to(numerator.dtype).contiguous(), (acc[:, np_:] * abs_grad_sign(den)).to(denominator.dtype)
