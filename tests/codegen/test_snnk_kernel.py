@@ -227,20 +227,25 @@ def test_launches_run_under_their_tensors_device_guard(device, guarded_launches)
 
 
 def test_feature_tile_defaults(monkeypatch):
-    """GPU defaults of the forward and dx kernels: up to 512 features one tile (y stored once, as before tiling);
-    beyond, tiles that pad m least, then the fewest (m = 768: 3 x 256, m = 1000: 2 x 512, m = 3072: 6 x 512), and
-    every candidate within the register budget of its tile."""
+    """GPU defaults of the forward and dx kernels: up to 512 features one tile (256 for cos, whose halves double the
+    arrays), as before tiling; beyond, tiles that pad m least, then the fewest (m = 768: 3 x 256, m = 1000: 2 x 512,
+    m = 3072: 6 x 512; cos at m = 512: 2 x 256), every candidate within the register budget of its tile; dx defaults
+    to the narrower output chunk (compile_report: exp with 64-wide chunks spills at sm_90)."""
     from kanc.codegen.kernels import snnk
 
     monkeypatch.setattr(snnk, "interpreting", lambda: False)
-    assert snnk.feature_tiles(256) == [256] and snnk.feature_tiles(300) == [512] and snnk.feature_tiles(5) == [16]
-    assert snnk.feature_tiles(768)[0] == 256 and snnk.feature_tiles(1000)[0] == 512
-    assert snnk.feature_tiles(3072)[0] == 512 and snnk.feature_tiles(600)[0] == 128
+    tiles = snnk.feature_tiles
+    assert tiles(256, "relu") == [256] and tiles(300, "exp") == [512] and tiles(5, "relu") == [16]
+    assert tiles(768, "relu")[0] == 256 and tiles(1000, "exp")[0] == 512 and tiles(3072, "relu")[0] == 512
+    assert tiles(256, "cos") == [256] and tiles(512, "cos") == [256, 128] and tiles(600, "cos")[0] == 128
     for kind in SNNK_KINDS:
         candidates = snnk.snnk_candidates(25216, 768, kind)
-        assert candidates[0]["BLOCK_F"] == 256 and {c["BLOCK_F"] for c in candidates} == {128, 256, 512}
+        assert candidates[0]["BLOCK_F"] == 256
+        assert {c["BLOCK_F"] for c in candidates} == ({128, 256} if kind == "cos" else {128, 256, 512})
         per_thread = 16 if kind == "cos" else 32
         assert all(c["BLOCK_M"] * c["BLOCK_F"] <= per_thread * 32 * c["num_warps"] for c in candidates)
+        dx = snnk.snnk_candidates(25216, 256, kind, snnk.DX_CHUNKS)[0]
+        assert (dx["BLOCK_D"], dx["BLOCK_N"], dx["num_warps"]) == (32, 32, 8)
 
 
 def test_double_backward_through_the_reference(device):

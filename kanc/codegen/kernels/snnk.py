@@ -369,44 +369,50 @@ def _snnk_dw_kernel(
 
 # (BLOCK_M, num_warps) pairs and (BLOCK_D, BLOCK_N) chunks. A program holds a few (BLOCK_M, BLOCK_F) fp32 arrays (Z,
 # Phi, dPhi, dZ; twice for cos) and (BLOCK_F, chunk) operand tiles of G and W, so configs are kept to at most 32
-# elements per thread per array and BLOCK_F x chunk <= 16384 (16 and 8192 for cos, whose operands come in halves):
-# ptxas at sm_90 (benchmarks/compile_report.py, m = 256) spills beyond that. First = default on a GPU.
+# elements per thread per array and BLOCK_F x chunk <= 16384 (16 and 8192 for cos, whose operands come in halves).
+# First = default on a GPU, checked spill-free by benchmarks/compile_report.py (sm_90, ViT-B, bf16, m = 256 and 768,
+# bound as a launch binds). The dx kernel holds dPhi and dZ on top of Z: its default takes the narrower output chunk
+# (exp with 64-wide chunks needs 255 registers and spills 4 B). With 16 warps a thread has at most 128 registers, and
+# most of those candidates spill: they are left for the tuner.
 ROW_WARPS = [(32, 8), (16, 8), (64, 16), (32, 16), (16, 4), (64, 8), (16, 16)]
 CHUNKS = [(32, 64), (64, 64), (32, 128), (64, 128), (32, 32), (16, 32), (16, 16)]
-# Feature tiles (BLOCK_F) of the forward and dx kernels. Up to WHOLE_FEATURES, all m features are one tile (Phi built
-# once, y stored once); beyond, m is cut into tiles of one of these widths whose sums over feature tiles pass through
-# fp32 partials (a read and a write of the (rows, d) output per extra tile, instead of the (rows, m) features).
-WHOLE_FEATURES = 512
+DX_CHUNKS = [(32, 32), (32, 64), (64, 64), (32, 128), (64, 128), (16, 32), (16, 16)]
+# Feature tiles (BLOCK_F) of the forward and dx kernels. Up to the widest tile (512 features, 256 for cos, whose two
+# halves double the arrays), all m features are one tile (Phi built once, y stored once); beyond, m is cut into tiles
+# whose sums pass through fp32 partials (a read and a write of the (rows, d) output per extra tile, instead of the
+# (rows, m) features).
 FEATURE_TILES = (512, 256, 128)
 OTHER_TILE_CONFIGS = 4  # candidates kept per feature tile other than the default one (the tuner times them all)
 
 
-def feature_tiles(feats: int) -> list[int]:
-    """BLOCK_F choices, first = default: one tile of all features (a power of two, >= 16 for tl.dot) up to
-    WHOLE_FEATURES; beyond, the FEATURE_TILES widths by least padding of m, then fewest tiles."""
+def feature_tiles(feats: int, kind: str) -> list[int]:
+    """BLOCK_F choices, first = default: one tile of all features (a power of two, >= 16 for tl.dot) up to the widest
+    tile of ``kind``; beyond, the FEATURE_TILES widths by least padding of m, then fewest tiles."""
+    widest = 256 if kind == "cos" else FEATURE_TILES[0]
     whole = max(16, common.next_pow2(feats))
-    if whole <= WHOLE_FEATURES:
+    if whole <= widest:
         return [whole]
-    return sorted(FEATURE_TILES, key=lambda bf: (triton.cdiv(feats, bf) * bf, triton.cdiv(feats, bf)))
+    tiles = [bf for bf in FEATURE_TILES if bf <= widest]
+    return sorted(tiles, key=lambda bf: (triton.cdiv(feats, bf) * bf, triton.cdiv(feats, bf)))
 
 
-def snnk_candidates(rows: int, feats: int, kind: str) -> list[dict]:
-    """Configs of the forward and dx kernels (rows per program, feature tile, warps, chunks of the input and output
-    widths); first = heuristic default."""
+def snnk_candidates(rows: int, feats: int, kind: str, chunks: list[tuple[int, int]] = CHUNKS) -> list[dict]:
+    """Configs of the forward (``chunks`` = CHUNKS) and dx (DX_CHUNKS) kernels: rows per program, feature tile, warps,
+    chunks of the input and output widths; first = heuristic default."""
     rows_cap = max(16, common.next_pow2(rows))
-    tiles = feature_tiles(feats)
+    tiles = feature_tiles(feats, kind)
     if interpreting():  # few, large programs: the interpreter pays per program, registers do not matter
         bf = tiles[0]
         bm = max(16, min(64, 16384 // bf, rows_cap))
         return [_config(bm, bf, bd, bn, 4, 1) for bd, bn in CHUNKS[:3]]
     out: list[dict] = []
     for i, bf in enumerate(tiles):
-        configs = [cfg for cfg in _gpu_configs(rows_cap, bf, kind) if cfg not in out]
+        configs = [cfg for cfg in _gpu_configs(rows_cap, bf, kind, chunks) if cfg not in out]
         out += configs if i == 0 else configs[:OTHER_TILE_CONFIGS]
     return out or [_config(16, tiles[0], 16, 16, 16, 2)]
 
 
-def _gpu_configs(rows_cap: int, block_f: int, kind: str) -> list[dict]:
+def _gpu_configs(rows_cap: int, block_f: int, kind: str, chunks: list[tuple[int, int]]) -> list[dict]:
     """The (rows, warps) x chunks configs within the register budget of one feature tile."""
     per_thread, operand = (16, 8192) if kind == "cos" else (32, 16384)
     out = []
@@ -414,7 +420,7 @@ def _gpu_configs(rows_cap: int, block_f: int, kind: str) -> list[dict]:
         bm = min(bm, rows_cap)
         if bm * block_f > per_thread * 32 * warps:
             continue
-        for bd, bn in CHUNKS:
+        for bd, bn in chunks:
             cfg = _config(bm, block_f, bd, bn, warps, 2)
             if max(bd, bn) * block_f <= operand and cfg not in out:
                 out.append(cfg)
@@ -571,7 +577,7 @@ def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
         return grid
 
     key = _key(m, d_in, feats, d_out, kind, x2.dtype)
-    candidates = snnk_candidates(m, feats, kind)
+    candidates = snnk_candidates(m, feats, kind, DX_CHUNKS)
     cfg = common.choose(_snnk_dx_kernel, key, candidates, lambda c: run(c, torch.empty_like(dx2)), x2.device)
     grid = run(cfg)
     shapes = [x2.shape, projection.shape, weight.shape]
