@@ -359,3 +359,28 @@ def test_pair_contract_errors():
         GRKANPair(fc1, GRKANLinear(16, 8, groups=4))
     with pytest.raises(KancError, match="two GRKANLinear"):
         GRKANPair(fc1, torch.nn.Linear(32, 8))
+
+
+def test_profile_reports_the_placement_that_ran(tmp_path, device):
+    """kanc.profile: each kernel row names its placement, and the block run as one op is counted as its two fused
+    layers are when they run one by one (the same FLOPs), so its rates are not blank."""
+    import kanc
+    from kanc.runtime import validate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(GRKANMlp(16, 32, groups=4, placement="epilogue")).to(device)
+    x = torch.randn(5, 16, device=device)
+    epilogue = kanc.profile(model, x, train=True, warmup=1, iters=1)
+    assert {k.placement for k in epilogue.kernels if k.kernel in (EPI, PRO_FWD)} == {"epilogue"}
+    assert (
+        validate(epilogue.to_json()) == []
+        and "placement=epilogue" in (epilogue.write(tmp_path) / "report.html").read_text()
+    )
+    model[0].placement = "prologue"
+    prologue = kanc.profile(model, x, train=True, warmup=1, iters=1)
+    assert {k.placement for k in prologue.kernels if k.kernel in (EPI, PRO_FWD)} == {"prologue"}
+    for direction in ("forward", "backward"):
+        block = next(r for r in epilogue.layers if r.name == "0" and r.direction == direction)
+        layers = [r for r in prologue.layers if r.name in ("0.fc1", "0.fc2") and r.direction == direction]
+        assert block.path == "kernel" and block.flops == sum(r.flops for r in layers) > 0
+        assert next(r for r in prologue.layers if r.name == "0" and r.direction == direction).flops in (0, None)
