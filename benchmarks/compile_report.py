@@ -94,7 +94,7 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
 
 def calls_for(dtype: torch.dtype, tokens: int, channels: int, hidden: int, groups: int, feats: int, all_candidates):
     """Run every launcher (forward and backward) at one block shape and return the captured calls."""
-    from kanc.codegen.kernels import grkan_linear, rational, snnk
+    from kanc.codegen.kernels import grkan_linear, linear_rational, rational, snnk
 
     calls: list = []
     capture(calls)
@@ -111,6 +111,7 @@ def calls_for(dtype: torch.dtype, tokens: int, channels: int, hidden: int, group
         lambda: grkan_linear.grkan_linear_forward(h, num, den, w2, b),
         lambda: grkan_linear.grkan_linear_backward(x, h, num, den, w2, True),
         lambda: grkan_linear.grkan_linear_forward(x, num, den, w1, None),
+        lambda: linear_rational.linear_rational_forward(x, w1, torch.zeros(hidden).to(dtype), num, den, True),
     ]
     for kind in ("relu", "exp", "cos"):
         w = torch.randn(channels, feats * (2 if kind == "cos" else 1)).to(dtype)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
-from kanc.codegen.kernels.grkan_linear import _dot, _dot_args, _swizzle, matmul_candidates
+from kanc.codegen.kernels.grkan_linear import _dot, _dot_args, _swizzle, tile_candidates
 from kanc.codegen.kernels.rational import _rational_pq
 
 OP = "kanc::grkan_mlp_epilogue"
@@ -65,6 +65,17 @@ def _linear_rational_fwd_kernel(
 
 # ---------------------------------------------------------------------------------------------------- launchers
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), first = the default. The epilogue evaluates F on the whole fp32
+# accumulator (h, P and Q live together: 3 values per accumulator element), so it needs more registers than the
+# prologue kernel at the same tile. Ordered by `benchmarks/compile_report.py --all-candidates` (triton 3.9.0, sm_90,
+# ViT-B fc1 in bf16): the first three compile without spills; 128 x 128 x 32 spills 16 B per thread, 128 x 256 x 32
+# spills 2.6 kB and is left out. The tuner times them all on a GPU.
+EPILOGUE_TILES = [
+    (64, 256, 32, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4), (128, 128, 64, 8, 3),
+]  # fmt: skip
+
+
 
 def _key(m: int, n: int, k: int, groups: int, np_: int, nq: int, dtype: torch.dtype, store_h: bool) -> tuple:
     return (common.row_bucket(m), n, k, groups, np_, nq, str(dtype).removeprefix("torch."), int(store_h))
@@ -95,7 +106,8 @@ def linear_rational_forward(x, weight, bias, numerator, denominator, store_h: bo
 
     key = _key(m, n_out, k_in, groups, np_, nq, x.dtype, store_h)
     scratch = lambda c: run(c, torch.empty_like(h2), torch.empty_like(u2))
-    cfg = common.choose(_linear_rational_fwd_kernel, key, matmul_candidates(m, n_out, k_in), scratch, x.device)
+    candidates = tile_candidates(EPILOGUE_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), (m, n_out, k_in))
+    cfg = common.choose(_linear_rational_fwd_kernel, key, candidates, scratch, x.device)
     grid = run(cfg)
     shapes = [x.shape, weight.shape, num.shape, den.shape]
     common.record(OP, _linear_rational_fwd_kernel, grid, cfg, shapes, x.dtype, "forward", placement="epilogue")
