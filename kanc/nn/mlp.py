@@ -71,7 +71,8 @@ class GRKANMlp(nn.Module):
         init_grkan_linear_(self.fc2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(run_pair(self.fc1, self.fc2, x, self.placement, self.drop1))
+        placement = getattr(self, "placement", "prologue")  # a block pickled before placements existed
+        return self.drop2(run_pair(self.fc1, self.fc2, x, placement, self.drop1))
 
 
 class Mlp(nn.Module):
