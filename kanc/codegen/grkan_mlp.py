@@ -248,7 +248,8 @@ def choose_placement(x, num1, den1, w1, b1, num2, den2, w2, b2, placement: str =
     key = placement_key(operands[0].dtype, training, *dims)
     x_, w1_, b1_, w2_, b2_ = (t.detach() if t is not None else None for t in operands)
     args = (x_, num1.detach(), den1.detach(), w1_, b1_, num2.detach(), den2.detach(), w2_, b2_)
-    bench = _placement_bench(args, training) if x.device.type == "cuda" else None
+    measurable = x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()  # no timing in a capture
+    bench = _placement_bench(args, training) if measurable else None
     return tuning.pick_config(PLACEMENT_KERNEL, key, _CANDIDATES, bench, x.device)["placement"]
 
 

@@ -76,7 +76,6 @@ EPILOGUE_TILES = [
 ]  # fmt: skip
 
 
-
 def _key(m: int, n: int, k: int, groups: int, np_: int, nq: int, dtype: torch.dtype, store_h: bool) -> tuple:
     return (common.row_bucket(m), n, k, groups, np_, nq, str(dtype).removeprefix("torch."), int(store_h))
 
