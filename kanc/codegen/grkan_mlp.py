@@ -264,7 +264,14 @@ def placement_key(dtype: torch.dtype, training: bool, *dims: int) -> tuple:
     return (*(int(d) for d in dims), str(dtype).removeprefix("torch."), "train" if training else "infer")
 
 
-@torch.compiler.assume_constant_result
+def _constant_for_compile(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without importing torch._dynamo at kanc's import (it imports
+    triton): the same marker, which dynamo reads when a trace reaches ``fn`` (tests check torch still uses it)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_for_compile
 def _cached_placement(device: str, dtype: torch.dtype, training: bool, *dims: int) -> str:
     """The cached choice (else the default) without timing; a constant for torch.compile, called once per trace."""
     key = placement_key(dtype, training, *dims)

@@ -302,6 +302,16 @@ def test_auto_under_compile_takes_the_cached_choice(device, compile_capture):
     assert "kanc.grkan_linear.default" in graphs.targets("forward")
 
 
+def test_the_compile_constant_marker_is_torchs():
+    """_cached_placement is marked as torch.compiler.assume_constant_result marks a function (without importing
+    torch._dynamo at kanc's import): if torch changes its marker, this fails before a trace silently breaks."""
+    from kanc.codegen.grkan_mlp import _cached_placement
+
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert vars(marked) == {"_dynamo_marked_constant": True}
+    assert _cached_placement._dynamo_marked_constant is True
+
+
 def test_dropout_between_the_layers(device):
     with pytest.raises(KancError, match="epilogue"):
         GRKANMlp(16, 32, groups=4, drop=0.1, placement="epilogue")
