@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kanc-installed
 
-.PHONY: test test-cpu test-kernels demo lint format clean
+.PHONY: test test-cpu test-kernels demo gpu-check lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ test-kernels: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# On a machine with one H100/H200 (< 8 minutes): GPU tests with tuning off, the benchmarks at ViT-B shapes, every
+# figure beside its target in benchmarks/results/. SMOKE=1: tiny shapes on the CPU interpreter (checks the script).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kanc tests examples benchmarks

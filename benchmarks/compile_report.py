@@ -115,7 +115,7 @@ def run_launchers(
     all_candidates: bool,
 ) -> None:
     """Run every launcher (forward and backward) at one block shape (SNNK at each feature count and kind)."""
-    from kanc.codegen.kernels import grkan_linear, rational, snnk
+    from kanc.codegen.kernels import grkan_linear, linear_rational, rational, snnk
 
     x = torch.randn(tokens, channels).to(dtype)
     h = torch.randn(tokens, hidden).to(dtype)
@@ -129,6 +129,7 @@ def run_launchers(
         lambda: grkan_linear.grkan_linear_forward(h, num, den, w2, b),
         lambda: grkan_linear.grkan_linear_backward(x, h, num, den, w2, True),
         lambda: grkan_linear.grkan_linear_forward(x, num, den, w1, None),
+        lambda: linear_rational.linear_rational_forward(x, w1, torch.zeros(hidden).to(dtype), num, den, True),
     ]
     for m in feats:
         g = torch.randn(m, channels)

@@ -285,6 +285,7 @@ def _kernel_table(report: ProfileReport) -> str:
     rows = []
     for k in report.kernels:
         config = ", ".join(f"{a}={b}" for a, b in k.config.items())
+        config += f", placement={k.placement}" if k.placement else ""
         direction = _SHORT.get(k.direction, k.direction)
         rows.append(
             f'<tr><td class="l">{escape(k.kernel)}</td><td class="l">{escape(k.layer)}</td><td>{direction}</td>'

@@ -394,6 +394,7 @@ class _Builder:
             flops=counts.flops if counts else None,
             bytes=counts.bytes if counts else None,
             stalls=stalls.get(kernel),
+            placement=first.extra.get("placement"),
         )
         dtype = getattr(torch, first.dtype.replace("torch.", ""), None) if first.dtype else None
         row.rates = rates(counts, time_ms, self.peaks, dtype if isinstance(dtype, torch.dtype) else None)

@@ -157,6 +157,7 @@ class KernelRow:
     bytes: float | None = None
     rates: Rates = field(default_factory=Rates)
     stalls: dict[str, Any] | None = None
+    placement: str | None = None  # where a GR-KAN block's rational ran ("prologue" / "epilogue"), from the launch
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

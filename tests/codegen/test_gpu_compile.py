@@ -22,6 +22,7 @@ KERNELS = {
     "_grkan_linear_fwd_kernel",
     "_grkan_linear_dw_kernel",
     "_grkan_linear_dx_kernel",
+    "_linear_rational_fwd_kernel",
     "_snnk_fwd_kernel",
     "_snnk_dx_kernel",
     "_snnk_dw_kernel",
