@@ -381,10 +381,12 @@ def _publish_all(targets: list[_Target]) -> None:
     """Move every complete temporary into place; the old content of replaced outputs is removed only at the end."""
     for t in targets:
         _publish(t)
+    olds = [t.tmp if t.published == "exchanged" else t.old for t in targets]
     for t in targets:
-        if t.published in ("exchanged", "moved"):
-            _remove(t.tmp if t.published == "exchanged" else t.old)
-        t.published, t.tmp, t.old = "", None, None
+        t.published, t.tmp, t.old = "", None, None  # done: nothing to undo from here on
+    for old in olds:
+        with contextlib.suppress(OSError):
+            _remove(old)
     for parent in {t.entry.parent for t in targets}:
         _sync_dir(parent)
 

@@ -38,8 +38,11 @@ def test_every_command_refuses_every_hostile_input(cases, command, tmp_path, cap
         out = tmp_path / name
         out.mkdir()
         code, stdout, err = run_cli(COMMANDS[command](case.model, out), capsys)
-        line = one_error_line(err)
-        assert code == EXIT_FAILED and case.says in line, (name, line)
+        if command == "convert" and name.startswith("manifest"):  # the manifest records a conversion: nothing to do
+            assert code == EXIT_OK and "already converted" in stdout and "nothing written" in stdout, (name, err)
+        else:
+            line = one_error_line(err)
+            assert code == EXIT_FAILED and case.says in line, (name, line)
         assert hostile.markers(root) == [], name
         assert hostile.snapshot(root) == before, name
         assert list(out.iterdir()) == [], name
