@@ -80,9 +80,15 @@ def _run(args: list[str], debug: bool) -> int:
     except (click.Abort, KeyboardInterrupt, _Terminated, Exception) as e:  # noqa: BLE001 - every failure is one line
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: {one_line(e) if not isinstance(e, click.Abort) else 'interrupted'}", err=True)
+        click.echo(f"Error: {_reason(e)}", err=True)
         return _exit_code(e)
     return EXIT_OK
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, click.Abort):
+        return "interrupted"
+    return "terminated" if isinstance(e, _Terminated) else one_line(e)
 
 
 def _exit_code(e: BaseException) -> int:
@@ -100,9 +106,6 @@ def _debug_level() -> int:
 
 class _Terminated(BaseException):
     """SIGTERM, raised where the process is so that every write cleans up (kanc.writing)."""
-
-    def __str__(self) -> str:
-        return "terminated"
 
 
 @contextlib.contextmanager

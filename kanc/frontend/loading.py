@@ -93,12 +93,17 @@ def detect_format(path: str | os.PathLike) -> str:
     raise KancError(f"{path} is not a PyTorch model file ({_describe_foreign(path, head)})")
 
 
-def _zip_format(path: Path) -> str:
+def zip_names(path: Path) -> list[str]:
+    """The entry names of the zip archive at ``path`` (nothing extracted); KancError when it is not one."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError) as e:
-        raise KancError(f"{path} is truncated or corrupt (bad zip archive: {e})") from None
+        raise KancError(f"{path} is truncated or corrupt (bad zip archive: {printable(str(e))})") from None
+
+
+def _zip_format(path: Path) -> str:
+    names = zip_names(path)
     tails = {n.split("/", 1)[1] if "/" in n else n for n in names}
     if "archive_format" in tails or any(t.startswith("models/") for t in tails):
         return "pt2"
@@ -147,7 +152,7 @@ def load_model(
     if fmt == "pt2":
         return _load_pt2(path, trust_pickle)
     if fmt == "hf_dir":
-        return LoadedModel(_load_hf_dir(path, arch, kwargs), fmt, path, arch, kwargs)
+        return LoadedModel(_load_hf_dir(path, arch, kwargs, trust_pickle), fmt, path, arch, kwargs)
     if fmt == "safetensors":
         weights = _load_safetensors(path)
         return LoadedModel(_with_weights(weights, path, arch, kwargs), fmt, path, arch, kwargs)
@@ -357,7 +362,7 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         raise KancError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
 
 
-def _load_hf_dir(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Module:
+def _load_hf_dir(path: Path, arch: str | None, kwargs: dict[str, Any], trust_pickle: bool) -> nn.Module:
     """A save_pretrained folder: the class named by its config (or ``arch``), loaded offline."""
     try:
         import transformers
@@ -375,9 +380,14 @@ def _load_hf_dir(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Mod
     cls = _import_arch(arch) if arch else _hf_class(transformers, config, path)
     try:
         model = cls.from_pretrained(
-            path, config=config, local_files_only=True, trust_remote_code=False, weights_only=True
+            path, config=config, local_files_only=True, trust_remote_code=False, weights_only=not trust_pickle
         )
     except Exception as e:  # noqa: BLE001
+        if "weights only load failed" in str(e).lower():
+            raise KancError(
+                f"{path} holds pickled weights that run code when loaded: pass --trust-pickle if you trust its "
+                "source, or save the model with safetensors"
+            ) from None
         raise KancError(f"cannot load {path} as {cls.__name__}: {_first_line(e)}") from None
     return model.eval()
 
@@ -420,6 +430,8 @@ def hf_model_class(name: Any) -> Any:
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """The JSON document at ``path`` (data only: nothing in it is imported or called here)."""
     path = Path(path)
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise KancError(f"{path} is not a regular file (expected a {what})")
     try:
         with open(path, "rb") as f:
             data = f.read(_JSON_MAX + 1)

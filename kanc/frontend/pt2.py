@@ -18,7 +18,6 @@ import json
 import logging
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +96,9 @@ def _load_trusted(path: Path) -> Any:
 
 def _check_entries(path: Path) -> None:
     """Refuse entry names outside the archive's top folder, and native code torch would load."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise KancError(f"{path} is truncated or corrupt (bad zip archive: {e})") from None
+    from kanc.frontend.loading import zip_names
+
+    names = zip_names(path)
     top = names[0].split("/", 1)[0] if names else ""
     for name in names:
         parts = name.split("/")

@@ -283,6 +283,18 @@ def hf_remote_code(d: Path, marker: Path) -> Path:
     return folder
 
 
+def hf_pickled_weights(d: Path, marker: Path) -> Path:
+    """A save_pretrained folder (no custom code) whose pytorch_model.bin is a malicious pickle."""
+    import transformers
+
+    folder = d / "hf"
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickled_payload(marker))
+    return folder
+
+
 BUILDERS = {
     "pt2_pickled_weight": (pt2_pickled_weight, "pickled"),
     "pt2_pickled_sample_inputs": (pt2_pickled_sample_inputs, "pickled"),
@@ -298,6 +310,7 @@ BUILDERS = {
     "manifest_subprocess": (manifest_subprocess, "names the architecture 'subprocess:run'"),
     "manifest_python_file": (manifest_python_file, "names the architecture"),
     "hf_remote_code": (hf_remote_code, "auto_map"),
+    "hf_pickled_weights": (hf_pickled_weights, "pickled weights"),
 }
 
 

@@ -305,8 +305,9 @@ def test_names_with_control_characters_stay_one_line(tmp_path, capsys):
     assert code == EXIT_FAILED and "\\n\\x1b[2Jname.pt" in line and "\x1b" not in err
 
 
-def test_sigint_during_convert_leaves_nothing(float_model, tmp_path):
-    """A convert interrupted while it writes (SIGINT) exits 130 with one line and leaves no file behind."""
+@pytest.mark.parametrize("sig, code, says", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_convert_leaves_nothing(float_model, tmp_path, sig, code, says):
+    """A convert stopped while it writes (SIGINT, SIGTERM) exits 128 + signal with one line and leaves no file."""
     path, arch = float_model
     script = (
         "import sys, time, kanc.saving as s; real = s._write_state_dict\n"
@@ -323,7 +324,7 @@ def test_sigint_during_convert_leaves_nothing(float_model, tmp_path):
     while not flag.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert flag.exists()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and one_error_line(err) == "Error: interrupted"
+    assert proc.returncode == code and one_error_line(err) == f"Error: {says}"
     assert os.listdir(out) == []

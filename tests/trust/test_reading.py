@@ -101,6 +101,19 @@ def test_tampered_manifests_are_one_line_errors(tmp_path, name):
     assert says in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
+def test_special_files_never_block(tmp_path):
+    """A FIFO where a model or its manifest should be would block a reader forever: refused at once."""
+    import os
+
+    os.mkfifo(tmp_path / "model.pt")
+    with pytest.raises(KancError, match="not a regular file"):
+        kanc.load(tmp_path / "model.pt")
+    torch.save(hostile.mlp().state_dict(), tmp_path / "w.pt")
+    os.mkfifo(tmp_path / "w.pt.kanc.json")
+    with pytest.raises(KancError, match="not a regular file"):
+        kanc.load(tmp_path / "w.pt", arch=f"{hostile.__file__}:Mlp")
+
+
 def test_weights_that_do_not_fit_name_the_mismatch(tmp_path):
     torch.save({"fc1.weight": torch.zeros(3, 3)}, tmp_path / "w.pt")
     with pytest.raises(KancError) as info:
