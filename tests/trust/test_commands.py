@@ -14,7 +14,7 @@ from pathlib import Path
 import hostile
 import pytest
 import torch
-from conftest import one_error_line, run_cli, run_subprocess
+from conftest import one_error_line, run_cli
 
 import kanc
 from kanc import writing
@@ -288,13 +288,14 @@ def test_exit_codes_are_one_table(float_model, tmp_path, capsys):
     assert run_cli(["frobnicate"], capsys)[0] == EXIT_USAGE
 
 
-def test_tracebacks_only_with_kanc_debug(tmp_path):
+def test_tracebacks_only_with_kanc_debug(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    quiet = run_subprocess("inspect", empty)
-    assert quiet.returncode == EXIT_FAILED and quiet.stderr == f"Error: {empty} is empty\n"
-    loud = run_subprocess("inspect", empty, env={"KANC_DEBUG": "1"})
-    assert loud.returncode == EXIT_FAILED and "Traceback" in loud.stderr and "KancError" in loud.stderr
+    code, _, err = run_cli(["inspect", empty], capsys)
+    assert code == EXIT_FAILED and err == f"Error: {empty} is empty\n"
+    monkeypatch.setenv("KANC_DEBUG", "1")
+    code, _, err = run_cli(["inspect", empty], capsys)
+    assert code == EXIT_FAILED and "Traceback" in err and "KancError" in err
 
 
 def test_names_with_control_characters_stay_one_line(tmp_path, capsys):
