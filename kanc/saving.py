@@ -42,7 +42,7 @@ DIR_MANIFEST = "kanc.json"
 MANIFEST_VERSION = 1
 SAVE_FORMATS = ("state_dict", "safetensors", "pickle", "pt2", "hf_dir")
 MAX_DEGREE = 16  # rational degrees beyond this overflow fp32 powers and only cost memory
-_LIMITS = {"groups": 1 << 16, "num_features": 1 << 20, "seed": 2**63 - 1}
+_LIMITS = {"groups": (1, 1 << 16), "num_features": (1, 1 << 20), "seed": (0, 2**63 - 1)}
 
 
 # ---- the manifest --------------------------------------------------------------------------------------------------
@@ -93,10 +93,10 @@ def check_option_values(options: dict, bad) -> None:
         ok = isinstance(degrees, list | tuple) and len(degrees) == 2 and all(type(d) is int for d in degrees)
         if not ok or not (1 <= degrees[0] <= MAX_DEGREE and 0 <= degrees[1] <= MAX_DEGREE):
             raise bad("degrees", f"must be two integers m in 1..{MAX_DEGREE}, n in 0..{MAX_DEGREE}")
-    for name, limit in _LIMITS.items():
+    for name, (lo, hi) in _LIMITS.items():
         value = options.get(name)
-        if value is not None and not (type(value) is int and 0 <= value <= limit):
-            raise bad(name, f"must be an integer in 0..{limit}")
+        if value is not None and not (type(value) is int and lo <= value <= hi):
+            raise bad(name, f"must be an integer in {lo}..{hi}")
 
 
 def make_manifest(model: nn.Module, fmt: str, path: Path, arch: str | None, arch_kwargs: dict | None) -> dict:

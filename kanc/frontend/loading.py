@@ -29,7 +29,6 @@ import os
 import pickle
 import struct
 import sys
-import types
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -345,7 +344,7 @@ def _with_mode_switch(module: nn.Module) -> nn.Module:
     in (dropout, batch norm), so they set the ``training`` flags only: what kanc's own layers read."""
     for name in ("train", "eval"):
         if name in module.__dict__:
-            setattr(module, name, types.MethodType(getattr(nn.Module, name), module))
+            delattr(module, name)  # back to nn.Module's methods
     return module
 
 

@@ -221,7 +221,7 @@ def test_an_already_converted_pt2_says_so(tmp_path, capsys):
     [
         (["--degrees", "100000,4"], "bad --degrees: must be two integers m in 1..16"),
         (["--degrees", "5"], "bad --degrees '5'"),
-        (["--groups", "0"], "groups"),
+        (["--groups", "0"], "bad --groups: must be an integer in 1..65536"),
         (["--kind", "exp"], "unknown option 'kind' for target grkan"),
     ],
 )
