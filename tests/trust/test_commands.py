@@ -14,13 +14,27 @@ from pathlib import Path
 import hostile
 import pytest
 import torch
-from conftest import one_error_line, run_cli
+from trust_support import one_error_line, run_cli
 
 import kanc
 from kanc import writing
 from kanc.errors import EXIT_CODES, EXIT_FAILED, EXIT_NOTHING, EXIT_OK, EXIT_USAGE
 
 SHAPE = ["--input-shape", "4,8"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KANC_CACHE_DIR", str(tmp_path / "kanc-cache"))
+    monkeypatch.delenv("KANC_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> dict[str, hostile.Case]:
+    """Every hostile input of hostile.py, built once (the commands must leave them unchanged: the tests check it)."""
+    return hostile.build_all(tmp_path_factory.mktemp("hostile"))
+
+
 COMMANDS = {
     "convert": lambda m, out: ["convert", m, "-t", "grkan", "-o", out / "converted", "--force"],
     "inspect": lambda m, out: ["inspect", m, "--graph", out / "g.dot", "--force"],

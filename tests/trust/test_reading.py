@@ -5,11 +5,11 @@ the trust flag is the only thing that opens the door; clean files of the same ki
 """
 
 import json
-import shutil
 
 import hostile
 import pytest
 import torch
+from trust_support import run_subprocess
 
 import kanc
 from kanc.errors import KancError
@@ -17,8 +17,8 @@ from kanc.frontend.pt2 import check_program
 
 
 @pytest.mark.parametrize("name", sorted(hostile.BUILDERS))
-def test_hostile_files_are_refused_and_their_payload_never_runs(cases, name):
-    case = cases[name]
+def test_hostile_files_are_refused_and_their_payload_never_runs(tmp_path, name):
+    case = hostile.build(name, tmp_path)
     with pytest.raises(KancError) as info:
         kanc.load(case.model)
     message = str(info.value)
@@ -225,12 +225,9 @@ def test_inputs_files_never_unpickle(tmp_path):
     assert hostile.markers(tmp_path) == []
 
 
-def test_hf_folder_with_remote_code_is_refused_without_a_prompt(cases, tmp_path):
+def test_hf_folder_with_remote_code_is_refused_without_a_prompt(tmp_path):
     """transformers would ask "Do you wish to run the custom code? [y/N]" on stdout and read stdin: never."""
-    from conftest import run_subprocess
-
-    folder = tmp_path / "hf"
-    shutil.copytree(cases["hf_remote_code"].model, folder)
+    folder = hostile.build("hf_remote_code", tmp_path).model
     proc = run_subprocess("inspect", folder, "--json", stdin="y\ny\n")
     assert proc.returncode == 1 and proc.stdout == "", proc.stdout
     assert "auto_map" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

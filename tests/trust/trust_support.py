@@ -1,5 +1,6 @@
-"""Fixtures for the trust tests: hostile inputs (hostile.py), the CLI run in-process or in a subprocess, and an
-isolated tuning cache."""
+"""What the trust tests share: the CLI run in-process or in a subprocess, and its one error line. Not a conftest.py:
+pytest would register it as the module ``conftest``, and the runtime tests pickle classes their own conftest defines
+under that name."""
 
 from __future__ import annotations
 
@@ -10,22 +11,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hostile  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KANC_CACHE_DIR", str(tmp_path / "kanc-cache"))
-    monkeypatch.delenv("KANC_DEBUG", raising=False)
-
-
-@pytest.fixture(scope="session")
-def cases(tmp_path_factory) -> dict[str, hostile.Case]:
-    """Every hostile input of hostile.py, built once (commands must leave them unchanged: the tests check it)."""
-    return hostile.build_all(tmp_path_factory.mktemp("hostile"))
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
