@@ -29,7 +29,6 @@ import json
 import os
 import re
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -142,17 +141,19 @@ class TuningCache:
         self.entries.setdefault(kernel, {})[_key_text(key)] = record
 
     def save(self) -> None:
-        """Write atomically (temp file + rename) so a crash never leaves a half-written cache."""
+        """Write through kanc.writing (atomic; locked, so a concurrent tuner of the same device waits, and the entries
+        it saved meanwhile are merged in rather than lost)."""
+        from kanc.writing import write_file
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(self.path, self._write_merged, force=True, wait=30.0)
+
+    def _write_merged(self, tmp: Path) -> None:
+        saved = TuningCache(self.path, self.device)  # read under the writer's lock: saved by others since our load
+        for kernel, entries in saved.entries.items():
+            self.entries[kernel] = {**entries, **self.entries.get(kernel, {})}
         payload = {"version": CACHE_VERSION, "device": self.device, "kernels": self.entries}
-        fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".json", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True), encoding="utf-8")
 
 
 def get_cache(device: torch.device | str | None = None) -> TuningCache:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kanc.errors import KancError
 from kanc.runtime.counts import Counts
 from kanc.runtime.devices import DevicePeaks
 from kanc.runtime.stalls import StallReport
@@ -227,33 +226,32 @@ class ProfileReport:
     def __str__(self) -> str:
         return self.table()
 
-    def write(self, directory: str | os.PathLike) -> Path:
-        """Write report.json, trace.json and report.html into ``directory``, atomically: the files appear together
-        or not at all. An existing directory is replaced only when it is empty or holds an earlier kanc report."""
-        directory = Path(directory)
-        _check_output_dir(directory)
+    def write(
+        self, directory: str | os.PathLike, *, force: bool = False, protect: Iterable[str | os.PathLike] = ()
+    ) -> Path:
+        """Write report.json, trace.json and report.html into ``directory`` through kanc.writing: the files appear
+        together or not at all. An existing directory is replaced only with ``force``, and only when it is empty or
+        holds an earlier kanc report; ``protect``: paths it must never touch (the model file)."""
+        from kanc.writing import write_dir
+
         payloads: dict[str, Callable[[], str]] = {
             "report.json": lambda: json.dumps(self.to_json(), indent=1),
             "trace.json": lambda: json.dumps(_clean(self.trace())),
             "report.html": self.html,
         }
         texts = {name: make() for name, make in payloads.items()}  # render everything before touching the disk
-        from kanc.frontend.loading import atomic_write
 
         def fill(tmp: Path) -> None:
             for name, text in texts.items():
                 (tmp / name).write_text(text, encoding="utf-8")
 
-        return atomic_write(directory, fill, directory=True)
+        return write_dir(directory, fill, replaceable=is_report_dir, force=force, inputs=protect)
 
 
-def _check_output_dir(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise KancError(f"output path {directory} exists and is not a directory")
-    if directory.is_dir():
-        entries = {p.name for p in directory.iterdir()}
-        if entries and not (entries <= set(REPORT_FILES) and _is_kanc_report(directory / "report.json")):
-            raise KancError(f"output directory {directory} is not empty and holds no kanc report; choose another -o")
+def is_report_dir(directory: Path) -> bool:
+    """A folder holding an earlier kanc report and nothing else (``--force`` may replace it)."""
+    entries = {p.name for p in directory.iterdir()}
+    return entries <= set(REPORT_FILES) and _is_kanc_report(directory / "report.json")
 
 
 def _is_kanc_report(path: Path) -> bool:

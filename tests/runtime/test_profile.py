@@ -168,9 +168,11 @@ def test_write_refuses_a_foreign_directory_and_leaves_nothing(kan_model, tmp_pat
     with pytest.raises(KancError, match="does not exist"):
         report.write(tmp_path / "missing" / "prof")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
-    # an earlier report is replaced
+    # an earlier report is replaced, with force
     first = report.write(tmp_path / "prof")
-    assert report.write(first) == first and validate(json.loads((first / "report.json").read_text())) == []
+    with pytest.raises(KancError, match="exists: pass --force"):
+        report.write(first)
+    assert report.write(first, force=True) == first and validate(json.loads((first / "report.json").read_text())) == []
 
 
 def test_module_counts_agree_with_rows_for_snnk(kan_model):
