@@ -285,21 +285,29 @@ def find(report: ProfileReport) -> list[Finding]:
 
 
 def _roofline_findings(report: ProfileReport) -> list[Finding]:
-    out = []
     stalls = {k["kernel"]: k for k in (row.stalls for row in report.kernels) if k}
-    for row in report.layers:
-        r = row.rates
-        if r.bound is None or r.roofline_ms is None or row.time_ms <= 0:
-            continue
-        if r.bound == "memory":
-            where = f"at {percent(r.bandwidth_fraction)} of {report.peaks.memory} bandwidth"
-        else:
-            where = f"at {percent(r.compute_fraction)} of the {r.compute_peak} peak"
-        kind = row.kind or row.type
-        cause = _cause(row, [stalls[k] for k in row.kernels if k in stalls])
-        text = f"{row.label}: {kind} {row.direction} {where}: {cause}"
-        out.append(Finding(text, row.label, "roofline", max(row.time_ms - r.roofline_ms, 0.0)))
-    return out
+    found = (
+        roofline_finding(row, report.peaks.memory, [stalls[k] for k in row.kernels if k in stalls])
+        for row in report.layers
+    )
+    return [f for f in found if f is not None]
+
+
+def roofline_finding(row: LayerRow, memory: str, stalls: list[dict[str, Any]]) -> Finding | None:
+    """Where one measured layer stands against its roofline and the likely cause, in words (None without a roof).
+
+    A decision on figures already measured (``row.rates`` from ``rates``, launch facts, stall counters), so it can
+    be tested on fixed figures; ``memory`` names what the bandwidth peak is of ("HBM3", "DRAM (measured copy)").
+    """
+    r = row.rates
+    if r.bound is None or r.roofline_ms is None or row.time_ms <= 0:
+        return None
+    if r.bound == "memory":
+        where = f"at {percent(r.bandwidth_fraction)} of {memory} bandwidth"
+    else:
+        where = f"at {percent(r.compute_fraction)} of the {r.compute_peak} peak"
+    text = f"{row.label}: {row.kind or row.type} {row.direction} {where}: {_cause(row, stalls)}"
+    return Finding(text, row.label, "roofline", max(row.time_ms - r.roofline_ms, 0.0))
 
 
 def percent(fraction: float | None) -> str:
