@@ -23,7 +23,7 @@ from torch import Tensor
 from torch._C._functorch import peek_interpreter_stack
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+Parameter = torch.nn.Parameter
 _kernel_modules: dict[str, ModuleType] = {}
 
 
@@ -35,7 +35,20 @@ def eager(*tensors: Tensor | None) -> bool:
         or peek_interpreter_stack() is not None
     ):
         return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    for t in tensors:
+        if t is not None and type(t) is not Tensor and type(t) is not Parameter:
+            return False
+    return True
+
+
+def function_apply(function: type[torch.autograd.Function]) -> Callable[..., Tensor]:
+    """``function.apply`` without its Python layer (an old-style Function: ``forward(ctx, ...)``).
+
+    ``Function.apply`` binds default arguments with ``inspect.signature`` (new-style Functions) and unwraps dead
+    functorch wrappers with a pytree walk on every call before it calls the C ``apply``; :func:`eager` has already
+    ruled out functorch, so kanc's eager path calls the C ``apply`` directly.
+    """
+    return super(torch.autograd.Function, function).apply
 
 
 def triton_kernels(name: str) -> ModuleType:

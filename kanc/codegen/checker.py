@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from kanc.codegen import cpu as cpu_kernels
+from kanc.codegen.env import getenv
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON, CPU = "triton", "cpu"
 _enabled_override: bool | None = None
-_environ = os.environ
 
 
 def set_kernels_enabled(enabled: bool) -> None:
@@ -35,7 +34,7 @@ def kernels_enabled() -> bool:
     """Whether the global switch allows kernels (``set_kernels_enabled`` first, then ``KANC_KERNELS != "0"``)."""
     if _enabled_override is not None:
         return _enabled_override
-    return _environ.get("KANC_KERNELS", "1") != "0"
+    return getenv("KANC_KERNELS", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -52,7 +51,7 @@ def kernels_disabled() -> Iterator[None]:
 
 def interpreting() -> bool:
     """Whether Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
-    return _environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET", "0") == "1"
 
 
 _triton_found: bool | None = None
@@ -111,29 +110,31 @@ def kernel_route(
         return None, "kernels disabled"
     if in_onnx_export():
         return None, "onnx export"
-    device = None
+    cuda_index = None  # the CUDA device of the first tensor, or -1 for a CPU one
     for t in tensors:
         if t is None:
             continue
-        if device is None:
-            device = t.device
-        elif t.device != device:
+        index = t.get_device() if t.is_cuda else (-1 if t.is_cpu else -2)
+        if cuda_index is None:
+            cuda_index = index
+        elif index != cuda_index:
             return None, "device"
         if t.dtype not in KERNEL_DTYPES:
             return None, "dtype"
         if t.numel() == 0:
             return None, "empty tensor"
-    for value, maximum in (limits or {}).values():
-        if value > maximum:
-            return None, "shape limit"
-    return _backend(device, cpu)
+    if limits:
+        for value, maximum in limits.values():
+            if value > maximum:
+                return None, "shape limit"
+    return _backend(-1 if cuda_index is None else cuda_index, cpu)
 
 
-def _backend(device: torch.device | None, cpu: bool) -> tuple[str | None, str | None]:
-    kind = device.type if device is not None else "cpu"
-    if kind == "cuda" or (kind == "cpu" and interpreting()):
+def _backend(cuda_index: int, cpu: bool) -> tuple[str | None, str | None]:
+    """The backend for tensors on CUDA device ``cuda_index`` (>= 0), the CPU (-1), or elsewhere (-2: meta, ...)."""
+    if cuda_index >= 0 or (cuda_index == -1 and interpreting()):
         return (TRITON, None) if triton_available() else (None, "triton not installed")
-    if kind != "cpu":
+    if cuda_index != -1:
         return None, "device"
     if not cpu:
         return None, "no cpu kernel for this op"

@@ -21,6 +21,7 @@ from kanc.codegen import cpu as cpu_kernels
 from kanc.codegen import fallbacks
 from kanc.codegen.autograd import (
     eager,
+    function_apply,
     reference_vjp,
     register_reference_double_backward,
     triton_kernels,
@@ -62,7 +63,7 @@ def grkan_linear(x: Tensor, numerator: Tensor, denominator: Tensor, weight: Tens
             bias = bias.to(dtype) if bias is not None else None
         if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
             if eager(x, numerator, denominator, weight, bias):
-                return _GRKANLinear.apply(x, numerator, denominator, weight, bias)
+                return _apply_grkan_linear(x, numerator, denominator, weight, bias)
             return torch.ops.kanc.grkan_linear(x, numerator, denominator, weight, bias)
         reason = "mixed dtypes"
     fallbacks.count(OP, weight, reason)
@@ -73,12 +74,10 @@ class _GRKANLinear(torch.autograd.Function):
     """The eager Triton path without the custom op's dispatch (see ``autograd.eager``)."""
 
     @staticmethod
-    def forward(x: Tensor, numerator: Tensor, denominator: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, numerator: Tensor, denominator: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, numerator, denominator, weight)
         return triton_kernels("grkan_linear").grkan_linear_forward(x, numerator, denominator, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        _setup_context(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -87,6 +86,9 @@ class _GRKANLinear(torch.autograd.Function):
         kernels = triton_kernels("grkan_linear")
         dx, dnum, dden, dw, db = kernels.grkan_linear_backward(grad, *ctx.saved_tensors, ctx.has_bias)
         return dx, dnum, dden, dw, db if ctx.has_bias else None
+
+
+_apply_grkan_linear = function_apply(_GRKANLinear)
 
 
 @torch.library.custom_op("kanc::grkan_linear", mutates_args=())

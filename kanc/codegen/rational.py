@@ -18,6 +18,8 @@ kernels of ``kanc.codegen.cpu`` for CPU tensors. A call the reference runs is co
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -25,6 +27,7 @@ from kanc.codegen import cpu as cpu_kernels
 from kanc.codegen import fallbacks
 from kanc.codegen.autograd import (
     eager,
+    function_apply,
     reference_vjp,
     register_reference_double_backward,
     triton_kernels,
@@ -90,24 +93,14 @@ def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
         fallbacks.count(OP, denominator, reason)
         return rational_ref(x, numerator, denominator)
     if eager(x, numerator, denominator):
-        return _GroupRational.apply(x, numerator, denominator, backend)
+        return _apply_group_rational(x, numerator, denominator, backend)
     return torch.ops.kanc.group_rational(x, numerator, denominator)
 
 
-def rational_forward(backend: str, x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
-    """The forward kernel of ``backend`` ("triton" or "cpu")."""
-    if backend == CPU:
-        return cpu_kernels.rational_forward(x, numerator, denominator)
-    return triton_kernels("rational").rational_forward(x, numerator, denominator)
-
-
-def rational_backward(
-    backend: str, grad: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward kernel of ``backend``: (dx, d numerator, d denominator)."""
-    if backend == CPU:
-        return cpu_kernels.rational_backward(grad, x, numerator, denominator)
-    return triton_kernels("rational").rational_backward(grad, x, numerator, denominator)
+def kernels(backend: str) -> ModuleType:
+    """The module holding ``backend``'s launchers ``rational_forward`` and ``rational_backward``: the C kernels of
+    ``kanc.codegen.cpu`` for "cpu", ``kanc.codegen.kernels.rational`` (imports triton) for "triton"."""
+    return cpu_kernels if backend == CPU else triton_kernels("rational")
 
 
 class _GroupRational(torch.autograd.Function):
@@ -115,19 +108,19 @@ class _GroupRational(torch.autograd.Function):
     when a graph of the gradient is wanted (double backward)."""
 
     @staticmethod
-    def forward(x: Tensor, numerator: Tensor, denominator: Tensor, backend: str) -> Tensor:
-        return rational_forward(backend, x, numerator, denominator)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        *tensors, ctx.backend = inputs
-        ctx.save_for_backward(*tensors)
+    def forward(ctx, x: Tensor, numerator: Tensor, denominator: Tensor, backend: str) -> Tensor:
+        ctx.kernels = launchers = kernels(backend)
+        ctx.save_for_backward(x, numerator, denominator)
+        return launchers.rational_forward(x, numerator, denominator)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         if torch.is_grad_enabled():
             return *torch.ops.kanc.group_rational_backward(grad, *ctx.saved_tensors), None
-        return *rational_backward(ctx.backend, grad, *ctx.saved_tensors), None
+        return *ctx.kernels.rational_backward(grad, *ctx.saved_tensors), None
+
+
+_apply_group_rational = function_apply(_GroupRational)
 
 
 @torch.library.custom_op("kanc::group_rational", mutates_args=())
@@ -136,7 +129,7 @@ def _group_rational_op(x: Tensor, numerator: Tensor, denominator: Tensor) -> Ten
     if backend is None:
         fallbacks.count(OP, denominator, reason)
         return rational_ref(x, numerator, denominator).contiguous()
-    return rational_forward(backend, x, numerator, denominator)
+    return kernels(backend).rational_forward(x, numerator, denominator)
 
 
 @_group_rational_op.register_fake
@@ -151,7 +144,7 @@ def _group_rational_backward_op(
     backend, _ = kernel_route(grad, x, numerator, denominator, cpu=True)
     if backend is None:  # counted in the forward
         return reference_vjp(rational_ref, grad, x, numerator, denominator)
-    return rational_backward(backend, grad, x, numerator, denominator)
+    return kernels(backend).rational_backward(grad, x, numerator, denominator)
 
 
 @_group_rational_backward_op.register_fake

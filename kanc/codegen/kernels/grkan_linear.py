@@ -198,6 +198,7 @@ DX_TILES = [
 INTERPRETER_TILES = [(64, 64, 64, 4, 1), (32, 32, 32, 4, 1), (16, 16, 16, 4, 1)]  # few programs, little numpy work
 
 
+@common.memoized
 def tile_candidates(tiles, names: tuple[str, str, str], sizes: tuple[int, int, int]) -> list[dict]:
     """Configs from (rows, cols, reduction, warps, stages) tiles, first = the heuristic default.
 
@@ -214,15 +215,17 @@ def tile_candidates(tiles, names: tuple[str, str, str], sizes: tuple[int, int, i
     return out
 
 
+@common.memoized
 def dx_candidates(rows: int, cols: int, inner: int, min_programs: int) -> list[dict]:
     """Configs of the dx kernel (dx tile (rows, cols), reducing over ``inner``): each tile with its heuristic
     ROWS_PER_PROGRAM (row tiles whose coefficient partial sums a program carries before its atomics), then the default
     tile with other row counts (1, half, double)."""
     tiles = tile_candidates(DX_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"), (rows, cols, inner))
-    counts = lambda cfg: (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_K"]))
+    counts = lambda cfg: (common.cdiv(rows, cfg["BLOCK_M"]), common.cdiv(cols, cfg["BLOCK_K"]))
     return common.with_rows_per_program(tiles, counts, min_programs)
 
 
+@common.memoized
 def matmul_candidates(rows: int, cols: int, inner: int) -> list[dict]:
     """Configs of the forward kernel: y (rows, cols), reducing over ``inner``."""
     return tile_candidates(FWD_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), (rows, cols, inner))
@@ -247,7 +250,7 @@ def grkan_linear_forward(x, numerator, denominator, weight, bias):
     dot, ieee = _dot_args(x.dtype)
 
     def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+        grid = (common.cdiv(m, cfg["BLOCK_M"]) * common.cdiv(n_out, cfg["BLOCK_N"]),)
         _grkan_linear_fwd_kernel[grid](
             x2, weight, bias if bias is not None else x2, out, num, den, m, n_out, k_in, k_in // groups,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
@@ -285,7 +288,7 @@ def _launch_dw(x2, dy2, num, den, dw, db, has_bias: bool, groups: int) -> None:
     dot, ieee = _dot_args(x2.dtype)
 
     def run(cfg: dict, out: torch.Tensor = dw, out_b: torch.Tensor = db) -> tuple:
-        grid = (triton.cdiv(n_out, cfg["BLOCK_N"]) * triton.cdiv(k_in, cfg["BLOCK_K"]),)
+        grid = (common.cdiv(n_out, cfg["BLOCK_N"]) * common.cdiv(k_in, cfg["BLOCK_K"]),)
         _grkan_linear_dw_kernel[grid](
             x2, dy2, out, out_b if has_bias else out, num, den, m, n_out, k_in, k_in // groups,
             x2.stride(0), x2.stride(1), dy2.stride(0), out.stride(0),
@@ -311,8 +314,8 @@ def _launch_dx(x2, dy2, weight, num, den, groups: int) -> tuple[torch.Tensor, to
     dot, ieee = _dot_args(x2.dtype)
 
     def run(cfg: dict, out: torch.Tensor = dx, sums: torch.Tensor = acc) -> tuple:
-        row_programs = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
-        grid = (row_programs * triton.cdiv(k_in, cfg["BLOCK_K"]),)
+        row_programs = common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
+        grid = (row_programs * common.cdiv(k_in, cfg["BLOCK_K"]),)
         _grkan_linear_dx_kernel[grid](
             x2, dy2, weight, out, num, den, sums, m, n_out, k_in, group_size,
             x2.stride(0), x2.stride(1), dy2.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
@@ -328,7 +331,7 @@ def _launch_dx(x2, dy2, weight, num, den, groups: int) -> tuple[torch.Tensor, to
     scratch = lambda c: run(c, torch.empty_like(dx), torch.zeros_like(acc))
     cfg = common.choose(_grkan_linear_dx_kernel, key, candidates, scratch, x2.device)
     grid = run(cfg)
-    row_programs = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
+    row_programs = common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
     atomics = row_programs * groups_touched(k_in, group_size, cfg["BLOCK_K"]) * (np_ + nq)
     shapes = [x2.shape, dy2.shape, weight.shape]
     common.record(
