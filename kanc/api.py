@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kanc import __version__
+from kanc.codegen import fallbacks
 from kanc.errors import KancError, NoMLPFoundError
 from kanc.frontend.loading import atomic_write, build_arch, detect_format, load_model
 from kanc.passes.find import FindResult, find_mlp_blocks
@@ -157,6 +158,7 @@ def report(model: nn.Module) -> ConversionReport:
     found = model.__dict__.get(_REPORT_ATTR) if isinstance(model, nn.Module) else None
     if found is None:
         raise KancError("this model was not converted by kanc.compile (no conversion report attached)")
+    found.fallbacks = fallbacks.summary(fallbacks.of_model(model))  # live: the calls that ran the reference so far
     return found
 
 

@@ -113,19 +113,37 @@ def reset() -> None:
 
 
 def of_model(model: nn.Module, since: dict[int, dict[tuple[str, str], int]] | None = None) -> list[Fallback]:
-    """The fallbacks of ``model``'s layers (counted since the ``since`` snapshot, else since the layer was built),
-    in module order."""
-    rows = []
-    for name, module in model.named_modules():
+    """The fallbacks of ``model``'s layers, counted since the ``since`` snapshot (else since each layer was built),
+    in module order. A count is charged to the innermost kanc module holding its owner tensor (an SNNK block's
+    readout weight lives in its ``linear`` child: the block is the layer), else to the owner's module."""
+    modules = dict(model.named_modules())
+    totals: dict[tuple[str, str, str], int] = {}
+    seen: set[int] = set()
+    for name, module in modules.items():
         for tensor in _owned(module):
             entry = _entries.get(id(tensor))
-            if entry is None or entry.ref() is not tensor:
+            if id(tensor) in seen or entry is None or entry.ref() is not tensor:
                 continue
+            seen.add(id(tensor))
             before = (since or {}).get(id(tensor), {})
+            layer = _kanc_layer(name, modules)
             for (op, reason), calls in sorted(dict(entry.counts).items()):
-                if calls > before.get((op, reason), 0):
-                    rows.append(Fallback(name, type(module).__name__, op, reason, calls - before.get((op, reason), 0)))
-    return rows
+                new = calls - before.get((op, reason), 0)
+                if new > 0:
+                    totals[(layer, op, reason)] = totals.get((layer, op, reason), 0) + new
+    order = {name: i for i, name in enumerate(modules)}
+    rows = sorted(totals.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2]))
+    return [Fallback(layer, type(modules[layer]).__name__, op, reason, calls) for (layer, op, reason), calls in rows]
+
+
+def _kanc_layer(name: str, modules: dict[str, nn.Module]) -> str:
+    """``name`` or its nearest ancestor whose class is one of kanc's, else ``name``."""
+    parts = name.split(".") if name else []
+    for end in range(len(parts), -1, -1):
+        candidate = ".".join(parts[:end])
+        if type(modules.get(candidate)).__module__.startswith("kanc."):
+            return candidate
+    return name
 
 
 def _owned(module: nn.Module) -> Iterable[Tensor]:
@@ -156,16 +174,16 @@ def summary(rows: list[Fallback], per_layer: int = 3) -> list[str]:
 # ---------------------------------------------------------------------------------------------- KANC_DEBUG=1
 def _say(op: str, owner: Tensor, reason: str) -> None:
     """Print the first fallback of a layer (or of the process, for a global reason) on stderr."""
+    text = REASON_TEXT.get(reason, reason)
     if reason in GLOBAL_REASONS or reason.startswith(CPU_BUILD_PREFIX):
         key: tuple = (op, reason)
-        where = "every call"
+        line = f"[kanc] {op} runs the PyTorch reference in every layer: {text}"
     else:
         key = (id(owner), op, reason)
-        where = _layer_name(owner)
-    if key in _said:
-        return
-    _said.add(key)
-    print(f"[kanc] {where}: {op} runs the PyTorch reference: {REASON_TEXT.get(reason, reason)}", file=sys.stderr)
+        line = f"[kanc] {_layer_name(owner)}: {op} runs the PyTorch reference: {text}"
+    if key not in _said:
+        _said.add(key)
+        print(line, file=sys.stderr)
 
 
 def _layer_name(owner: Tensor) -> str:
