@@ -163,10 +163,12 @@ def summary(rows: list[Fallback], per_layer: int = 3) -> list[str]:
         text = REASON_TEXT.get(reason, reason)
         if len(group) > per_layer:
             names = ", ".join(r.layer or "(model)" for r in group[:2])
-            lines.append(f"{len(group)} layers ({names}, ...): {op} ran the PyTorch reference, {calls:,} calls: {text}")
+            lines.append(
+                f"{len(group)} layers ({names}, ...): {op} ran the PyTorch reference ({calls:,} calls): {text}"
+            )
         else:
             lines += [
-                f"{r.layer or '(model)'}: {op} ran the PyTorch reference, {r.calls:,} calls: {text}" for r in group
+                f"{r.layer or '(model)'}: {op} ran the PyTorch reference ({r.calls:,} calls): {text}" for r in group
             ]
     return lines
 
