@@ -10,7 +10,8 @@ microseconds per call (and the 20th/80th percentiles) of:
 - the KAT and FlashKAT backward wrappers of ``benchmarks/baselines.py`` (one call each: the floor a thin launcher
   reaches);
 - the floor of any autograd op: a do-nothing ``torch.autograd.Function`` forward + ``torch.autograd.grad``;
-- the CPU C-kernel path of ``group_rational`` forward + backward on a tiny tensor (host time plus a near-empty kernel).
+- the CPU C-kernel path of ``group_rational`` forward + backward on a tiny tensor (host time plus a near-empty kernel);
+- what counting one kernel-to-reference fallback costs (``kanc.codegen.fallbacks.count``).
 
 Timings on a shared machine vary with its load: the script prints the load average beside the medians; compare the
 kanc rows with the floors measured in the same run, not across runs.
@@ -37,7 +38,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 
-from kanc.codegen import grkan_linear, group_rational  # noqa: E402
+from kanc.codegen import fallbacks, grkan_linear, group_rational  # noqa: E402
 
 SHAPE, GROUPS, OUT_FEATURES = (8, 197, 768), 8, 3072  # ViT-B's fc2 input; the kernels never run, so size is free
 TARGETS_US = {"group_rational fwd+bwd": 30.0, "grkan_linear fwd+bwd": 50.0}  # issue 13, item 4
@@ -89,6 +90,7 @@ def cases() -> dict[str, callable]:
         "FlashKAT backward wrapper": lambda: baselines.flashkat_backward(g, x, num, den),
         "floor: empty autograd op fwd+bwd": lambda: torch.autograd.grad(_Nothing.apply(x, num, den), (x,), g),
         "cpu C kernel group_rational fwd+bwd, (1, 8)": cpu_rational,
+        "a fallback's bookkeeping (fallbacks.count)": lambda: fallbacks.count("kanc::group_rational", den, "dtype"),
     }
 
 
