@@ -54,7 +54,9 @@ def _check(inputs, **tol):
         ((37, 48), 8),  # D = 6: every group is a tail shorter than a SIMD block
         ((5, 2, 3, 12), 12),  # D = 1: groups of width 1, a 4-d input
         ((19, 40), 1),  # one group of 40 = 5 blocks of 8
-        ((1151, 60), 4),  # D = 15 (a block and a tail), 1151 rows: several backward chunks, threads on
+        ((1151, 60), 4),  # D = 15 (per-channel layout), 1151 rows: several backward chunks, threads on
+        ((700, 96), 4),  # D = 24 (a block of 8 lanes and a tail), 700 rows: several (chunk, group) items
+        ((3, 300), 300),  # D = 1 over more channels than a tile of the per-channel layout
     ],
 )
 def test_matches_reference(shape, groups, dtype):
@@ -138,9 +140,10 @@ def test_denominator_gradient_at_zero_is_the_right_hand_derivative():
         assert den.grad[g, k] != 0 and den.grad[g, k].item() == pytest.approx(one_sided, rel=1e-3, abs=1e-3)
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    """Backward partial sums are per (row chunk, group) whatever the threads, summed in one order: same bits."""
-    x, num, den = (t.detach() for t in _inputs((517, 192), 8))  # 99,264 elements: the parallel path
+@pytest.mark.parametrize("groups", [8, 64])  # D = 24 (a work item per row chunk and group), D = 3 (per row chunk)
+def test_results_do_not_depend_on_the_thread_count(groups):
+    """Backward partial sums are per work item whatever the threads, summed in one order: same bits."""
+    x, num, den = (t.detach() for t in _inputs((517, 192), groups))  # 99,264 elements: the parallel path
     g = torch.randn(517, 192, generator=torch.Generator().manual_seed(4))
     threads = torch.get_num_threads()
     results = []

@@ -10,7 +10,7 @@ way), the library is built in a private temporary directory for this process ins
 Compilers: ``CC`` (may hold arguments, e.g. ``ccache gcc``), else ``cc``, ``gcc`` or ``clang`` on PATH: Triton's
 own launcher stubs need one, so a machine that runs Triton has one. Flags are tried from the fastest (native ISA,
 OpenMP) down to plain ``-O3``; every set keeps ``-ffp-contract=off`` and no ``-ffast-math``, so the C code rounds
-like the reference and propagates NaN/inf.
+like the reference and propagates NaN/inf (``-fno-trapping-math`` only lets it compute both sides of a select).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 ABI = 1  # kanc_cpu_abi() of the source; bump with any change of an exported signature
 SOURCE = Path(__file__).with_name("rational.c")
-COMMON_FLAGS = ("-shared", "-fPIC", "-std=c11", "-ffp-contract=off", "-fno-math-errno")
+COMMON_FLAGS = ("-shared", "-fPIC", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
 COMPILE_TIMEOUT_S = 300
 
