@@ -28,7 +28,7 @@ from kanc.codegen.autograd import (
     vjp_with_graph,
 )
 from kanc.codegen.checker import CPU, kernel_route
-from kanc.codegen.rational import check_rational_args, group_rational, rational_ref
+from kanc.codegen.rational import check_rational_args, rational_on, rational_ref
 
 OP = "kanc::grkan_linear"
 
@@ -55,7 +55,7 @@ def grkan_linear(x: Tensor, numerator: Tensor, denominator: Tensor, weight: Tens
     check_linear_args(x, numerator, denominator, weight, bias)
     backend, reason = kernel_route(x, numerator, denominator, weight, bias, cpu=True)
     if backend == CPU:  # F(x) in one pass, then torch's BLAS; autograd keeps F(x) for dW as F.linear does
-        return torch.nn.functional.linear(group_rational(x, numerator, denominator), weight, bias)
+        return torch.nn.functional.linear(rational_on(CPU, x, numerator, denominator), weight, bias)
     if backend is not None:
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)

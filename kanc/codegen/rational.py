@@ -92,6 +92,12 @@ def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
     if backend is None:
         fallbacks.count(OP, denominator, reason)
         return rational_ref(x, numerator, denominator)
+    return rational_on(backend, x, numerator, denominator)
+
+
+def rational_on(backend: str, x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
+    """F(x) by ``backend``'s kernels, already chosen by the checker: through the autograd.Function in eager code,
+    through the custom op where a tracer must see one op."""
     if eager(x, numerator, denominator):
         return _apply_group_rational(x, numerator, denominator, backend)
     return torch.ops.kanc.group_rational(x, numerator, denominator)
