@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kanc.codegen import fallbacks
 from kanc.errors import KancError, NoMLPFoundError
 from kanc.passes.find import FindResult, find_mlp_blocks
 from kanc.passes.pipeline import REWRITES, run_pipeline
@@ -162,6 +163,7 @@ def report(model: nn.Module) -> ConversionReport:
     found = model.__dict__.get(_REPORT_ATTR) if isinstance(model, nn.Module) else None
     if found is None:
         raise KancError("this model was not converted by kanc.compile (no conversion report attached)")
+    found.fallbacks = fallbacks.summary(fallbacks.of_model(model))  # live: the calls that ran the reference so far
     return found
 
 

@@ -117,6 +117,7 @@ class LayerRow:
     input_shape: list[int] | None = None
     output_shape: list[int] | None = None
     dtype: str | None = None
+    fallback: str | None = None  # why this kanc layer's calls ran the PyTorch reference (None: they did not)
     rates: Rates = field(default_factory=Rates)
 
     @property
@@ -340,17 +341,20 @@ def _cause(row: LayerRow, stalls: list[dict[str, Any]]) -> str:
 
 
 def _reference_findings(report: ProfileReport) -> list[Finding]:
-    rows = [row for row in report.layers if row.path == "reference"]
-    if not rows:
-        return []
-    total = sum(row.time_ms for row in rows)
-    share = sum(row.share for row in rows)
-    why = report.run.get("kernel_note", "")
-    names = sorted({row.label for row in rows})
-    text = f"{len(names)} kanc layer(s) ran on the PyTorch reference, no Triton kernel ({share:.0%} of step time)" + (
-        f": {why}" if why else ""
-    )
-    return [Finding(text, ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""), "reference", total)]
+    """One finding per reason the reference ran (a model with no kernel on this device gets one line, not one per
+    layer), naming the layers."""
+    groups: dict[str, list[LayerRow]] = {}
+    for row in report.layers:
+        if row.path == "reference":
+            groups.setdefault(row.fallback or report.run.get("kernel_note", ""), []).append(row)
+    out = []
+    for why, rows in groups.items():
+        names = list(dict.fromkeys(row.label for row in rows))
+        share = sum(row.share for row in rows)
+        text = f"{len(names)} kanc layer(s) ran on the PyTorch reference, no kanc kernel ({share:.0%} of step time)"
+        subject = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        out.append(Finding(text + (f": {why}" if why else ""), subject, "reference", sum(r.time_ms for r in rows)))
+    return out
 
 
 def _share_findings(report: ProfileReport) -> list[Finding]:

@@ -119,3 +119,20 @@ def test_without_gpu_or_smoke_the_scripts_refuse_and_write_nothing(tmp_path):
     assert proc.returncode != 0 and "no CUDA device" in proc.stderr and not out.exists()
     proc = _run("bench_rational.py", "--smoke", "--shapes", "nope", tmp_path=tmp_path)
     assert proc.returncode == 2 and "unknown shapes" in proc.stderr
+
+
+def test_cpu_scripts_run_and_write_their_json(tmp_path):
+    """host_overhead.py (no-op launches) and cpu_rational.py (the C kernels) run; their figures are not checked."""
+    out = tmp_path / "host.json"
+    proc = _run("host_overhead.py", "--calls", "20", "--warmup", "2", "--out", str(out), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert {"group_rational fwd+bwd", "grkan_linear fwd+bwd", "KAT backward wrapper"} <= set(results)
+    assert all(r["median_us"] > 0 for r in results.values()) and "<= 30 us" in proc.stdout
+    out = tmp_path / "cpu.json"
+    proc = _run("cpu_rational.py", "--skip-vit", "--reps", "2", "--out", str(out), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "cpu_rational" and {"rational forward / GELU", "rational fwd+bwd / GELU"} <= set(
+        data["ratios"]
+    )

@@ -37,21 +37,25 @@ def test_profile_train_writes_three_valid_files(kan_model, tmp_path):
     assert "<svg" in (out / "report.html").read_text()
 
 
-def test_every_kanc_layer_has_both_directions_on_the_reference_path(kan_model):
+def test_every_kanc_layer_has_both_directions_and_its_path(kan_model):
+    """On the CPU the rationals (GR-KAN linears and a standalone one) run kanc's C kernels and the SNNK block runs
+    the reference: its rows carry the reason, and one finding says it."""
     report = kanc.profile(kan_model, X, train=True, warmup=1, iters=2)
     for name in ("1.mlp.fc1", "1.mlp.fc2", "2.mlp.1", "3.mlp"):
         rows = _rows(report, name)
         assert set(rows) == {"forward", "backward"}
         for row in rows.values():
-            assert row.launches == 0 and row.time_ms > 0 and row.flops > 0 and row.bytes > 0
+            assert row.time_ms > 0 and row.flops > 0 and row.bytes > 0
             assert row.rates.bound in ("memory", "compute") and row.rates.achieved_gbps > 0
-    for name in ("2.mlp.1", "3.mlp"):  # no Triton kernel on a plain CPU run
-        assert {row.path for row in _rows(report, name).values()} == {"reference"}
-    # A GR-KAN linear whose rational runs as its own module owns only the matmul (a torch op); one that evaluates
-    # F itself (the fused op, or its reference) is a kanc layer on the reference path.
-    separate = "1.mlp.fc1.rational" in {row.name for row in report.layers}
-    assert _rows(report, "1.mlp.fc1")["forward"].path == ("torch" if separate else "reference")
-    assert any(f.kind == "reference" for f in report.findings)
+    for name in ("1.mlp.fc1", "1.mlp.fc2", "2.mlp.1"):  # F(x) by the C kernel (the linears then call torch's matmul)
+        for direction, row in _rows(report, name).items():
+            assert row.path == "kernel" and row.kernels == [f"kanc_rational_{direction}"] and row.fallback is None
+    for row in _rows(report, "3.mlp").values():  # no SNNK kernel on a plain CPU run
+        assert row.path == "reference" and row.launches == 0
+        assert row.fallback.startswith("kanc::snnk_block: no CPU kernel for this op")
+    (finding,) = [f for f in report.findings if f.kind == "reference"]
+    assert finding.subject == "3.mlp" and "no CPU kernel for this op" in finding.text
+    assert validate(report.to_json()) == []
 
 
 def test_counts_on_rows_are_the_hand_counts_of_the_calls(kan_model):

@@ -36,7 +36,31 @@ def cast_to(x, dtype: tl.constexpr):
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= n (>= 1); plain Python: launchers call it per launch, on the host's hot path."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host code (``triton.cdiv`` is a constexpr function: ~20x slower to call from Python)."""
+    return -(-a // b)
+
+
+def memoized(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Cache a launcher's candidate-config builder per arguments (and interpreter mode): the lists are rebuilt on
+    every launch otherwise. Callers must not mutate what it returns (``tuning.pick_config`` copies the config). The
+    mode is read through the builder's module, as the builder reads it."""
+    memo: dict[tuple, Any] = {}
+    module = fn.__globals__
+
+    def wrapper(*args: Any) -> Any:
+        key = (module.get("interpreting", interpreting)(), *(tuple(a) if isinstance(a, list) else a for a in args))
+        found = memo.get(key)
+        if found is None:
+            found = memo[key] = fn(*args)
+        return found
+
+    wrapper.__doc__, wrapper.__name__, wrapper.__wrapped__ = fn.__doc__, fn.__name__, fn  # type: ignore[attr-defined]
+    return wrapper
 
 
 def row_bucket(rows: int) -> int:
@@ -67,7 +91,7 @@ def rows_per_program(row_tiles: int, col_tiles: int, min_programs: int) -> int:
     """Row tiles per program: the largest power of two <= MAX_ROWS_PER_PROGRAM that leaves at least ``min_programs``
     programs (1 when even one row tile per program leaves fewer). Atomics fall by the same factor."""
     rpp = 1
-    while rpp < MAX_ROWS_PER_PROGRAM and triton.cdiv(row_tiles, 2 * rpp) * col_tiles >= min_programs:
+    while rpp < MAX_ROWS_PER_PROGRAM and cdiv(row_tiles, 2 * rpp) * col_tiles >= min_programs:
         rpp *= 2
     return rpp
 

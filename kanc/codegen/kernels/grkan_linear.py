@@ -292,6 +292,7 @@ DX_TILES = [
 INTERPRETER_TILES = [(64, 64, 64, 4, 1), (32, 32, 32, 4, 1), (16, 16, 16, 4, 1)]  # few programs, little numpy work
 
 
+@common.memoized
 def tile_candidates(tiles, names: tuple[str, str, str], sizes: tuple[int, int, int]) -> list[dict]:
     """Configs from (rows, cols, reduction, warps, stages) tiles, first = the heuristic default.
 
@@ -308,15 +309,17 @@ def tile_candidates(tiles, names: tuple[str, str, str], sizes: tuple[int, int, i
     return out
 
 
+@common.memoized
 def dx_candidates(rows: int, cols: int, inner: int, min_programs: int) -> list[dict]:
     """Configs of the dx kernel (dx tile (rows, cols), reducing over ``inner``): each tile with its heuristic
     ROWS_PER_PROGRAM (row tiles whose coefficient partial sums a program carries before its atomics), then the default
     tile with other row counts (1, half, double)."""
     tiles = tile_candidates(DX_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"), (rows, cols, inner))
-    counts = lambda cfg: (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_K"]))
+    counts = lambda cfg: (common.cdiv(rows, cfg["BLOCK_M"]), common.cdiv(cols, cfg["BLOCK_K"]))
     return common.with_rows_per_program(tiles, counts, min_programs)
 
 
+@common.memoized
 def matmul_candidates(rows: int, cols: int, inner: int) -> list[dict]:
     """Configs of the forward kernel: y (rows, cols), reducing over ``inner``."""
     return tile_candidates(FWD_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), (rows, cols, inner))
@@ -342,7 +345,7 @@ def grkan_linear_forward(x, numerator, denominator, weight, bias):
     dot, ieee = _dot_args(x.dtype)
 
     def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+        grid = (common.cdiv(m, cfg["BLOCK_M"]) * common.cdiv(n_out, cfg["BLOCK_N"]),)
         _grkan_linear_fwd_kernel[grid](
             x2, weight, bias if bias is not None else x2, out, num, den, m, n_out, k_in, k_in // groups,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
@@ -383,7 +386,7 @@ def _launch_dw(x2, dy2, num, den, dw, db, has_bias: bool, groups: int) -> None:
     dot, ieee = _dot_args(x2.dtype)
 
     def run(cfg: dict, out: torch.Tensor = dw, out_b: torch.Tensor = db) -> tuple:
-        grid = (triton.cdiv(n_out, cfg["BLOCK_N"]) * triton.cdiv(k_in, cfg["BLOCK_K"]),)
+        grid = (common.cdiv(n_out, cfg["BLOCK_N"]) * common.cdiv(k_in, cfg["BLOCK_K"]),)
         _grkan_linear_dw_kernel[grid](
             x2, dy2, out, out_b if has_bias else out, num, den, m, n_out, k_in, k_in // groups,
             x2.stride(0), x2.stride(1), dy2.stride(0), out.stride(0),
@@ -409,8 +412,8 @@ def _launch_dx(x2, dy2, weight, num, den, groups: int) -> tuple[torch.Tensor, to
     det = common.deterministic()
 
     def run(cfg: dict, out: torch.Tensor = dx) -> tuple:
-        row_programs = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
-        k_tiles = triton.cdiv(k_in, cfg["BLOCK_K"])
+        row_programs = common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
+        k_tiles = common.cdiv(k_in, cfg["BLOCK_K"])
         g_span = group_span(cfg["BLOCK_K"], group_size)
         sums = coef_grad_buffer((row_programs, k_tiles), g_span, groups, np_ + nq, x2.device, det)
         _grkan_linear_dx_kernel[(row_programs * k_tiles,)](

@@ -93,7 +93,7 @@ def linear_rational_forward(x, weight, bias, numerator, denominator, store_h: bo
     dot, ieee = _dot_args(x.dtype)
 
     def run(cfg: dict, out_h: torch.Tensor = h2, out_u: torch.Tensor = u2) -> tuple:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+        grid = (common.cdiv(m, cfg["BLOCK_M"]) * common.cdiv(n_out, cfg["BLOCK_N"]),)
         _linear_rational_fwd_kernel[grid](
             x2, weight, bias if bias is not None else x2, out_h if store_h else out_u, out_u, num, den,
             m, n_out, k_in, group_size,

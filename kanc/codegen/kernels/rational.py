@@ -277,6 +277,7 @@ BWD_GPU_TILES = [(8, 128, 4), (8, 256, 8), (16, 128, 8), (8, 64, 2), (4, 256, 4)
 INTERPRETER_TILES = [(32, 128, 4), (16, 64, 4), (64, 64, 4)]  # few programs: the interpreter pays per program
 
 
+@common.memoized
 def elementwise_candidates(rows: int, channels: int, group_size: int, tiles=None) -> list[dict]:
     """Tile configs; the first is the heuristic default, group-aligned column tiles (scalar coefficients) first."""
     tiles = INTERPRETER_TILES if interpreting() else (tiles or GPU_TILES)
@@ -290,11 +291,12 @@ def elementwise_candidates(rows: int, channels: int, group_size: int, tiles=None
     return sorted(out, key=lambda cfg: not aligned(cfg))  # stable: the order above within each class
 
 
+@common.memoized
 def backward_candidates(rows: int, channels: int, group_size: int, min_programs: int) -> list[dict]:
     """Backward configs: each tile with its heuristic ROWS_PER_PROGRAM (``common.rows_per_program``), then the default
     tile with other row counts (1, half, double). First = the heuristic default."""
     tiles = elementwise_candidates(rows, channels, group_size, BWD_GPU_TILES)
-    counts = lambda cfg: (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(channels, cfg["BLOCK_C"]))
+    counts = lambda cfg: (common.cdiv(rows, cfg["BLOCK_R"]), common.cdiv(channels, cfg["BLOCK_C"]))
     return common.with_rows_per_program(tiles, counts, min_programs)
 
 
@@ -313,7 +315,7 @@ def rational_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torc
     y2 = y.view(-1, channels)
 
     def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
-        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(channels, cfg["BLOCK_C"]))
+        grid = (common.cdiv(rows, cfg["BLOCK_R"]), common.cdiv(channels, cfg["BLOCK_C"]))
         _rational_fwd_kernel[grid](
             x2, out, num, den, rows, channels, channels // groups, x2.stride(0), out.stride(0), np_, nq,
             (channels // groups) % cfg["BLOCK_C"] == 0, cfg["BLOCK_R"], cfg["BLOCK_C"], **common.launch_options(cfg),
@@ -344,8 +346,8 @@ def rational_backward(
     det = common.deterministic()
 
     def run(cfg: dict, out: torch.Tensor = dx2) -> tuple:
-        row_tiles = triton.cdiv(rows, cfg["BLOCK_R"])
-        grid = (triton.cdiv(row_tiles, cfg["ROWS_PER_PROGRAM"]), triton.cdiv(channels, cfg["BLOCK_C"]))
+        row_tiles = common.cdiv(rows, cfg["BLOCK_R"])
+        grid = (common.cdiv(row_tiles, cfg["ROWS_PER_PROGRAM"]), common.cdiv(channels, cfg["BLOCK_C"]))
         g_span = group_span(cfg["BLOCK_C"], group_size)
         sums = coef_grad_buffer(grid, g_span, groups, np_ + nq, x.device, det)
         _rational_bwd_kernel[grid](

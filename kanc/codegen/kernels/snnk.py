@@ -393,7 +393,7 @@ def feature_tiles(feats: int, kind: str) -> list[int]:
     if whole <= widest:
         return [whole]
     tiles = [bf for bf in FEATURE_TILES if bf <= widest]
-    return sorted(tiles, key=lambda bf: (triton.cdiv(feats, bf) * bf, triton.cdiv(feats, bf)))
+    return sorted(tiles, key=lambda bf: (common.cdiv(feats, bf) * bf, common.cdiv(feats, bf)))
 
 
 def snnk_candidates(rows: int, feats: int, kind: str, chunks: list[tuple[int, int]] = CHUNKS) -> list[dict]:
@@ -450,7 +450,7 @@ def dw_work(block_n: int, d_in: int, d_out: int, kind: str, io_itemsize: int) ->
     """Modelled tensor-core work of the dW kernel per row and feature, in 16-bit MAC units: Z over d_in once per output
     tile (its fp32 operands run at half the 16-bit rate when the I/O is 16-bit) plus dy^T Phi over the padded outputs
     (twice for cos)."""
-    tiles = triton.cdiv(d_out, block_n)
+    tiles = common.cdiv(d_out, block_n)
     z_cost = 2 if io_itemsize < 4 else 1
     return tiles * (z_cost * d_in + block_n * (2 if kind == "cos" else 1))
 
@@ -467,8 +467,8 @@ def dw_candidates(rows: int, d_in: int, feats: int, d_out: int, kind: str, sms: 
     out: list[dict] = []
     for bn, bf, bm, bd, warps, stages in tiles:
         cfg = {"BLOCK_N": cap(bn, d_out), "BLOCK_F": cap(bf, feats), "BLOCK_M": cap(bm, rows), "BLOCK_D": cap(bd, d_in)}
-        programs = triton.cdiv(d_out, cfg["BLOCK_N"]) * triton.cdiv(feats, cfg["BLOCK_F"])
-        split = min(triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(target, programs))
+        programs = common.cdiv(d_out, cfg["BLOCK_N"]) * common.cdiv(feats, cfg["BLOCK_F"])
+        split = min(common.cdiv(rows, cfg["BLOCK_M"]), common.cdiv(target, programs))
         cfg.update(SPLIT_M=split, num_warps=warps, num_stages=stages)
         if cfg not in out:
             out.append(cfg)
@@ -477,7 +477,7 @@ def dw_candidates(rows: int, d_in: int, feats: int, d_out: int, kind: str, sms: 
     first = out[0]
     for split in (1, 2 * first["SPLIT_M"]):
         cfg = {**first, "SPLIT_M": split}
-        if split <= triton.cdiv(rows, first["BLOCK_M"]) and cfg not in out:
+        if split <= common.cdiv(rows, first["BLOCK_M"]) and cfg not in out:
             out.append(cfg)
     return out
 
@@ -513,7 +513,7 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
     b, stride_b = (bias, bias.stride(0)) if bias is not None else (weight, 0)
 
     def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+        grid = (common.cdiv(m, cfg["BLOCK_M"]),)
         part = _partials(out, feats, cfg["BLOCK_F"])
         _snnk_fwd_kernel[grid](
             x2, projection, weight, b, out, part, m, d_in, d_out, feats,
@@ -529,7 +529,7 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
     cfg = common.choose(_snnk_fwd_kernel, key, candidates, lambda c: run(c, torch.empty_like(y2)), x.device)
     grid = run(cfg)
     shapes = [x.shape, projection.shape, weight.shape]
-    tiles = triton.cdiv(feats, cfg["BLOCK_F"])
+    tiles = common.cdiv(feats, cfg["BLOCK_F"])
     common.record(
         OP, _snnk_fwd_kernel, grid, cfg, shapes, x.dtype, "forward", kind=kind, BLOCK_F=cfg["BLOCK_F"],
         feature_tiles=tiles,
@@ -565,7 +565,7 @@ def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
     dx2 = torch.empty(m, d_in, dtype=x2.dtype, device=x2.device)
 
     def run(cfg: dict, out: torch.Tensor = dx2) -> tuple:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+        grid = (common.cdiv(m, cfg["BLOCK_M"]),)
         part = _partials(out, feats, cfg["BLOCK_F"])
         _snnk_dx_kernel[grid](
             x2, projection, weight, dy2, out, part, m, d_in, d_out, feats,
@@ -581,7 +581,7 @@ def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
     cfg = common.choose(_snnk_dx_kernel, key, candidates, lambda c: run(c, torch.empty_like(dx2)), x2.device)
     grid = run(cfg)
     shapes = [x2.shape, projection.shape, weight.shape]
-    tiles = triton.cdiv(feats, cfg["BLOCK_F"])
+    tiles = common.cdiv(feats, cfg["BLOCK_F"])
     common.record(
         OP, _snnk_dx_kernel, grid, cfg, shapes, x2.dtype, "backward", kind=kind, BLOCK_F=cfg["BLOCK_F"],
         feature_tiles=tiles, grads="input",
@@ -596,12 +596,12 @@ def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
     device = x2.device
 
     def run(cfg: dict) -> tuple:
-        rows_per_split = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), cfg["SPLIT_M"]) * cfg["BLOCK_M"]
-        splits = triton.cdiv(m, rows_per_split)
+        rows_per_split = common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["SPLIT_M"]) * cfg["BLOCK_M"]
+        splits = common.cdiv(m, rows_per_split)
         dtype = weight.dtype if splits == 1 else torch.float32
         dw = torch.empty(splits, d_out, width, dtype=dtype, device=device)
         db = torch.empty(splits, d_out if has_bias else 0, dtype=dtype, device=device)
-        grid = (triton.cdiv(d_out, cfg["BLOCK_N"]) * triton.cdiv(feats, cfg["BLOCK_F"]), splits)
+        grid = (common.cdiv(d_out, cfg["BLOCK_N"]) * common.cdiv(feats, cfg["BLOCK_F"]), splits)
         _snnk_dw_kernel[grid](
             x2, projection, dy2, dw, db if has_bias else dw, m, d_in, d_out, feats, rows_per_split,
             x2.stride(0), x2.stride(1), projection.stride(0), projection.stride(1), dy2.stride(0),
@@ -618,7 +618,7 @@ def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
     shapes = [x2.shape, projection.shape, weight.shape]
     common.record(
         OP, _snnk_dw_kernel, grid, cfg, shapes, x2.dtype, "backward", kind=kind, grads="weight,bias",
-        splits=grid[1], z_recomputed=triton.cdiv(d_out, cfg["BLOCK_N"]),
+        splits=grid[1], z_recomputed=common.cdiv(d_out, cfg["BLOCK_N"]),
     )  # fmt: skip
     if grid[1] == 1:
         return dw[0], db[0]
