@@ -23,9 +23,15 @@ from kanc.errors import EXIT_CODES, EXIT_FAILED, EXIT_NOTHING, EXIT_OK, EXIT_USA
 SHAPE = ["--input-shape", "4,8"]
 
 
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory) -> Path:
+    """One cache per module, outside every test's tmp_path (tests list those folders; the CPU rational builds once)."""
+    return tmp_path_factory.mktemp("kanc-cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KANC_CACHE_DIR", str(tmp_path / "kanc-cache"))
+def isolated_cache(module_cache, monkeypatch):
+    monkeypatch.setenv("KANC_CACHE_DIR", str(module_cache))
     monkeypatch.delenv("KANC_DEBUG", raising=False)
 
 
