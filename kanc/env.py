@@ -1,7 +1,7 @@
 """kanc's environment variables, read in one place: ``KANC_DEBUG`` levels and Triton's interpreter switch.
 
-``KANC_DEBUG`` levels (style item 8): 1 lists the passes with their hit counts and says each kernel fallback once,
-2 also prints every changed graph, 3 also prints each kernel's Triton source and chosen configs.
+``KANC_DEBUG`` levels (docs/style.md item 8): 1 lists the passes with their hit counts and says each kernel fallback
+once, 2 also prints every changed graph, 3 also prints each kernel's Triton source and chosen configs.
 
 Some of these are read on the kernel-call hot path. ``os.environ.get`` of a variable that is not set raises and
 catches a KeyError inside ``os._Environ`` (about 4 us a read on a loaded machine); :func:`getenv` answers the same

@@ -1,4 +1,4 @@
-"""kanc.runtime: timing, profiling of memory stalls, reports and the tuning run (design.md section 2).
+"""kanc.runtime: timing, profiling of memory stalls, reports and the tuning run (docs/pipeline.md).
 
     report = kanc.profile(model, x, train=True)      # per layer and per kernel, against the roofline
     print(report)                                     # the short table
