@@ -135,9 +135,7 @@ class LayerRow:
         return DIRECTION_SHORT.get(self.direction, self.direction)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(data.pop("rates"))
-        return data
+        return _row_json(self)
 
 
 @dataclass
@@ -165,9 +163,7 @@ class KernelRow:
     placement: str | None = None  # where a GR-KAN block's rational ran ("prologue" / "epilogue"), from the launch
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(data.pop("rates"))
-        return data
+        return _row_json(self)
 
 
 @dataclass
@@ -252,6 +248,13 @@ class ProfileReport:
                 (tmp / name).write_text(text, encoding="utf-8")
 
         return write_dir(directory, fill, replaceable=is_report_dir, force=force, inputs=protect)
+
+
+def _row_json(row: LayerRow | KernelRow) -> dict[str, Any]:
+    """A row as one flat JSON object: its fields with its rates' fields beside them."""
+    data = asdict(row)
+    data.update(data.pop("rates"))
+    return data
 
 
 def is_report_dir(directory: Path) -> bool:
