@@ -5,6 +5,12 @@
     report.write("profile/")                          # report.json, trace.json, report.html
     kanc.tune(model, x)                               # autotune kanc's kernels at these shapes, before/after
 
+The files, in the order a profile runs: ``profiler.py`` runs the phases (``steps.py`` is one step,
+``timeline.py`` the per-module hooks, ``stalls.py`` Nsight Compute / proton); ``rows.py`` builds the report's rows
+(``counts.py`` hand-counts FLOPs and bytes, ``devices.py`` gives the peaks); ``findings.py`` words them;
+``report.py`` holds the report and writes its files, rendered by ``summary.py`` (terminal) and ``page.py`` (HTML);
+``schema.py`` validates report.json. ``tuner.py`` is ``kanc.tune``.
+
 Never imports kanc.passes: profiling works on any module, converted or not.
 """
 
