@@ -1,4 +1,4 @@
-"""Baselines written here from the published descriptions (/work/shared/docs/background/kat_flashkat.md).
+"""Baselines written here from the published descriptions (docs/background.md).
 
 - ``kat_backward``: KAT's Triton backward (rkc ``kat_rational/rational_triton.py``, Feb 2025) as described: a 1-D
   grid of BLOCK_SIZE=256 elementwise programs, and for every element a global ``tl.atomic_add`` into each of the

@@ -2,7 +2,7 @@
 kanc's fused ops at each placement of fc2's rational (prologue of fc2, epilogue of fc1, and "auto", the tuner's
 choice), eager and under torch.compile, vs the same block on the reference (eager, torch.compile), vs the
 Linear-GELU-Linear MLP it replaces (eager, torch.compile). Passes: forward (autograd recording), inference (no_grad)
-and forward+backward. Targets (design.md 5, issue 17): forward+backward within 1.15x of Linear-GELU-Linear under
+and forward+backward. Targets (docs/numbers.md, issue 17): forward+backward within 1.15x of Linear-GELU-Linear under
 torch.compile, inference within 1.10x, on an H100/H200 in bf16.
 
     python benchmarks/bench_mlp_block.py                      # GPU, bf16: ViT-B/KAT-B, ViT-S, GPT-2 small

@@ -1,5 +1,5 @@
 """Bundled SNNK block y = Phi(x) W^T + b: kanc's fused kernel (features on chip) vs the reference eager and under
-torch.compile, vs the Linear-GELU-Linear MLP it replaces under torch.compile. design.md 5: faster than that MLP
+torch.compile, vs the Linear-GELU-Linear MLP it replaces under torch.compile. docs/numbers.md: faster than that MLP
 whenever m < d h / (d + h).
 
     python benchmarks/bench_snnk.py                           # GPU, bf16: ViT-B (m 128/256/512, relu/exp/cos), ...

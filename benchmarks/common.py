@@ -76,9 +76,9 @@ def timer(device, args: argparse.Namespace) -> Callable[..., dict[str, float]]:
         return bench
 
     def wall_clock(fn, grad_to_none=None, reps: int = 3):
-        from kanc.codegen.tuning import cpu_times
+        from kanc.timing import wall_times_ms
 
-        times = sorted(cpu_times(fn, warmup=1, reps=reps))
+        times = sorted(wall_times_ms(fn, reps=reps, warmup=1))
         return {"median_ms": statistics.median(times), "p20_ms": times[0], "p80_ms": times[-1]}
 
     return wall_clock
@@ -99,6 +99,7 @@ def environment(torch, device) -> dict[str, Any]:
     import triton
 
     import kanc
+    from kanc.env import interpreting
 
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (triton interpreter)",
@@ -110,7 +111,7 @@ def environment(torch, device) -> dict[str, Any]:
             "cuda": torch.version.cuda,
         },
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "interpreter": interpreting(),
         "timing": "triton.testing.do_bench (CUDA events, L2 flushed)" if device.type == "cuda" else "wall clock",
         "quantiles": list(QUANTILES),
     }

@@ -115,6 +115,7 @@ def _build(transformers, cls_name: str, kwargs: dict, pick: Callable | None) -> 
 
 def run_family(transformers, family: tuple, target: str) -> dict:
     import kanc
+    from kanc.errors import first_line
 
     name, cls_name, kwargs, kind, pick = family
     row: dict = {"family": name, "class": cls_name, "target": target}
@@ -123,7 +124,7 @@ def run_family(transformers, family: tuple, target: str) -> dict:
     try:
         model = _build(transformers, cls_name, kwargs, pick)
     except Exception as e:  # noqa: BLE001 - a config this transformers version rejects
-        return {**row, "status": "build_failed", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+        return {**row, "status": "build_failed", "detail": f"{type(e).__name__}: {first_line(e, 120)}"}
     x = _inputs(kind)
     start = time.perf_counter()
     try:
@@ -131,7 +132,7 @@ def run_family(transformers, family: tuple, target: str) -> dict:
         with torch.no_grad():
             expected, actual = _main_output(model(*x)), _main_output(converted(*x))
     except Exception as e:  # noqa: BLE001 - a conversion failure is the finding
-        return {**row, "status": "failed", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        return {**row, "status": "failed", "detail": f"{type(e).__name__}: {first_line(e, 160)}"}
     report = kanc.report(converted)
     err = float((actual.double() - expected.double()).norm() / expected.double().norm())
     return {

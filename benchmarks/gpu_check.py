@@ -436,9 +436,9 @@ def make_context(args: argparse.Namespace) -> SimpleNamespace:
 
 def _smoke_timer(fn, grad_to_none=None) -> dict[str, float]:
     """One call, timed: the interpreter's times mean nothing, a smoke run only has to finish (and soon, in CI)."""
-    from kanc.codegen.tuning import cpu_times
+    from kanc.timing import wall_times_ms
 
-    (ms,) = cpu_times(fn, warmup=0, reps=1)
+    (ms,) = wall_times_ms(fn, reps=1, warmup=0)
     return {"median_ms": ms, "p20_ms": ms, "p80_ms": ms}
 
 

@@ -1,4 +1,6 @@
-"""kanc's Python interface: ``compile``, ``report``, ``save``, ``load``, ``inspect``.
+"""kanc's Python interface: ``compile``, ``report``, ``save``, ``load`` (also as ``kanc.compile`` ...), and
+``kanc.api.inspect`` (what ``kanc inspect`` lists: the blocks found and skipped, without converting; there is no
+top-level ``kanc.inspect``).
 
 import kanc
 kan = kanc.compile(model, target="grkan")     # or "snnk"; the original model is left untouched

@@ -72,8 +72,15 @@ def one_line(e: BaseException) -> str:
         return "interrupted"
     if isinstance(e, KancError):
         return printable(str(e).strip()) or type(e).__name__
-    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
-    return printable(f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__)
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
+
+
+def first_line(e: BaseException | str, limit: int | None = None) -> str:
+    """The first non-empty line of ``e`` (an exception's message, or a tool's output), stripped and printable; an
+    exception with no message gives its class name, empty text ``"no output"``. Cut to ``limit`` characters."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    line = printable(lines[0]) if lines else (type(e).__name__ if isinstance(e, BaseException) else "no output")
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
 
 
 # errno -> what the user can do about it

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kanc.errors import CheckFailedError, KancError
+from kanc.errors import CheckFailedError, KancError, first_line
 from kanc.writing import Output, check_outputs, write_file
 
 DYNAMIC_AXES = ("batch", "seq")
@@ -210,5 +210,4 @@ def _first_line(e: BaseException) -> str:
     cause = re.search(r"Exception summary\s+<class '(?:[\w.]+\.)?(\w+)'>: ([^\n]+)", text)
     if cause:  # the exporter's first line is generic ("step 1/3"); its summary names the cause
         return f"{cause.group(1)}: {cause.group(2).strip()}"
-    lines = [s for s in text.strip().splitlines() if s.strip()]
-    return lines[0].strip() if lines else type(e).__name__
+    return first_line(text) if text.strip() else type(e).__name__

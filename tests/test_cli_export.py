@@ -1,15 +1,12 @@
 """``kanc export onnx``: exports, prints the max abs difference, exits non-zero on bad input, leaves no partial file."""
 
 import json
-import sys
-import types
 
 import pytest
 import torch
 from torch import nn
 
 from kanc.cli import main
-from kanc.errors import KancError
 from kanc.nn import GRKANMlp
 
 
@@ -24,19 +21,11 @@ class _TokenModel(nn.Module):
 
 
 @pytest.fixture
-def model_file(tmp_path, monkeypatch):
-    """A saved model plus a stand-in ``kanc.api.load`` (torch.load of a pickled module) until kanc.api lands."""
+def model_file(tmp_path):
+    """A pickled model (kanc's own loader reads it, with --trust-pickle)."""
     torch.manual_seed(0)
     path = tmp_path / "model.pt"
     torch.save(_TokenModel(), path)
-
-    def load(p, trust_pickle=False, arch=None, arch_kwargs=None):
-        if not trust_pickle:
-            raise KancError(f"{p} is a pickled model; pass --trust-pickle to load it")
-        return torch.load(p, weights_only=False)
-
-    if "kanc.api" not in sys.modules or not hasattr(sys.modules["kanc.api"], "load"):
-        monkeypatch.setitem(sys.modules, "kanc.api", types.SimpleNamespace(load=load))
     return path
 
 

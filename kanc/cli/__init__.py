@@ -19,6 +19,7 @@ import warnings
 import click
 
 from kanc import __version__
+from kanc.env import debug_level
 from kanc.errors import EXIT_INTERRUPTED, EXIT_OK, exit_code, one_line
 
 # command name -> "module:attribute"; each command lives in its own module and loads on use.
@@ -61,7 +62,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: the failing policy (kanc.errors): one line on stderr, the exit code of its class."""
     args = list(argv if argv is not None else sys.argv[1:])
-    debug = "--debug" in args or _debug_level() > 0
+    debug = "--debug" in args or debug_level() > 0
     if not sys.stderr.isatty():  # logs and pipes: no progress bars, ours or the libraries' (read when they import)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with _quiet_libraries(debug), _terminate_as_exception():
@@ -95,13 +96,6 @@ def _exit_code(e: BaseException) -> int:
     if isinstance(e, _Terminated):
         return 128 + signal.SIGTERM
     return EXIT_INTERRUPTED if isinstance(e, click.Abort) else exit_code(e)
-
-
-def _debug_level() -> int:
-    try:
-        return int(os.environ.get("KANC_DEBUG", "0") or 0)
-    except ValueError:
-        return 1
 
 
 class _Terminated(BaseException):

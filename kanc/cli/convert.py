@@ -249,7 +249,7 @@ def inspect_cmd(
 
 
 def _inspect_lines(model: Path, fmt: str, found: Any) -> list[str]:
-    from kanc.passes.report import _table
+    from kanc.text import table
 
     lines = [f"{model} ({fmt}): {len(found.blocks)} MLP block(s), {len(found.skipped)} skipped"]
     if found.converted:
@@ -257,7 +257,7 @@ def _inspect_lines(model: Path, fmt: str, found: Any) -> list[str]:
         lines.append(f"already converted: {layers}")
     if found.blocks:
         rows = [[b.name, b.pattern, b.shape_text(), b.act.spec.name, b.fc1.path, b.fc2.path] for b in found.blocks]
-        lines += ["", *_table(rows, ["block", "pattern", "shape", "act", "fc1", "fc2"])]
+        lines += ["", *table(rows, ["block", "pattern", "shape", "act", "fc1", "fc2"])]
     if found.skipped:
         lines += ["", "skipped:"] + [f"  {s.name}: [{s.code}] {s.message}" for s in found.skipped]
     counts = ", ".join(f"{k}={v}" for k, v in sorted(found.counters.items()))

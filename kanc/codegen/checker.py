@@ -1,4 +1,4 @@
-"""Per-call choice between a kernel and the pure-PyTorch reference (style item 5).
+"""Per-call choice between a kernel and the pure-PyTorch reference (docs/style.md item 5).
 
 Two kernel backends: "triton" (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and "cpu" (kanc's compiled
 C kernels, ``kanc.codegen.cpu``, for the ops that have one). :func:`kernel_route` answers per call; the ops call it

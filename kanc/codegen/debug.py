@@ -1,4 +1,4 @@
-"""``KANC_DEBUG`` levels for codegen (style item 8): at 3, each kernel's Triton source and chosen configs on stderr.
+"""``KANC_DEBUG`` levels for codegen (docs/style.md item 8): at 3, each kernel's Triton source and config on stderr.
 
 Levels 1 and 2 belong to the passes (hit counts, graphs); codegen prints nothing below 3. Each kernel's source is
 printed once per process, each (kernel, key, config) choice once, so a training loop does not flood the log.

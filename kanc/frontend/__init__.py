@@ -1,4 +1,4 @@
-"""kanc.frontend: read model files safely and trace models hierarchically (design.md sections 2 and 4)."""
+"""kanc.frontend: read model files safely and trace models hierarchically (docs/pipeline.md, docs/files.md)."""
 
 from kanc.frontend.dataflow import dataflow_graph, write_graph
 from kanc.frontend.loading import FORMATS, LoadedModel, build_arch, detect_format, load_model

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kanc.errors import KancError, os_error, printable
+from kanc.errors import KancError, first_line, os_error, printable
 
 FORMATS = ("pickle", "state_dict", "pt2", "torchscript", "safetensors", "hf_dir")
 # Keys under which training checkpoints usually keep the weights (Lightning, timm, plain loops).
@@ -183,11 +183,11 @@ def _torch_load(path: Path, trust_pickle: bool) -> tuple[Any, str]:
         return torch.load(path, map_location="cpu", weights_only=True), "state_dict"
     except pickle.UnpicklingError as e:
         if not _needs_full_unpickler(e):
-            raise KancError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
+            raise KancError(f"{path} is truncated or corrupt ({first_line(e)})") from None
     except OSError as e:
         raise os_error(e, path, "cannot read") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise KancError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
+        raise KancError(f"{path} is truncated or corrupt ({first_line(e)})") from None
     if not trust_pickle:
         raise KancError(
             f"{path} is a pickled whole model (torch.save(model)); loading it runs code from the file: pass "
@@ -197,11 +197,11 @@ def _torch_load(path: Path, trust_pickle: bool) -> tuple[Any, str]:
         return torch.load(path, map_location="cpu", weights_only=False), "pickle"
     except (ModuleNotFoundError, AttributeError) as e:
         raise KancError(
-            f"cannot unpickle {path}: {_first_line(e)}; the model's classes must be importable under the module "
+            f"cannot unpickle {path}: {first_line(e)}; the model's classes must be importable under the module "
             "path they were saved from (add their directory to PYTHONPATH)"
         ) from None
     except Exception as e:  # noqa: BLE001 - a trusted pickle can fail in any way its code does
-        raise KancError(f"cannot unpickle {path}: {_first_line(e)}") from None
+        raise KancError(f"cannot unpickle {path}: {first_line(e)}") from None
 
 
 def _needs_full_unpickler(e: pickle.UnpicklingError) -> bool:
@@ -247,7 +247,7 @@ def load_weights(module: nn.Module, weights: Mapping[str, Tensor], path: Any, wh
     try:
         result = module.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # size mismatches: torch lists them one per line after a header line
-        detail = [s.strip() for s in str(e).splitlines()[1:] if s.strip()] or [_first_line(e)]
+        detail = [s.strip() for s in str(e).splitlines()[1:] if s.strip()] or [first_line(e)]
         more = f" (+{len(detail) - 1} more)" if len(detail) > 1 else ""
         raise KancError(f"the weights in {path} do not fit {what}: {detail[0]}{more}") from None
     missing = [k for k in result.missing_keys if k not in set(ignore)]
@@ -277,7 +277,7 @@ def build_arch(arch: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
         else:
             module = target(**kwargs)
     except Exception as e:  # noqa: BLE001 - user code: any failure becomes one line
-        raise KancError(f"cannot build {arch}({_kwargs_text(kwargs)}): {_first_line(e)}") from None
+        raise KancError(f"cannot build {arch}({_kwargs_text(kwargs)}): {first_line(e)}") from None
     if not isinstance(module, nn.Module):
         raise KancError(f"{arch} returned a {type(module).__name__}, not an nn.Module")
     return module
@@ -302,7 +302,7 @@ def _import_module(name: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise KancError(f"cannot import {name!r} for --arch: {_first_line(e)}") from None
+        raise KancError(f"cannot import {name!r} for --arch: {first_line(e)}") from None
 
 
 def _import_file(file: str) -> Any:
@@ -318,7 +318,7 @@ def _import_file(file: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - the user's file may fail in any way
         sys.modules.pop(name, None)
-        raise KancError(f"cannot import {file}: {_first_line(e)}") from None
+        raise KancError(f"cannot import {file}: {first_line(e)}") from None
     finally:
         sys.path.remove(str(path.parent))
     return module
@@ -335,7 +335,7 @@ def _load_pt2(path: Path, trust_pickle: bool) -> LoadedModel:
     try:
         module = exported.module()
     except Exception as e:  # noqa: BLE001 - unlifting raises many types
-        raise KancError(f"{path} is a torch.export archive that does not load: {_first_line(e)}") from None
+        raise KancError(f"{path} is a torch.export archive that does not load: {first_line(e)}") from None
     return LoadedModel(_with_mode_switch(module), "pt2", path, exported=exported)
 
 
@@ -358,7 +358,7 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
     except OSError as e:
         raise os_error(e, path, "cannot read") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise KancError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
+        raise KancError(f"{path} is truncated or corrupt ({first_line(e)})") from None
 
 
 def _load_hf_dir(path: Path, arch: str | None, kwargs: dict[str, Any], trust_pickle: bool) -> nn.Module:
@@ -375,7 +375,7 @@ def _load_hf_dir(path: Path, arch: str | None, kwargs: dict[str, Any], trust_pic
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
     except Exception as e:  # noqa: BLE001
-        raise KancError(f"{path}/config.json does not load: {_first_line(e)}") from None
+        raise KancError(f"{path}/config.json does not load: {first_line(e)}") from None
     cls = _import_arch(arch) if arch else _hf_class(transformers, config, path)
     try:
         model = cls.from_pretrained(
@@ -387,7 +387,7 @@ def _load_hf_dir(path: Path, arch: str | None, kwargs: dict[str, Any], trust_pic
                 f"{path} holds pickled weights that run code when loaded: pass --trust-pickle if you trust its "
                 "source, or save the model with safetensors"
             ) from None
-        raise KancError(f"cannot load {path} as {cls.__name__}: {_first_line(e)}") from None
+        raise KancError(f"cannot load {path} as {cls.__name__}: {first_line(e)}") from None
     return model.eval()
 
 
@@ -441,7 +441,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise KancError(f"{path} is not a valid {what} (bad JSON: {_first_line(e)})") from None
+        raise KancError(f"{path} is not a valid {what} (bad JSON: {first_line(e)})") from None
 
 
 def read_inputs(path: str | os.PathLike, what: str = "inputs") -> Any:
@@ -456,7 +456,7 @@ def read_inputs(path: str | os.PathLike, what: str = "inputs") -> Any:
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line for the user
         hint = " (it holds pickled objects, which kanc never unpickles here)" if _pickled(e) else ""
         raise KancError(
-            f"cannot read {what} from {path} (expected torch.save of tensors){hint}: {_first_line(e)}"
+            f"cannot read {what} from {path} (expected torch.save of tensors){hint}: {first_line(e)}"
         ) from None
     if not _has_tensor(obj):
         raise KancError(f"{path} holds no tensor: save a tensor, a tuple of tensors or a dict of tensors")
@@ -516,8 +516,3 @@ def arch_to_build(given: str | None, named: Any, trust: bool, where: Path) -> st
             f"--arch {printable(named)} (arch=...) if you trust that code, or --trust-pickle if you trust this file"
         )
     return named
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
-    return printable(lines[0]) if lines else type(e).__name__

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kanc.errors import KancError, printable
+from kanc.errors import KancError, first_line, printable
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLAIN = re.compile(r"[^\"'\\\x00-\x1f\x7f]*\Z")  # no quote, backslash or control character: cannot leave a literal
@@ -73,7 +73,7 @@ def read_exported(path: Path, trust: bool) -> Any:
         reader = PT2ArchiveReader(str(path))
         files = set(reader.get_file_names())
     except Exception as e:  # noqa: BLE001 - torch's archive reader raises several types
-        raise KancError(f"{path} is a torch.export archive that does not open: {_first_line(e)}") from None
+        raise KancError(f"{path} is a torch.export archive that does not open: {first_line(e)}") from None
     if "models/model.json" not in files or "data/weights/model.pt" in files:
         raise KancError(
             f"{path} is in an older torch.export layout that kanc cannot read without running its pickles: pass "
@@ -89,7 +89,7 @@ def _load_trusted(path: Path) -> Any:
     try:
         return torch.export.load(path)
     except Exception as e:  # noqa: BLE001 - the deserializer raises many types
-        raise KancError(f"{path} is a torch.export archive that does not load: {_first_line(e)}") from None
+        raise KancError(f"{path} is a torch.export archive that does not load: {first_line(e)}") from None
     finally:
         logger.setLevel(level)
 
@@ -129,7 +129,7 @@ def _deserialize(path: Path, reader: Any, files: set[str]) -> Any:
         program = _bytes_to_dataclass(schema.ExportedProgram, raw)
         return ExportedProgramDeserializer().deserialize(program, state_dict, constants, inputs)
     except Exception as e:  # noqa: BLE001 - the deserializer and verifier raise many types
-        raise KancError(f"{path} is a torch.export archive that does not load: {_first_line(e)}") from None
+        raise KancError(f"{path} is a torch.export archive that does not load: {first_line(e)}") from None
 
 
 # ---- the program's strings ---------------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def _payloads(path: Path, reader: Any, files: set[str], kind: str) -> dict[str, 
         config = _dict_to_dataclass(schema.PayloadConfig, doc)
         file_map = _build_file_map(reader, _without_pickles(config), f"data/{kind}/")
     except Exception as e:  # noqa: BLE001 - a tampered config fails in many ways
-        raise KancError(f"{path} has an unreadable {config_file}: {_first_line(e)}") from None
+        raise KancError(f"{path} has an unreadable {config_file}: {first_line(e)}") from None
     out: dict[str, Any] = {}
     for fqn, meta in config.config.items():
         if meta.use_pickle or meta.path_name.startswith(_PICKLED_PREFIXES):
@@ -361,9 +361,9 @@ def _weights_only(path: Path, data: bytes, what: str) -> Any:
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             raise _needs_trust(path, what) from None
-        raise KancError(f"{path} has a corrupt {what} ({_first_line(e)})") from None
+        raise KancError(f"{path} has a corrupt {what} ({first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad bytes
-        raise KancError(f"{path} has a corrupt {what} ({_first_line(e)})") from None
+        raise KancError(f"{path} has a corrupt {what} ({first_line(e)})") from None
 
 
 def _needs_trust(path: Path, what: str) -> KancError:
@@ -376,8 +376,3 @@ def _needs_trust(path: Path, what: str) -> KancError:
 def _quote(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
     return "'" + printable(text[:80] + ("..." if len(text) > 80 else "")) + "'"
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
-    return printable(lines[0]) if lines else type(e).__name__

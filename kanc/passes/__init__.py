@@ -1,4 +1,4 @@
-"""kanc.passes: find MLP blocks and rewrite them (design.md section 2).
+"""kanc.passes: find MLP blocks and rewrite them (docs/pipeline.md).
 
     found = find_mlp_blocks(model)            # the pattern table over a hierarchical fx trace
     result = rewrite_to_grkan(model, found)   # or rewrite_to_snnk

@@ -1,4 +1,4 @@
-"""Hand-counted FLOPs and ideal bytes of each layer, from its math (design.md section 5).
+"""Hand-counted FLOPs and ideal bytes of each layer, from its math (docs/numbers.md).
 
 How things are counted (one convention for every layer, so that rates compare across layers):
 

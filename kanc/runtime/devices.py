@@ -8,12 +8,12 @@ instead (a large copy for bandwidth, a large matmul for FLOP rates), labelled ``
 from __future__ import annotations
 
 import re
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from kanc.timing import median_ms
 
 
 @dataclass(frozen=True)
@@ -134,26 +134,12 @@ def device_peaks(device: torch.device | str) -> DevicePeaks:
 
 
 # ---------------------------------------------------------------------------------------------- measurement
-def _median_ms(fn, reps: int, sync=None) -> float:
-    fn()  # warm-up
-    if sync:
-        sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def measure_copy_gbps(device: torch.device, mib: int = 64, reps: int = 5) -> float:
     """Achieved bandwidth of a large device-to-device copy: (read + write) bytes / time, in GB/s."""
     src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    ms = _median_ms(lambda: dst.copy_(src), reps, sync)
+    ms = median_ms(lambda: dst.copy_(src), reps, sync=sync)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -162,7 +148,7 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int, r
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    ms = _median_ms(lambda: a @ b, reps, sync)
+    ms = median_ms(lambda: a @ b, reps, sync=sync)
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 

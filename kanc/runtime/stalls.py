@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kanc.codegen import triton_tools
+
 # report field -> ncu metric (ncu's documented names, Nsight Compute "Kernel Profiling Guide").
 NCU_METRICS = {
     "duration_ns": "gpu__time_duration.sum",
@@ -354,11 +356,8 @@ def new_workdir() -> Path:
 
 # ------------------------------------------------------------------------------------------------- proton
 def proton_available() -> bool:
-    try:
-        import triton.profiler  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means no proton
-        return False
-    return True
+    """Whether Triton's proton profiler imports here (kanc.codegen asks triton)."""
+    return triton_tools.proton() is not None
 
 
 def parse_proton(tree: Any, kernels: set[str] | None = None) -> list[KernelStalls]:
@@ -380,8 +379,9 @@ def parse_proton(tree: Any, kernels: set[str] | None = None) -> list[KernelStall
 
 def collect_proton(run_step: Any, kernels: set[str], workdir: Path) -> StallReport:
     """Run ``run_step()`` once under proton (Triton launch hook) and read back each kanc kernel's time."""
-    import triton.profiler as proton
-
+    proton = triton_tools.proton()
+    if proton is None:
+        return StallReport(None, "Triton's proton (triton.profiler) is not importable", [])
     name = str(workdir / "kanc_proton")
     try:
         proton.start(name, hook="triton")

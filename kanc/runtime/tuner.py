@@ -20,8 +20,9 @@ from torch import nn
 from kanc.codegen import tuning
 from kanc.codegen.launches import Launch, recording
 from kanc.errors import KancError
-from kanc.runtime.report import _clean
+from kanc.runtime.report import json_safe
 from kanc.runtime.steps import Inputs, model_device, prepare_inputs, run_step, synchronize, time_steps
+from kanc.text import table
 
 
 @dataclass
@@ -69,7 +70,7 @@ class TuneReport:
         data = asdict(self)
         data.update(before_median_ms=self.before, after_median_ms=self.after if self.after_ms else None)
         data["speedup"] = self.speedup if self.after_ms else None
-        return _clean(data)  # failed configs time as inf: null in JSON
+        return json_safe(data)  # failed configs time as inf: null in JSON
 
     def table(self) -> str:
         lines = [f"kanc tune on {self.device_name}: cache {self.cache_path}"]
@@ -77,8 +78,7 @@ class TuneReport:
             return "\n".join([*lines, *self.notes])
         head = ("kernel", "key", "config", "was", "best ms", "worst ms")
         body = [_entry_row(e) for e in self.entries]
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-        lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in (head, *body)]
+        lines += table(body, head)
         mode = "train step" if self.train else "forward"
         lines.append(f"{mode}: {self.before:.4g} ms before, {self.after:.4g} ms after ({self.speedup:.2f}x)")
         return "\n".join([*lines, *self.notes])

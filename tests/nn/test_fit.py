@@ -5,7 +5,7 @@ import torch
 
 from kanc.nn.fit import ACTIVATION_FUNCTIONS, TABLE_PATH, _table, evaluate, fit_rational, rational_coefficients
 
-# Shipped (5, 4) fits must be within 4e-3 of their target on [-3, 3] (design.md). ReLU's kink cannot be
+# Shipped (5, 4) fits must be within 4e-3 of their target on [-3, 3] (docs/layers.md). ReLU's kink cannot be
 # matched by a smooth rational: its (5, 4) fit on [-6, 6] measured 2.81e-2, so it gets its own bound.
 BOUNDS = {"gelu": 4e-3, "gelu_tanh": 4e-3, "silu": 4e-3, "tanh": 4e-3, "sigmoid": 4e-3, "relu": 3e-2}
 

@@ -187,7 +187,7 @@ def test_kernel_error_falls_as_inverse_sqrt_m(kind):
     small, large = _kernel_error(kind, 64, x, w, truth), _kernel_error(kind, 1024, x, w, truth)
     print(f"{kind}: rel error m=64 {small:.4f}, m=1024 {large:.4f}, ratio {small / large:.2f}")
     assert 3.2 < small / large < 5.0
-    assert large < 4.5 / math.sqrt(1024)  # sigma <= ~4 here (background notes: ~3/sqrt(m) at d=64)
+    assert large < 4.5 / math.sqrt(1024)  # sigma <= ~4 here (docs/background.md: ~3/sqrt(m) at d=64)
 
 
 def test_exp_features_are_unbiased():

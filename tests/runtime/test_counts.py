@@ -17,7 +17,7 @@ from kanc.runtime.counts import (
 
 
 def test_rational_flops_per_element_match_design_md():
-    # design.md section 5: 21 FLOPs forward, ~65 backward at the default degrees (5, 4)
+    # docs/numbers.md: 21 FLOPs forward, ~65 backward at the default degrees (5, 4)
     assert rational_forward_flops(5, 4) == 21
     assert rational_backward_flops(5, 4) == 65
 
@@ -38,7 +38,7 @@ def test_rational_counts_bytes_by_hand():
     assert (fwd.flops, fwd.bytes, fwd.matmul_flops) == (21_000, 2 * 1000 * 2 + 320, 0)
     bwd = rational_counts(1000, 2, 8, (5, 4), "backward")
     assert (bwd.flops, bwd.bytes) == (65_000, 3 * 1000 * 2 + 2 * 320)  # x, dy, dx; read coefs, write their grads
-    # per element, the coefficients vanish: 4 B forward and 6 B backward in bf16 (design.md section 5)
+    # per element, the coefficients vanish: 4 B forward and 6 B backward in bf16 (docs/numbers.md)
     big = 128 * 197 * 3072
     assert rational_counts(big, 2, 8).bytes / big == pytest.approx(4, rel=1e-5)
     assert rational_counts(big, 2, 8, direction="backward").bytes / big == pytest.approx(6, rel=1e-5)

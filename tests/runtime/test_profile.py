@@ -12,7 +12,8 @@ from kanc.nn import GroupRational
 from kanc.runtime import validate
 from kanc.runtime.counts import module_counts, rational_counts
 from kanc.runtime.devices import DevicePeaks
-from kanc.runtime.report import LayerRow, rates, roofline_finding
+from kanc.runtime.findings import roofline_finding
+from kanc.runtime.report import LayerRow, rates
 
 X = torch.randn(2, 12, 16)
 

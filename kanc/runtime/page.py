@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: report.py renders with this module
     from kanc.runtime.report import LayerRow, ProfileReport
 
 COLORS = {"forward": "#2b6cb0", "backward": "#dd6b20"}

@@ -1,0 +1,36 @@
+"""Wall-clock timing on the host: the one timer for code that has no device events (the CPU, Triton's interpreter,
+a device measured with an explicit synchronize)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def wall_times_ms(
+    fn: Callable[[], Any], reps: int = 3, warmup: int = 1, sync: Callable[[], Any] | None = None
+) -> list[float]:
+    """Wall-clock times of ``reps`` calls of ``fn()`` in ms, after ``warmup`` untimed calls.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs after the warm-up and inside each timed call, so that work a
+    device queued is counted where it was asked for.
+    """
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ms(fn: Callable[[], Any], reps: int = 3, warmup: int = 1, sync: Callable[[], Any] | None = None) -> float:
+    """Median of :func:`wall_times_ms`."""
+    return statistics.median(wall_times_ms(fn, reps, warmup, sync))

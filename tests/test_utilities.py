@@ -1,0 +1,77 @@
+"""The one home of each cross-cutting utility: environment (kanc.env), wall-clock timing (kanc.timing), text layout
+(kanc.text) and the first line of an exception (kanc.errors.first_line)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kanc import env, text, timing
+from kanc.errors import first_line, one_line
+
+
+@pytest.mark.parametrize(
+    ("value", "level"), [(None, 0), ("", 0), ("  ", 0), ("0", 0), ("2", 2), (" 3 ", 3), ("yes", 1), ("true", 1)]
+)
+def test_debug_level_reads_a_non_number_as_a_request_for_debugging(monkeypatch, value, level):
+    if value is None:
+        monkeypatch.delenv("KANC_DEBUG", raising=False)
+    else:
+        monkeypatch.setenv("KANC_DEBUG", value)
+    assert env.debug_level() == level
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, False), ("0", False), ("1", True), ("true", False)])
+def test_interpreting_is_triton_interpret_1(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert env.interpreting() is expected
+
+
+def test_getenv_sees_changes_made_through_os_environ(monkeypatch):
+    monkeypatch.delenv("KANC_TEST_VARIABLE", raising=False)
+    assert env.getenv("KANC_TEST_VARIABLE", "unset") == "unset"
+    monkeypatch.setenv("KANC_TEST_VARIABLE", "set")
+    assert env.getenv("KANC_TEST_VARIABLE") == "set"
+
+
+def test_wall_times_run_warmup_then_reps_and_sync_after_each():
+    events = []
+    times = timing.wall_times_ms(lambda: events.append("call"), reps=4, warmup=2, sync=lambda: events.append("sync"))
+    assert events == ["call", "call", "sync"] + ["call", "sync"] * 4
+    assert len(times) == 4 and all(t >= 0 for t in times)
+    calls = []
+    assert timing.median_ms(lambda: calls.append(1), reps=5) >= 0 and len(calls) == 6  # one warm-up by default
+
+
+def test_table_aligns_columns_without_trailing_blanks():
+    lines = text.table([["a", 1], ["bbb", 22]], ["x", "y"])
+    assert lines == ["x    y", "a    1", "bbb  22"]
+    assert text.table([], ["only", "header"]) == ["only  header"]
+
+
+def test_ellipsize_keeps_the_end_or_the_start():
+    assert text.ellipsize("blocks.0.mlp.fc1", 8) == "...p.fc1"
+    assert text.ellipsize("a long message", 8, keep="start") == "a lon..."
+    assert text.ellipsize("short", 8) == "short"
+
+
+@pytest.mark.parametrize(
+    ("error", "limit", "expected"),
+    [
+        (ValueError(""), None, "ValueError"),
+        (ValueError("\n  first \nsecond"), None, "first"),
+        (ValueError("a\x1b[31mb"), None, "a\\x1b[31mb"),  # a terminal escape stays printable text
+        (RuntimeError("x" * 300), 200, "x" * 197 + "..."),
+        ("", None, "no output"),
+        ("cc: warning\ncc: error", None, "cc: warning"),
+    ],
+)
+def test_first_line(error, limit, expected):
+    assert first_line(error, limit) == expected
+
+
+def test_one_line_names_the_class_of_a_foreign_error():
+    assert one_line(ValueError("boom\nmore")) == "ValueError: boom"
+    assert one_line(ValueError()) == "ValueError"
