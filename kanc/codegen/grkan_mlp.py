@@ -38,7 +38,7 @@ from kanc.codegen import tuning
 from kanc.codegen.autograd import reference_vjp, register_reference_double_backward, vjp_with_graph
 from kanc.codegen.checker import use_kernel
 from kanc.codegen.grkan_linear import check_linear_args, grkan_linear_ref
-from kanc.codegen.rational import abs_grad_sign, rational_ref
+from kanc.codegen.rational import rational_ref
 from kanc.errors import KancError
 
 PLACEMENTS = ("prologue", "epilogue")  # first: the default when nothing is measured
@@ -171,12 +171,9 @@ def _kernel_backward(grad, x, x1, h, u, num1, den1, w1, b1, num2, den2, w2, b2):
 
 def _input_and_coefficient_grads(x2, dy2, weight, numerator, denominator) -> tuple[Tensor, Tensor, Tensor]:
     """d(F(x) W^T)/dx and the coefficient gradients by the GR-KAN dx kernel (dF = dy W, F' in its epilogue)."""
-    from kanc.codegen.kernels.grkan_linear import _launch_dx
+    from kanc.codegen.kernels.grkan_linear import launch_dx
 
-    num, den = numerator.contiguous(), denominator.contiguous()
-    dx, acc = _launch_dx(x2, dy2, weight, num, den, den.shape[0])
-    np_ = num.shape[1]
-    return dx, acc[:, :np_].to(numerator.dtype).contiguous(), (acc[:, np_:] * abs_grad_sign(den)).to(den.dtype)
+    return launch_dx(x2, dy2, weight, numerator, denominator)
 
 
 def _ref_of_present(inputs: Sequence[Tensor | None]) -> Callable[..., Tensor]:

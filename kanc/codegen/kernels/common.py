@@ -129,7 +129,12 @@ def fp32_precision() -> str:
     """
     if interpreting():
         return "ieee"
-    return "ieee" if torch.backends.cuda.matmul.fp32_precision in ("ieee", "none") else "tf32"
+    precision = _fp32_getter("cuda", "matmul") if _fp32_getter else torch.backends.cuda.matmul.fp32_precision
+    return "ieee" if precision in ("ieee", "none") else "tf32"
+
+
+# what torch.backends.cuda.matmul.fp32_precision calls, without the module's __getattribute__ (a plan key reads it)
+_fp32_getter = getattr(torch._C, "_get_fp32_precision_getter", None)
 
 
 def dot_dtype_key(io_dtype: torch.dtype) -> str:
@@ -160,9 +165,9 @@ def on_tensor_device(launcher: Callable) -> Callable:
     :func:`device_guard` of that tensor's device: its tuning runs, launches and outputs all belong there."""
 
     @functools.wraps(launcher)
-    def wrapper(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(tensor: torch.Tensor, *args: Any) -> Any:
         with device_guard(tensor.device):
-            return launcher(tensor, *args, **kwargs)
+            return launcher(tensor, *args)
 
     return wrapper
 
@@ -209,18 +214,99 @@ def record(
 ) -> None:
     """Tell the profiler what ran (only when someone records)."""
     if launches.is_recording():
-        launches.record(
-            launches.Launch(
-                op=op,
-                kernel=kernel_name(kernel),
-                grid=tuple(int(g) for g in grid),
-                config=dict(config),
-                atomics=int(atomics),
-                shapes=tuple(tuple(int(d) for d in s) for s in shapes),
-                dtype=str(dtype).removeprefix("torch."),
-                extra={"direction": direction, **extra},
-            )
-        )
+        launches.record(launch_record(op, kernel, grid, config, shapes, dtype, direction, atomics, **extra))
+
+
+# ---------------------------------------------------------------------------------------------------- launch plans
+
+PLAN_LIMIT = 4096  # plans kept per launcher; past it the table starts afresh (shapes that vary without end)
+
+
+def launch_state() -> tuple | None:
+    """What a launch plan depends on besides its operands' geometry: the tuning state (``tuning.state``), the
+    interpreter, torch's deterministic mode and whether ``KANC_DEBUG`` >= 3 logs choices. None: plan every call anew
+    (``KANC_AUTOTUNE=force`` re-times every launch)."""
+    tuned = tuning.state()
+    if tuned is None:
+        return None
+    return tuned, interpreting(), deterministic(), debug.debug_level() >= 3
+
+
+def planned(plans: dict, key: tuple, device: torch.device, build: Callable[..., Any], *args: Any) -> Any:
+    """``build(*args)``, cached in ``plans`` under ``key`` (the operands' shapes, strides, dtypes and device) and
+    :func:`launch_state`: a launcher pays for its config lookup, grid and argument list once per shape, and each call
+    after only launches. A plan chosen inside a CUDA graph capture (where nothing may be timed) is not kept."""
+    state = launch_state()
+    if state is None:
+        return build(*args)
+    full = (key, state)
+    plan = plans.get(full)
+    if plan is None:
+        plan = build(*args)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(plans) >= PLAN_LIMIT:
+                plans.clear()
+            plans[full] = plan
+    return plan
+
+
+def launch_record(
+    op: str,
+    kernel: Any,
+    grid: tuple[int, ...],
+    config: dict[str, Any],
+    shapes: Sequence[Sequence[int]],
+    dtype: torch.dtype,
+    direction: str,
+    atomics: int = 0,
+    **extra: Any,
+) -> launches.Launch:
+    """The :class:`~kanc.codegen.launches.Launch` a planned launch records (built once, with its plan)."""
+    return launches.Launch(
+        op=op,
+        kernel=kernel_name(kernel),
+        grid=tuple(int(g) for g in grid),
+        config=dict(config),
+        atomics=int(atomics),
+        shapes=tuple(tuple(int(d) for d in s) for s in shapes),
+        dtype=str(dtype).removeprefix("torch."),
+        extra={"direction": direction, **extra},
+    )
+
+
+def row_stride(t: torch.Tensor, width: int) -> int | None:
+    """The row stride of ``t`` seen as (rows, width) with unit column stride without a copy, or None when that view
+    needs a copy (then :func:`rows_of` copies it row-major: row stride ``width``)."""
+    try:
+        view = t.view(-1, width)
+    except RuntimeError:
+        return None
+    return view.stride(0) if view.stride(1) == 1 or width == 1 else None
+
+
+def matrix_strides(t: torch.Tensor, width: int) -> tuple[int, int] | None:
+    """The strides of ``t`` seen as a (rows, width) matrix without a copy, or None when that needs a copy (then
+    :func:`matrix_of` copies it row-major)."""
+    try:
+        return t.view(-1, width).stride()
+    except RuntimeError:
+        return None
+
+
+def matrix_of(t: torch.Tensor, width: int, strides: tuple[int, int] | None) -> torch.Tensor:
+    """``t`` as :func:`matrix_strides` planned it: itself (a launch reads only its data pointer) or a row-major copy."""
+    return t if strides is not None else t.reshape(-1, width).contiguous()
+
+
+def operands_key(*tensors: torch.Tensor | None) -> tuple:
+    """What a launch plan depends on in its operands: shapes, strides, dtypes and the device of the first."""
+    return tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors) + (tensors[0].device,)
+
+
+def rows_of(t: torch.Tensor, width: int, stride: int | None) -> torch.Tensor:
+    """What a kernel reads as (rows, width) rows of ``t``: ``t`` itself (a launch needs only its data pointer) when
+    :func:`row_stride` found a view, else a row-major copy."""
+    return t if stride is not None else t.reshape(-1, width).contiguous()
 
 
 def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
