@@ -98,17 +98,22 @@ def _changed() -> None:
     _generation += 1
 
 
-def state() -> tuple | None:
-    """What :func:`pick_config`'s answers depend on besides (kernel, key, candidates): launchers that cache their
-    launch plans per shape key them on it. None in ``force`` mode, where every call re-times (nothing to cache).
+def state(environment: tuple) -> tuple | None:
+    """What :func:`pick_config`'s answers depend on besides (kernel, key, candidates), given ``environment`` (a
+    snapshot, ``env.snapshot``, that starts with STATE_VARIABLES): launchers that cache their launch plans per shape
+    key them on it. None in ``force`` mode, where every call re-times (nothing to cache).
 
     The generation counts every change made through this module (mode, :func:`forced_config`, a new cached choice,
-    :func:`clear_memory_caches`); the environment variables that choose the mode and the cache file are read here.
+    :func:`clear_memory_caches`); the environment variables that choose the mode and the cache file are in the
+    snapshot (a bad KANC_AUTOTUNE is reported when a plan is built, by :func:`autotune_mode`).
     """
-    mode = autotune_mode()
+    mode = _mode_override if _mode_override is not None else environment[0]
     if mode == "force":
         return None
-    return _generation, mode, getenv("KANC_CACHE_DIR"), getenv("HOME")
+    return _generation, _mode_override
+
+
+STATE_VARIABLES = ("KANC_AUTOTUNE", "KANC_CACHE_DIR", "HOME", "TRITON_INTERPRET")
 
 
 @contextlib.contextmanager

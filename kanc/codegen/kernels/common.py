@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kanc.codegen import debug, launches, tuning
+from kanc.codegen import debug, env, launches, tuning
 from kanc.codegen.checker import interpreting
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -157,7 +157,10 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     the interpreter."""
     if device.type == "cuda":
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()  # stateless: one serves every launch
 
 
 def on_tensor_device(launcher: Callable) -> Callable:
@@ -222,14 +225,18 @@ def record(
 PLAN_LIMIT = 4096  # plans kept per launcher; past it the table starts afresh (shapes that vary without end)
 
 
+_STATE_VARIABLES = (*tuning.STATE_VARIABLES, "KANC_DEBUG")
+
+
 def launch_state() -> tuple | None:
     """What a launch plan depends on besides its operands' geometry: the tuning state (``tuning.state``), the
-    interpreter, torch's deterministic mode and whether ``KANC_DEBUG`` >= 3 logs choices. None: plan every call anew
-    (``KANC_AUTOTUNE=force`` re-times every launch)."""
-    tuned = tuning.state()
+    environment that chooses the mode, the cache file, the interpreter and ``KANC_DEBUG`` (logged choices), and torch's
+    deterministic mode. None: plan every call anew (``KANC_AUTOTUNE=force`` re-times every launch)."""
+    environment = env.snapshot(_STATE_VARIABLES)
+    tuned = tuning.state(environment)
     if tuned is None:
         return None
-    return tuned, interpreting(), deterministic(), debug.debug_level() >= 3
+    return tuned, environment, torch.are_deterministic_algorithms_enabled()
 
 
 def planned(plans: dict, key: tuple, device: torch.device, build: Callable[..., Any], *args: Any) -> Any:
@@ -299,8 +306,15 @@ def matrix_of(t: torch.Tensor, width: int, strides: tuple[int, int] | None) -> t
 
 
 def operands_key(*tensors: torch.Tensor | None) -> tuple:
-    """What a launch plan depends on in its operands: shapes, strides, dtypes and the device of the first."""
-    return tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors) + (tensors[0].device,)
+    """What a launch plan depends on in its operands: shapes, strides, dtypes and the device of the first (a flat
+    tuple: this runs per launch)."""
+    key = [tensors[0].device]
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        else:
+            key += (t.shape, t.stride(), t.dtype)
+    return tuple(key)
 
 
 def rows_of(t: torch.Tensor, width: int, stride: int | None) -> torch.Tensor:

@@ -431,18 +431,44 @@ def grkan_linear_backward(grad, x, numerator, denominator, weight, has_bias: boo
     The dx kernel writes the final coefficient gradients (fp32, kanc's sign of d|b|/db applied; cast only for
     coefficients in another dtype). They are reduced with atomics, or bitwise reproducibly when torch's deterministic
     mode is on."""
+    key = (*_plan_key(grad, x, numerator, denominator, weight), has_bias)
+    plans = common.planned(_bwd_plans, key, x.device, _bwd_plan, grad, x, numerator, denominator, weight, has_bias)
+    dy_stride, x_strides, dw_plan, dx_plan = plans
     k_in, n_out = x.shape[-1], weight.shape[0]
     if grad.dtype != x.dtype:
         grad = grad.to(x.dtype)
-    dy_stride = common.row_stride(grad, n_out)
+    dy2 = common.rows_of(grad, n_out, dy_stride)
+    x2 = common.matrix_of(x, k_in, x_strides)
+    num, den = _coefficients(numerator, denominator)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
+    db = torch.empty(n_out if has_bias else 0, dtype=weight.dtype, device=x.device)
+    _launch(_grkan_linear_dw_kernel, dw_plan, x2, dy2, dw, db if has_bias else dw, num, den)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dnum, dden = coefficient_grads(dx_plan.extra, x.device)
+    _launch(_grkan_linear_dx_kernel, dx_plan, x2, dy2, weight, dx, num, den, dnum, dden)
+    return dx, *final_coefficient_grads(dx_plan.extra, dnum, dden, numerator.dtype, denominator.dtype), dw, db
+
+
+_bwd_plans: dict = {}
+
+
+def _bwd_plan(grad, x, numerator, denominator, weight, has_bias: bool) -> tuple:
+    """(dy's row stride, x's matrix strides, the dW plan, the dx plan): how the backward passes its (rows, N) dy and
+    (rows, K) x (views when they can be, else copies) and launches its two kernels."""
+    k_in, n_out = x.shape[-1], weight.shape[0]
+    if grad.dtype != x.dtype:  # converted per call: a tensor of the same layout (row-major where not dense)
+        grad = grad.to(x.dtype)
+    dy_stride, x_strides = common.row_stride(grad, n_out), common.matrix_strides(x, k_in)
     dy2 = common.rows_of(grad, n_out, dy_stride).view(-1, n_out)
-    x_strides = common.matrix_strides(x, k_in)
     x2 = common.matrix_of(x, k_in, x_strides).view(-1, k_in)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
     db = torch.empty(n_out if has_bias else 0, dtype=weight.dtype, device=x.device)
-    launch_dw(x2, dy2, numerator, denominator, dw, db, has_bias)
-    dx, dnum, dden = launch_dx(x2, dy2, weight, numerator, denominator)
-    return dx.view(x.shape), dnum, dden, dw, db
+    return (
+        dy_stride,
+        x_strides,
+        _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias),
+        _dx_plan(x2, dy2, weight, numerator, denominator),
+    )
 
 
 def launch_dw(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> None:
