@@ -323,3 +323,32 @@ def test_device_guard_enters_the_cuda_device(monkeypatch):
     with common.device_guard(torch.device("cpu")):
         pass
     assert entered == [torch.device("cuda", 1), "exit"]
+
+
+def test_launch_plans_built_once_per_operand_geometry(device, monkeypatch):
+    """Config, grid and arguments are planned once per operand geometry (shapes, strides, dtypes): repeated calls only
+    launch. Another layout of the same shape gets its own plan, a forced config replaces a plan's choice, and
+    coefficients in another dtype get their gradients cast (the kernel writes fp32 with the sign of d|b|/db)."""
+    asked = []
+    pick = tuning.pick_config
+    monkeypatch.setattr(tuning, "pick_config", lambda kernel, *a, **k: asked.append(kernel) or pick(kernel, *a, **k))
+    x, num, den = _inputs((7, 24), 3, torch.float32, device)
+    for _ in range(3):
+        _check([x, num, den])
+    assert asked == [FWD, BWD]
+    wide = (2 * torch.randn(7, 40)).to(device)[:, 8:32].requires_grad_()  # the same shape, row stride 40
+    got = torch.autograd.grad(group_rational(wide, num, den).square().sum(), (wide, num, den))
+    want = torch.autograd.grad(rational_ref(wide, num, den).square().sum(), (wide, num, den))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert asked == [FWD, BWD] * 2
+    forced = {"BLOCK_R": 8, "BLOCK_C": 16, "num_warps": 4}
+    with forced_config(FWD, forced), recording() as launches:
+        group_rational(x, num, den)
+    assert launches[0].config == forced and launches[0].grid == (1, 2)
+    half = [t.detach().to(torch.bfloat16).requires_grad_() for t in (num, den)]
+    grads = torch.autograd.grad(group_rational(x, *half).sum(), half)
+    expected = torch.autograd.grad(rational_ref(x, *half).sum(), half)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 2
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)

@@ -127,7 +127,7 @@ def _add_coef_partials(
 def _signed(s, den_ptr, g, k, NQ: tl.constexpr, gmask):
     """A sum of dL/d|b_k| (one per group g) as dL/db_k: d|b|/db is -1 where b < 0, else +1 (b = 0 included, as
     ``kanc.codegen.rational.abs_grad_sign``)."""
-    b = tl.load(den_ptr + g * NQ + k, mask=gmask, other=0.0)
+    b = tl.load(den_ptr + g * NQ + k, mask=gmask, other=0.0).to(tl.float32)
     return tl.where(b < 0, -s, s)
 
 
