@@ -54,6 +54,7 @@ def _swizzle(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROU
 
 @triton.jit
 def _dot(a, b, acc, DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a b with both operands cast to DOT (fp16/bf16 on tensor cores, fp32 in TF32 or, with IEEE, exactly)."""
     if IEEE:
         return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee")
     return tl.dot(a.to(DOT), b.to(DOT), acc)
@@ -279,20 +280,38 @@ def _grkan_linear_dx_kernel(
 # the prologue/epilogue holds BLOCK x BLOCK_K fp32 values per thread on top of the accumulator, so the tiles that
 # compile without register spills come first. The tuner times all of them on a GPU.
 FWD_TILES = [  # y tile (BLOCK_M, BLOCK_N), K reduced
-    (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (64, 256, 32, 8, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4),
-    (128, 64, 32, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
-]  # fmt: skip
+    (128, 128, 32, 8, 4),
+    (64, 128, 64, 4, 4),
+    (64, 256, 32, 8, 4),
+    (128, 256, 32, 8, 3),
+    (64, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (128, 128, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+]
 DW_TILES = [  # dW tile (BLOCK_N, BLOCK_K), M reduced
-    (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3),
-    (64, 64, 32, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3),
-]  # fmt: skip
+    (128, 128, 32, 8, 3),
+    (128, 64, 64, 8, 3),
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (64, 128, 64, 8, 3),
+    (64, 64, 32, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+]
 # dx tile (BLOCK_M, BLOCK_K), N reduced; the epilogue holds ~10 fp32 values per element and the row loop carries the
 # coefficient sums: the first six compile spill-free with the loop (ROWS_PER_PROGRAM 8, sm_90), the last two spill
 # ~200 B per thread and are left for the tuner to time.
 DX_TILES = [
-    (64, 64, 64, 8, 3), (32, 64, 64, 4, 4), (32, 64, 64, 8, 3), (64, 64, 32, 8, 3), (32, 128, 32, 8, 3),
-    (64, 32, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
-]  # fmt: skip
+    (64, 64, 64, 8, 3),
+    (32, 64, 64, 4, 4),
+    (32, 64, 64, 8, 3),
+    (64, 64, 32, 8, 3),
+    (32, 128, 32, 8, 3),
+    (64, 32, 64, 4, 4),
+    (128, 64, 64, 8, 3),
+    (64, 128, 64, 8, 3),
+]
 INTERPRETER_TILES = [(64, 64, 64, 4, 1), (32, 32, 32, 4, 1), (16, 16, 16, 4, 1)]  # few programs, little numpy work
 
 
@@ -404,10 +423,30 @@ def _fwd_plan(x, numerator, denominator, weight, bias) -> _Plan:
 
     def args(cfg: dict) -> tuple:
         return (
-            m, n_out, k_in, k_in // groups, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
-            bias.stride(0) if bias is not None else 0, n_out, bias is not None, np_, nq, dot, ieee,
-            (k_in // groups) % cfg["BLOCK_K"] == 0, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"],
-        )  # fmt: skip
+            # sizes
+            m,
+            n_out,
+            k_in,
+            k_in // groups,
+            # strides
+            x2.stride(0),
+            x2.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            n_out,
+            # meta-parameters
+            bias is not None,
+            np_,
+            nq,
+            dot,
+            ieee,
+            (k_in // groups) % cfg["BLOCK_K"] == 0,
+            cfg["BLOCK_M"],
+            cfg["BLOCK_N"],
+            cfg["BLOCK_K"],
+            cfg["GROUP_M"],
+        )
 
     def scratch(cfg: dict) -> None:
         out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
@@ -490,10 +529,28 @@ def _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> _Plan:
 
     def args(cfg: dict) -> tuple:
         return (
-            m, n_out, k_in, k_in // groups, x2.stride(0), x2.stride(1), dy2.stride(0), dw.stride(0),
-            has_bias, np_, nq, dot, ieee, (k_in // groups) % cfg["BLOCK_K"] == 0,
-            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"],
-        )  # fmt: skip
+            # sizes
+            m,
+            n_out,
+            k_in,
+            k_in // groups,
+            # strides
+            x2.stride(0),
+            x2.stride(1),
+            dy2.stride(0),
+            dw.stride(0),
+            # meta-parameters
+            has_bias,
+            np_,
+            nq,
+            dot,
+            ieee,
+            (k_in // groups) % cfg["BLOCK_K"] == 0,
+            cfg["BLOCK_M"],
+            cfg["BLOCK_N"],
+            cfg["BLOCK_K"],
+            cfg["GROUP_M"],
+        )
 
     def scratch(cfg: dict) -> None:
         out, out_b = torch.empty_like(dw), torch.empty_like(db)
@@ -536,10 +593,31 @@ def _dx_plan(x2, dy2, weight, numerator, denominator) -> _Plan:
 
     def args(cfg: dict) -> tuple:
         return (
-            m, n_out, k_in, group_size, x2.stride(0), x2.stride(1), dy2.stride(0), weight.stride(0), weight.stride(1),
-            k_in, np_, nq, group_span(cfg["BLOCK_K"], group_size), dot, ieee, det,
-            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], cfg["ROWS_PER_PROGRAM"],
-        )  # fmt: skip
+            # sizes
+            m,
+            n_out,
+            k_in,
+            group_size,
+            # strides
+            x2.stride(0),
+            x2.stride(1),
+            dy2.stride(0),
+            weight.stride(0),
+            weight.stride(1),
+            k_in,
+            # meta-parameters
+            np_,
+            nq,
+            group_span(cfg["BLOCK_K"], group_size),
+            dot,
+            ieee,
+            det,
+            cfg["BLOCK_M"],
+            cfg["BLOCK_N"],
+            cfg["BLOCK_K"],
+            cfg["GROUP_M"],
+            cfg["ROWS_PER_PROGRAM"],
+        )
 
     def buffers(cfg: dict) -> tuple:
         tiles = (row_programs(cfg), common.cdiv(k_in, cfg["BLOCK_K"]))
@@ -559,7 +637,16 @@ def _dx_plan(x2, dy2, weight, numerator, denominator) -> _Plan:
     cfg = common.choose(_grkan_linear_dx_kernel, key, candidates, scratch, x2.device)
     atomics = 0 if det else row_programs(cfg) * groups_touched(k_in, group_size, cfg["BLOCK_K"]) * (np_ + nq)
     record = common.launch_record(
-        OP, _grkan_linear_dx_kernel, grid(cfg), cfg, [x2.shape, dy2.shape, weight.shape], x2.dtype, "backward",
-        atomics, grads="input,coefficients", coefficients=np_ + nq, deterministic=det,
-    )  # fmt: skip
+        OP,
+        _grkan_linear_dx_kernel,
+        grid(cfg),
+        cfg,
+        [x2.shape, dy2.shape, weight.shape],
+        x2.dtype,
+        "backward",
+        atomics,
+        grads="input,coefficients",
+        coefficients=np_ + nq,
+        deterministic=det,
+    )
     return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, None, buffers(cfg))

@@ -168,6 +168,7 @@ def _reduce_coef_grads(
 
 @triton.jit
 def _tile(pid_r, pid_c, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows (int64), columns, the column mask and the element mask of tile (pid_r, pid_c) of an (R, C) matrix."""
     rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -371,9 +372,20 @@ def _fwd_plan(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tenso
 
     def args(cfg: dict) -> tuple:
         return (
-            rows, channels, group_size, channels if stride is None else stride, channels, np_, nq,
-            group_size % cfg["BLOCK_C"] == 0, cfg["BLOCK_R"], cfg["BLOCK_C"],
-        )  # fmt: skip
+            # sizes
+            rows,
+            channels,
+            group_size,
+            # strides of x and y
+            channels if stride is None else stride,
+            channels,
+            # meta-parameters
+            np_,
+            nq,
+            group_size % cfg["BLOCK_C"] == 0,
+            cfg["BLOCK_R"],
+            cfg["BLOCK_C"],
+        )
 
     def grid(cfg: dict) -> tuple[int, int]:
         return common.cdiv(rows, cfg["BLOCK_R"]), common.cdiv(channels, cfg["BLOCK_C"])
@@ -433,9 +445,22 @@ def _bwd_plan(grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, deno
 
     def args(cfg: dict) -> tuple:
         return (
-            rows, channels, group_size, *row_strides, channels, np_, nq, group_span(cfg["BLOCK_C"], group_size), det,
-            cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["ROWS_PER_PROGRAM"],
-        )  # fmt: skip
+            # sizes
+            rows,
+            channels,
+            group_size,
+            # strides of x, dy and dx
+            *row_strides,
+            channels,
+            # meta-parameters
+            np_,
+            nq,
+            group_span(cfg["BLOCK_C"], group_size),
+            det,
+            cfg["BLOCK_R"],
+            cfg["BLOCK_C"],
+            cfg["ROWS_PER_PROGRAM"],
+        )
 
     def buffers(cfg: dict) -> tuple:
         return (grid(cfg), group_span(cfg["BLOCK_C"], group_size), groups, np_, nq, channels, cfg["BLOCK_C"], det)
@@ -449,9 +474,17 @@ def _bwd_plan(grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, deno
     cfg = common.choose(_rational_bwd_kernel, key, candidates, scratch, x.device)
     atomics = 0 if det else grid(cfg)[0] * groups_touched(channels, group_size, cfg["BLOCK_C"]) * (np_ + nq)
     record = common.launch_record(
-        OP, _rational_bwd_kernel, grid(cfg), cfg, [x.shape, num.shape, den.shape], x.dtype, "backward", atomics,
-        coefficients=np_ + nq, deterministic=det,
-    )  # fmt: skip
+        OP,
+        _rational_bwd_kernel,
+        grid(cfg),
+        cfg,
+        [x.shape, num.shape, den.shape],
+        x.dtype,
+        "backward",
+        atomics,
+        coefficients=np_ + nq,
+        deterministic=det,
+    )
     contiguous = (numerator.is_contiguous(), denominator.is_contiguous())
     return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), strides, contiguous, record, buffers(cfg))
 
