@@ -257,6 +257,18 @@ def planned(plans: dict, key: tuple, device: torch.device, build: Callable[..., 
     return plan
 
 
+def launch_planned(kernel: Any, plan: Any, *tensors: torch.Tensor) -> None:
+    """Launch ``kernel`` as ``plan`` says (its grid, non-tensor args, options) on ``tensors``, and record it.
+
+    ``kernel.run`` is what ``kernel[grid](...)`` calls, without the lambda ``__getitem__`` builds per launch. The rest
+    of Triton's per-launch work (argument binding and specialisation, the cache key: ~10 us, see
+    ``benchmarks/triton_launch.py``) stays: skipping it would need the alignment checks Triton does, untested here.
+    """
+    kernel.run(*tensors, *plan.args, grid=plan.grid, warmup=False, **plan.options)
+    if launches.is_recording():
+        launches.record(plan.record)
+
+
 def launch_record(
     op: str,
     kernel: Any,

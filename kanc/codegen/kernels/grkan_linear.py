@@ -381,12 +381,6 @@ def _plan_key(*tensors: torch.Tensor | None) -> tuple:
     return (*key, common.fp32_precision()) if tensors[0].dtype == torch.float32 else key
 
 
-def _launch(kernel, plan: _Plan, *tensors: torch.Tensor) -> None:
-    kernel[plan.grid](*tensors, *plan.args, **plan.options)
-    if launches.is_recording():
-        launches.record(plan.record)
-
-
 def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return numerator.contiguous(), denominator.contiguous()  # the same tensors when already contiguous
 
@@ -398,7 +392,7 @@ def grkan_linear_forward(x, numerator, denominator, weight, bias):
     plan = common.planned(_fwd_plans, key, x.device, _fwd_plan, x, numerator, denominator, weight, bias)
     x2 = common.matrix_of(x, x.shape[-1], plan.x_strides)
     y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
-    _launch(
+    common.launch_planned(
         _grkan_linear_fwd_kernel,
         plan,
         x2,
@@ -481,10 +475,10 @@ def grkan_linear_backward(grad, x, numerator, denominator, weight, has_bias: boo
     num, den = _coefficients(numerator, denominator)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
     db = torch.empty(n_out if has_bias else 0, dtype=weight.dtype, device=x.device)
-    _launch(_grkan_linear_dw_kernel, dw_plan, x2, dy2, dw, db if has_bias else dw, num, den)
+    common.launch_planned(_grkan_linear_dw_kernel, dw_plan, x2, dy2, dw, db if has_bias else dw, num, den)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dnum, dden = coefficient_grads(dx_plan.extra, x.device)
-    _launch(_grkan_linear_dx_kernel, dx_plan, x2, dy2, weight, dx, num, den, dnum, dden)
+    common.launch_planned(_grkan_linear_dx_kernel, dx_plan, x2, dy2, weight, dx, num, den, dnum, dden)
     return dx, *final_coefficient_grads(dx_plan.extra, dnum, dden, numerator.dtype, denominator.dtype), dw, db
 
 
@@ -515,7 +509,9 @@ def launch_dw(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> None:
     with a unit column stride."""
     key = _plan_key(x2, dy2, numerator, denominator, dw, db if has_bias else None)
     plan = common.planned(_dw_plans, key, x2.device, _dw_plan, x2, dy2, numerator, denominator, dw, db, has_bias)
-    _launch(_grkan_linear_dw_kernel, plan, x2, dy2, dw, db if has_bias else dw, *_coefficients(numerator, denominator))
+    common.launch_planned(
+        _grkan_linear_dw_kernel, plan, x2, dy2, dw, db if has_bias else dw, *_coefficients(numerator, denominator)
+    )
 
 
 def _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> _Plan:
@@ -574,7 +570,9 @@ def launch_dx(x2, dy2, weight, numerator, denominator) -> tuple[torch.Tensor, to
     plan = common.planned(_dx_plans, key, x2.device, _dx_plan, x2, dy2, weight, numerator, denominator)
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     dnum, dden = coefficient_grads(plan.extra, x2.device)
-    _launch(_grkan_linear_dx_kernel, plan, x2, dy2, weight, dx, *_coefficients(numerator, denominator), dnum, dden)
+    common.launch_planned(
+        _grkan_linear_dx_kernel, plan, x2, dy2, weight, dx, *_coefficients(numerator, denominator), dnum, dden
+    )
     return dx, *final_coefficient_grads(plan.extra, dnum, dden, numerator.dtype, denominator.dtype)
 
 

@@ -350,11 +350,7 @@ def rational_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torc
     )
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     num, den = _coefficients(plan, numerator, denominator)
-    _rational_fwd_kernel[plan.grid](
-        common.rows_of(x, x.shape[-1], plan.strides[0]), y, num, den, *plan.args, **plan.options
-    )
-    if launches.is_recording():
-        launches.record(plan.record)
+    common.launch_planned(_rational_fwd_kernel, plan, common.rows_of(x, x.shape[-1], plan.strides[0]), y, num, den)
     return y
 
 
@@ -422,9 +418,7 @@ def rational_backward(
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dnum, dden = coefficient_grads(plan.extra, x.device)
     rows = common.rows_of(x, channels, plan.strides[1])
-    _rational_bwd_kernel[plan.grid](rows, dy, dx, num, den, dnum, dden, *plan.args, **plan.options)
-    if launches.is_recording():
-        launches.record(plan.record)
+    common.launch_planned(_rational_bwd_kernel, plan, rows, dy, dx, num, den, dnum, dden)
     return dx, *final_coefficient_grads(plan.extra, dnum, dden, numerator.dtype, denominator.dtype)
 
 
