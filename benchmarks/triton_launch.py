@@ -11,9 +11,11 @@ kernel a stand-in whose launcher does nothing, so every figure is Python host ti
 - ``kernel[grid](...)``: the public launch (kanc's launchers use it);
 - ``kernel.run(..., grid=, warmup=False)``: the same without ``__getitem__``'s lambda;
 - ``binder(*args)``: the argument binding and specialisation alone;
-- ``direct CompiledKernel.run``: the C launcher called with a cached compiled kernel (what a launch plan could keep),
-  plus the per-call checks that would keep it safe: each pointer's 16-byte alignment (the specialisation the cached
-  kernel was compiled for) and the current stream.
+- ``direct CompiledKernel.run``: the C launcher called with a cached compiled kernel, plus the per-call checks that
+  keep it safe: each pointer's 16-byte alignment (the specialisation the cached kernel was compiled for) and the
+  current stream;
+- ``kanc launch_planned``: what kanc's launchers do per launch on a GPU (``kernels.common.launch_planned``: the
+  compiled kernel's launcher kept by the plan after its first launch, pointers checked for alignment).
 
     python benchmarks/triton_launch.py [--calls 20000]
 """
@@ -26,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ["TRITON_INTERPRET"] = "0"  # Triton's own launcher, not the interpreter
 
@@ -61,6 +64,9 @@ class StubKernel:
     def run(self, *args):
         return None
 
+    def __getitem__(self, grid):
+        return lambda *args: None
+
 
 def stub_compile(self, key, signature, device, constexprs, options, attrs, warmup):
     kernel = StubKernel()
@@ -86,6 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     driver.set_active(StubDriver())
     JITFunction._do_compile = stub_compile
+    from kanc.codegen.kernels import common
     from kanc.codegen.kernels.rational import _rational_fwd_kernel as kernel
 
     x, y = torch.empty(64, 768), torch.empty(64, 768)
@@ -102,11 +109,14 @@ def main() -> None:
         stream = driver.active.get_current_stream(0)
         compiled.run(*grid, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *launch)
 
+    plan = SimpleNamespace(grid=grid, args=launch[4:], options={"num_warps": 4}, record=None, direct=[])
+    common.launch_planned(kernel, plan, *pointers)  # the first launch keeps the compiled kernel's launcher
     cases = {
         "kernel[grid](...)": lambda: kernel[grid](*launch, num_warps=4),
         "kernel.run(..., grid=, warmup=False)": lambda: kernel.run(*launch, grid=grid, warmup=False, num_warps=4),
         "binder(*args) alone": lambda: binder(*launch, num_warps=4),
         "direct CompiledKernel.run + checks": direct,
+        "kanc launch_planned (direct)": lambda: common.launch_planned(kernel, plan, *pointers),
         "floor: a Python call with 14 args": lambda: compiled.run(*launch),
     }
     load = os.getloadavg()[0]

@@ -225,7 +225,8 @@ def record(
 PLAN_LIMIT = 4096  # plans kept per launcher; past it the table starts afresh (shapes that vary without end)
 
 
-_STATE_VARIABLES = (*tuning.STATE_VARIABLES, "KANC_DEBUG")
+# TRITON_DEBUG: Triton's debug option, part of what a kernel is compiled for (a plan's direct launches keep one)
+_STATE_VARIABLES = (*tuning.STATE_VARIABLES, "KANC_DEBUG", "TRITON_DEBUG")
 
 
 def launch_state() -> tuple | None:
@@ -260,13 +261,39 @@ def planned(plans: dict, key: tuple, device: torch.device, build: Callable[..., 
 def launch_planned(kernel: Any, plan: Any, *tensors: torch.Tensor) -> None:
     """Launch ``kernel`` as ``plan`` says (its grid, non-tensor args, options) on ``tensors``, and record it.
 
-    ``kernel.run`` is what ``kernel[grid](...)`` calls, without the lambda ``__getitem__`` builds per launch. The rest
-    of Triton's per-launch work (argument binding and specialisation, the cache key: ~10 us, see
-    ``benchmarks/triton_launch.py``) stays: skipping it would need the alignment checks Triton does, untested here.
+    The first launch of a plan goes through ``kernel.run`` (what ``kernel[grid](...)`` calls): Triton binds the
+    arguments, computes their specialisation (dtypes, each pointer's 16-byte alignment, each integer's value), finds or
+    compiles the kernel and launches it, ~10 us of host time per launch (``benchmarks/triton_launch.py``). Where the
+    plan allows it (``plan.direct`` is a list: CUDA launches), the compiled kernel's own launcher
+    (``CompiledKernel[grid]``, which reads the current stream and Triton's launch hooks per call) is kept, and later
+    launches call it directly while every pointer is 16-byte aligned as at the first launch: the integers, dtypes and
+    options are the plan's own (its key), so the specialisation is the one that kernel was compiled for. A plan built
+    with pre-run hooks on the kernel, or an unaligned pointer, takes ``kernel.run`` every time.
     """
-    kernel.run(*tensors, *plan.args, grid=plan.grid, warmup=False, **plan.options)
+    direct = plan.direct
+    if direct and _aligned(tensors):
+        direct[0](*tensors, *plan.args)
+    else:
+        compiled = kernel.run(*tensors, *plan.args, grid=plan.grid, warmup=False, **plan.options)
+        if direct is not None and not direct and compiled is not None and not kernel.pre_run_hooks:
+            if _aligned(tensors):
+                direct.append(compiled[plan.grid])
     if launches.is_recording():
         launches.record(plan.record)
+
+
+def _aligned(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor's data pointer is 16-byte aligned (what Triton specialises pointer arguments on)."""
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+    return True
+
+
+def direct_launches(device: torch.device) -> list | None:
+    """A plan's ``direct`` slot (see :func:`launch_planned`): an empty list for CUDA launches, None (always
+    ``kernel.run``) for the interpreter."""
+    return [] if device.type == "cuda" else None
 
 
 def launch_record(

@@ -366,6 +366,7 @@ class _Plan(NamedTuple):
     args: tuple
     options: dict[str, Any]
     record: launches.Launch
+    direct: list | None  # the compiled kernel's launcher, once known (``common.launch_planned``)
     x_strides: tuple[int, int] | None
     extra: tuple = ()
 
@@ -454,7 +455,7 @@ def _fwd_plan(x, numerator, denominator, weight, bias) -> _Plan:
     record = common.launch_record(
         OP, _grkan_linear_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward", placement="prologue"
     )
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, x_strides)
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, common.direct_launches(x.device), x_strides)
 
 
 @common.on_tensor_device
@@ -560,7 +561,7 @@ def _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> _Plan:
     record = common.launch_record(
         OP, _grkan_linear_dw_kernel, grid(cfg), cfg, shapes, x2.dtype, "backward", grads="weight,bias"
     )
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, None)
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, common.direct_launches(x2.device), None)
 
 
 def launch_dx(x2, dy2, weight, numerator, denominator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -647,4 +648,5 @@ def _dx_plan(x2, dy2, weight, numerator, denominator) -> _Plan:
         coefficients=np_ + nq,
         deterministic=det,
     )
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, None, buffers(cfg))
+    direct = common.direct_launches(x2.device)
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, None, buffers(cfg))

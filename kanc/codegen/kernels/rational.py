@@ -335,6 +335,7 @@ class _Plan(NamedTuple):
     strides: tuple[int | None, ...]  # per row operand: its row stride, or None when it must be copied (common.rows_of)
     contiguous: tuple[bool, ...]  # numerator, denominator already contiguous
     record: launches.Launch
+    direct: list | None  # the compiled kernel's launcher, once known (``common.launch_planned``)
     extra: tuple = ()
 
 
@@ -396,7 +397,8 @@ def _fwd_plan(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tenso
     shapes = [x.shape, num.shape, den.shape]
     record = common.launch_record(OP, _rational_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward")
     contiguous = (numerator.is_contiguous(), denominator.is_contiguous())
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), (stride,), contiguous, record)
+    options, direct = common.launch_options(cfg), common.direct_launches(x.device)
+    return _Plan(grid(cfg), args(cfg), options, (stride,), contiguous, record, direct)
 
 
 @common.on_tensor_device
@@ -480,7 +482,8 @@ def _bwd_plan(grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, deno
         deterministic=det,
     )
     contiguous = (numerator.is_contiguous(), denominator.is_contiguous())
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), strides, contiguous, record, buffers(cfg))
+    options, direct = common.launch_options(cfg), common.direct_launches(x.device)
+    return _Plan(grid(cfg), args(cfg), options, strides, contiguous, record, direct, buffers(cfg))
 
 
 # ------------------------------------------------------------------------------- deterministic coefficient gradients
