@@ -109,6 +109,7 @@ def main() -> None:
         stream = driver.active.get_current_stream(0)
         compiled.run(*grid, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *launch)
 
+    common._COMPILED = StubKernel  # the stand-in counts as a compiled kernel
     plan = SimpleNamespace(grid=grid, args=launch[4:], options={"num_warps": 4}, record=None, direct=[])
     common.launch_planned(kernel, plan, *pointers)  # the first launch keeps the compiled kernel's launcher
     cases = {

@@ -155,3 +155,12 @@ def test_baselines_take_plus_one_at_a_zero_denominator(monkeypatch):
         _, dnum, dden = backward(grad, x, num.detach(), den.detach())
         assert torch.count_nonzero(dden) == dden.numel()
         torch.testing.assert_close((dnum, dden), want, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_launch_cost_script_runs(tmp_path):
+    """benchmarks/triton_launch.py times Triton's launch with a stub driver (no GPU, no compilation): it runs here and
+    prints every row (figures unchecked)."""
+    done = _run("triton_launch.py", "--calls", "200", tmp_path=tmp_path, interpret="0")
+    assert done.returncode == 0, done.stderr
+    for row in ("kernel[grid](...)", "binder(*args) alone", "kanc launch_planned (direct)"):
+        assert row in done.stdout

@@ -399,6 +399,7 @@ def test_direct_launches_pass_what_triton_passes(monkeypatch):
         return kernel
 
     monkeypatch.setattr(JITFunction, "_do_compile", compile_stub)
+    monkeypatch.setattr(common, "_COMPILED", Compiled)
     kernel = JITFunction(_copy_kernel)
     plan = SimpleNamespace(grid=(3,), args=(48, 16), options={"num_warps": 4}, record=None, direct=[])
     x, y = torch.randn(64), torch.empty(64)

@@ -275,11 +275,14 @@ def launch_planned(kernel: Any, plan: Any, *tensors: torch.Tensor) -> None:
         direct[0](*tensors, *plan.args)
     else:
         compiled = kernel.run(*tensors, *plan.args, grid=plan.grid, warmup=False, **plan.options)
-        if direct is not None and not direct and compiled is not None and not kernel.pre_run_hooks:
-            if _aligned(tensors):
+        if direct is not None and not direct and isinstance(compiled, _COMPILED) and not kernel.pre_run_hooks:
+            if _aligned(tensors):  # (not a FutureKernel of async compilation, nor None from a jit cache hook)
                 direct.append(compiled[plan.grid])
     if launches.is_recording():
         launches.record(plan.record)
+
+
+_COMPILED = triton.compiler.CompiledKernel  # what a synchronous kernel.run returns
 
 
 def _aligned(tensors: Sequence[torch.Tensor]) -> bool:
