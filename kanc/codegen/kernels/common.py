@@ -226,7 +226,7 @@ PLAN_LIMIT = 4096  # plans kept per launcher; past it the table starts afresh (s
 
 
 # TRITON_DEBUG: Triton's debug option, part of what a kernel is compiled for (a plan's direct launches keep one)
-_STATE_VARIABLES = (*tuning.STATE_VARIABLES, "KANC_DEBUG", "TRITON_DEBUG")
+_STATE_VARIABLES = (*tuning.STATE_VARIABLES, "KANC_DEBUG", "TRITON_DEBUG", "KANC_DIRECT_LAUNCH")
 
 
 def launch_state() -> tuple | None:
@@ -295,8 +295,8 @@ def _aligned(tensors: Sequence[torch.Tensor]) -> bool:
 
 def direct_launches(device: torch.device) -> list | None:
     """A plan's ``direct`` slot (see :func:`launch_planned`): an empty list for CUDA launches, None (always
-    ``kernel.run``) for the interpreter."""
-    return [] if device.type == "cuda" else None
+    ``kernel.run``) for the interpreter or with ``KANC_DIRECT_LAUNCH=0`` (Triton's launch every time)."""
+    return [] if device.type == "cuda" and env.getenv("KANC_DIRECT_LAUNCH", "1") != "0" else None
 
 
 def launch_record(
