@@ -12,7 +12,9 @@
 
 Both read x and dy in their own dtype (the published KAT path also casts everything to fp32 around the kernel under
 autocast; those extra passes are not reproduced, so the KAT baseline here is, if anything, faster than KAT's code).
-They compute the same math as ``kanc.codegen.rational_ref``; the benchmark checks their outputs against it.
+They compute the same math as ``kanc.codegen.rational_ref``; the benchmark checks their outputs against it. The sign of
+d|b|/db is the published kernels' (``copysign`` / ``where(b < 0, -1, 1)``: +1 at b = 0, issue 13), not
+``torch.sign`` (0 at b = 0, which would freeze an identity-initialised denominator).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kanc.codegen.rational import abs_grad_sign  # d|b|/db = +1 at b = 0, as KAT's published kernels take it
 
 
 @triton.jit
@@ -159,7 +163,7 @@ def kat_backward(grad, x, numerator, denominator):
     grid = (triton.cdiv(n, 256),)
     _kat_bwd_kernel[grid](x, grad, dx, numerator.contiguous(), denominator.contiguous(), da, db, n, channels,
                           channels // groups, BLOCK_SIZE=256)  # fmt: skip
-    return dx, da, db * torch.sign(denominator)
+    return dx, da, db * abs_grad_sign(denominator)
 
 
 def flashkat_backward(grad, x, numerator, denominator):
@@ -174,7 +178,7 @@ def flashkat_backward(grad, x, numerator, denominator):
     grid = (triton.cdiv(rows, 64), groups)
     _flashkat_bwd_kernel[grid](x2, g2, dx, numerator.contiguous(), denominator.contiguous(), da, db, rows, channels,
                                group_size, BLOCK_R=64, BLOCK_C=64, GROUP_OUT=triton.cdiv(group_size, 64))  # fmt: skip
-    return dx, da, db * torch.sign(denominator)
+    return dx, da, db * abs_grad_sign(denominator)
 
 
 def kat_atomics(x) -> int:

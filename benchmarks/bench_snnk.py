@@ -2,7 +2,7 @@
 torch.compile, vs the Linear-GELU-Linear MLP it replaces under torch.compile. docs/numbers.md: faster than that MLP
 whenever m < d h / (d + h).
 
-    python benchmarks/bench_snnk.py                           # GPU, bf16: ViT-B (m 128/256/512, relu/exp/cos), ...
+    python benchmarks/bench_snnk.py                           # GPU, bf16: ViT-B (m 128/256/512/768, relu/exp/cos), ...
     python benchmarks/bench_snnk.py --smoke                    # CPU interpreter, tiny shapes: checks the script only
 
 Counted by hand per token (d in, d_out out, m features, width m or 2m for cos): forward 2 m d + 2 width d_out
@@ -25,7 +25,7 @@ import common  # noqa: E402
 
 MODELS = {"vit_b": (128 * 197, 768, 3072), "vit_s": (128 * 197, 384, 1536), "gpt2_small": (8 * 1024, 768, 3072)}
 SHAPES = {
-    **{f"vit_b_m{m}_{k}": (*MODELS["vit_b"], m, k) for m in (128, 256, 512) for k in ("relu", "exp", "cos")},
+    **{f"vit_b_m{m}_{k}": (*MODELS["vit_b"], m, k) for m in (128, 256, 512, 768) for k in ("relu", "exp", "cos")},
     "vit_s_m128_relu": (*MODELS["vit_s"], 128, "relu"),
     "gpt2_small_m256_relu": (*MODELS["gpt2_small"], 256, "relu"),
 }

@@ -13,6 +13,11 @@ microseconds per call (and the 20th/80th percentiles) of:
 - the CPU C-kernel path of ``group_rational`` forward + backward on a tiny tensor (host time plus a near-empty kernel);
 - what counting one kernel-to-reference fallback costs (``kanc.codegen.fallbacks.count``).
 
+The interpreter's launch entry point is what is stubbed, so Triton's own per-launch work on a GPU (argument binding,
+specialisation, cache key: ~12 us a launch through ``kernel[grid]``, ~2 us through the compiled kernel's launcher
+that kanc's launch plans keep after the first launch) is not in these rows: ``benchmarks/triton_launch.py`` measures
+it with a stub driver.
+
 Timings on a shared machine vary with its load: the script prints the load average beside the medians; compare the
 kanc rows with the floors measured in the same run, not across runs.
 

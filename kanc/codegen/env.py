@@ -26,3 +26,18 @@ def getenv(name: str, default: str | None = None) -> str | None:
         key = _encoded[name] = _encodekey(name)
     value = _data.get(key)
     return default if value is None else _decodevalue(value)
+
+
+def snapshot(names: tuple[str, ...]) -> tuple:
+    """The raw values of ``names`` (None where unset), to compare with a later snapshot: one call for several
+    variables (launch plans key on the variables that choose a config)."""
+    if _data is None or _encodekey is None:
+        return tuple(_environ.get(name) for name in names)
+    keys = _encoded_keys.get(names)
+    if keys is None:
+        keys = _encoded_keys[names] = tuple(_encodekey(name) for name in names)
+    get = _data.get
+    return tuple([get(key) for key in keys])
+
+
+_encoded_keys: dict[tuple[str, ...], tuple] = {}

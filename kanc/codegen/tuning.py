@@ -49,6 +49,7 @@ _forced: dict[str, Config] = {}
 _caches: dict[str, TuningCache] = {}
 _by_device: dict[tuple, TuningCache] = {}  # (device, KANC_CACHE_DIR, HOME) -> its cache: the per-launch lookup
 _lock = threading.Lock()
+_generation = 0  # bumped whenever a choice may change (mode, forced configs, cache contents): see :func:`state`
 
 
 def cache_dir() -> Path:
@@ -89,6 +90,30 @@ def set_autotune(mode: str | None) -> None:
     if mode is not None and mode not in MODES:
         raise ValueError(f"autotune mode must be one of {', '.join(MODES)}, got {mode!r}")
     _mode_override = mode
+    _changed()
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
+
+
+def state(environment: tuple) -> tuple | None:
+    """What :func:`pick_config`'s answers depend on besides (kernel, key, candidates), given ``environment`` (a
+    snapshot, ``env.snapshot``, that starts with STATE_VARIABLES): launchers that cache their launch plans per shape
+    key them on it. None in ``force`` mode, where every call re-times (nothing to cache).
+
+    The generation counts every change made through this module (mode, :func:`forced_config`, a new cached choice,
+    :func:`clear_memory_caches`); the environment variables that choose the mode and the cache file are in the
+    snapshot (a bad KANC_AUTOTUNE is reported when a plan is built, by :func:`autotune_mode`).
+    """
+    mode = _mode_override if _mode_override is not None else environment[0]
+    if mode == "force":
+        return None
+    return _generation, _mode_override
+
+
+STATE_VARIABLES = ("KANC_AUTOTUNE", "KANC_CACHE_DIR", "HOME", "TRITON_INTERPRET")
 
 
 @contextlib.contextmanager
@@ -101,6 +126,7 @@ def autotuning(mode: str = "force") -> Iterator[None]:
         yield
     finally:
         _mode_override = previous
+        _changed()
 
 
 @contextlib.contextmanager
@@ -108,6 +134,7 @@ def forced_config(kernel: str, config: Config) -> Iterator[None]:
     """Launch ``kernel`` with ``config`` inside the block (no timing, no cache write), restoring after."""
     previous = _forced.get(kernel)
     _forced[kernel] = dict(config)
+    _changed()
     try:
         yield
     finally:
@@ -115,6 +142,7 @@ def forced_config(kernel: str, config: Config) -> Iterator[None]:
             del _forced[kernel]
         else:
             _forced[kernel] = previous
+        _changed()
 
 
 class TuningCache:
@@ -150,6 +178,7 @@ class TuningCache:
 
     def put(self, kernel: str, key: Key, config: Config, timings_ms: Sequence[float] | None = None) -> None:
         self._hits.clear()
+        _changed()
         record: dict[str, Any] = {"config": dict(config)}
         if timings_ms is not None:
             record["timings_ms"] = [float(t) for t in timings_ms]
@@ -200,6 +229,7 @@ def clear_memory_caches() -> None:
     with _lock:
         _caches.clear()
         _by_device.clear()
+        _changed()
 
 
 def pick_config(

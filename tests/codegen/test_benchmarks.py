@@ -136,3 +136,31 @@ def test_cpu_scripts_run_and_write_their_json(tmp_path):
     assert data["benchmark"] == "cpu_rational" and {"rational forward / GELU", "rational fwd+bwd / GELU"} <= set(
         data["ratios"]
     )
+
+
+def test_baselines_take_plus_one_at_a_zero_denominator(monkeypatch):
+    """The KAT and FlashKAT baselines follow the published kernels: d|b|/db = +1 at b = 0 (``torch.sign`` gives 0 and
+    would freeze an identity-initialised denominator), so their gradients match the reference's there."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import baselines
+
+    from kanc.codegen import rational_ref
+
+    gen = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(5, 64, generator=gen), torch.randn(5, 64, generator=gen)
+    num = (0.3 * torch.randn(8, 6, generator=gen)).requires_grad_()
+    den = torch.zeros(8, 4).index_fill_(1, torch.tensor([1]), -0.5).requires_grad_()  # b = 0 beside b < 0
+    want = torch.autograd.grad(rational_ref(x, num, den), (num, den), grad)
+    for backward in (baselines.kat_backward, baselines.flashkat_backward):
+        _, dnum, dden = backward(grad, x, num.detach(), den.detach())
+        assert torch.count_nonzero(dden) == dden.numel()
+        torch.testing.assert_close((dnum, dden), want, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_launch_cost_script_runs(tmp_path):
+    """benchmarks/triton_launch.py times Triton's launch with a stub driver (no GPU, no compilation): it runs here and
+    prints every row (figures unchecked)."""
+    done = _run("triton_launch.py", "--calls", "200", tmp_path=tmp_path, interpret="0")
+    assert done.returncode == 0, done.stderr
+    for row in ("kernel[grid](...)", "binder(*args) alone", "kanc launch_planned (direct)"):
+        assert row in done.stdout

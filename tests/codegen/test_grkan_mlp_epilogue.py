@@ -290,6 +290,24 @@ def test_auto_keeps_the_prologue_on_the_cpu_unless_measured(device):
         assert _kernels(block, x, train=False) == [PRO_FWD, PRO_FWD]
 
 
+def test_auto_asks_the_tuning_cache_once_per_shape(device, monkeypatch):
+    """placement="auto" looks its choice up once per block shape (not per call), and sees a new cached choice."""
+    from kanc.codegen import grkan_mlp
+
+    asked = []
+    pick = tuning.pick_config
+    monkeypatch.setattr(grkan_mlp, "_chosen", {}, raising=False)
+    monkeypatch.setattr(tuning, "pick_config", lambda kernel, *a, **k: asked.append(kernel) or pick(kernel, *a, **k))
+    args = _block(16, 32, 16, 4, 4, torch.float32, device)
+    assert [choose_placement(*args) for _ in range(3)] == ["prologue"] * 3
+    assert asked == [PLACEMENT_KERNEL]
+    dims = grkan_mlp._block_dims(*args[1:4], *args[5:8])
+    key = grkan_mlp.placement_key(torch.float32, grkan_mlp.needs_backward(*args), *dims)
+    tuning.get_cache(device).put(PLACEMENT_KERNEL, key, {"placement": "epilogue"})
+    assert [choose_placement(*args) for _ in range(2)] == ["epilogue"] * 2
+    assert asked == [PLACEMENT_KERNEL] * 2
+
+
 def test_auto_under_compile_takes_the_cached_choice(device, compile_capture):
     torch.manual_seed(0)
     block = GRKANMlp(16, 32, groups=4, placement="auto").to(device)

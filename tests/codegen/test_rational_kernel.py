@@ -323,3 +323,90 @@ def test_device_guard_enters_the_cuda_device(monkeypatch):
     with common.device_guard(torch.device("cpu")):
         pass
     assert entered == [torch.device("cuda", 1), "exit"]
+
+
+def test_launch_plans_built_once_per_operand_geometry(device, monkeypatch):
+    """Config, grid and arguments are planned once per operand geometry (shapes, strides, dtypes): repeated calls only
+    launch. Another layout of the same shape gets its own plan, a forced config replaces a plan's choice, and
+    coefficients in another dtype get their gradients cast (the kernel writes fp32 with the sign of d|b|/db)."""
+    asked = []
+    pick = tuning.pick_config
+    monkeypatch.setattr(tuning, "pick_config", lambda kernel, *a, **k: asked.append(kernel) or pick(kernel, *a, **k))
+    x, num, den = _inputs((7, 24), 3, torch.float32, device)
+    for _ in range(3):
+        _check([x, num, den])
+    assert asked == [FWD, BWD]
+    wide = (2 * torch.randn(7, 40)).to(device)[:, 8:32].requires_grad_()  # the same shape, row stride 40
+    got = torch.autograd.grad(group_rational(wide, num, den).square().sum(), (wide, num, den))
+    want = torch.autograd.grad(rational_ref(wide, num, den).square().sum(), (wide, num, den))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert asked == [FWD, BWD] * 2
+    forced = {"BLOCK_R": 8, "BLOCK_C": 16, "num_warps": 4}
+    with forced_config(FWD, forced), recording() as launches:
+        group_rational(x, num, den)
+    assert launches[0].config == forced and launches[0].grid == (1, 2)
+    half = [t.detach().to(torch.bfloat16).requires_grad_() for t in (num, den)]
+    grads = torch.autograd.grad(group_rational(x, *half).sum(), half)
+    expected = torch.autograd.grad(rational_ref(x, *half).sum(), half)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 2
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+
+
+def _copy_kernel(x_ptr, y_ptr, n, BLOCK: "tl.constexpr"):  # noqa: F821 - only bound, never compiled
+    pass
+
+
+def test_direct_launches_pass_what_triton_passes(monkeypatch):
+    """A plan's direct launches (``common.launch_planned``; CUDA only, checked here with a stub driver and a stub
+    compiled kernel: no GPU) pass the compiled kernel's launcher the grid and arguments Triton's own launch passes,
+    and an unaligned pointer (another specialisation) goes back through Triton's launch."""
+    from types import SimpleNamespace
+
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from kanc.codegen.kernels import common
+
+    launched = []
+
+    class Compiled:
+        function, packed_metadata = 1, ()
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, g0, g1, g2, stream, function, packed, metadata, enter, exit_, *args):
+            launched.append(("triton", (g0, g1, g2), args))
+
+        def __getitem__(self, grid):
+            return lambda *args: launched.append(("direct", (*grid, *(1,) * (3 - len(grid))), args))
+
+    class StubDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    def compile_stub(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = self.device_caches[device][0][key] = Compiled()
+        return kernel
+
+    monkeypatch.setattr(JITFunction, "_do_compile", compile_stub)
+    monkeypatch.setattr(common, "_COMPILED", Compiled)
+    kernel = JITFunction(_copy_kernel)
+    plan = SimpleNamespace(grid=(3,), args=(48, 16), options={"num_warps": 4}, record=None, direct=[])
+    x, y = torch.randn(64), torch.empty(64)
+    monkeypatch.setattr(driver, "_active", StubDriver())  # reset_active would look for a GPU
+    for _ in range(3):
+        common.launch_planned(kernel, plan, x, y)
+    common.launch_planned(kernel, plan, x[1:], y[1:])  # 4-byte offsets: not what the kept kernel was built for
+    assert [entry[0] for entry in launched] == ["triton", "direct", "direct", "triton"]
+    assert launched[0][1:] == launched[1][1:] == launched[2][1:] == ((3, 1, 1), (x, y, 48, 16))
+    assert len(plan.direct) == 1

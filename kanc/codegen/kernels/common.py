@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kanc.codegen import debug, launches, tuning
+from kanc.codegen import debug, env, launches, tuning
 from kanc.codegen.checker import interpreting
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -129,7 +129,12 @@ def fp32_precision() -> str:
     """
     if interpreting():
         return "ieee"
-    return "ieee" if torch.backends.cuda.matmul.fp32_precision in ("ieee", "none") else "tf32"
+    precision = _fp32_getter("cuda", "matmul") if _fp32_getter else torch.backends.cuda.matmul.fp32_precision
+    return "ieee" if precision in ("ieee", "none") else "tf32"
+
+
+# what torch.backends.cuda.matmul.fp32_precision calls, without the module's __getattribute__ (a plan key reads it)
+_fp32_getter = getattr(torch._C, "_get_fp32_precision_getter", None)
 
 
 def dot_dtype_key(io_dtype: torch.dtype) -> str:
@@ -152,7 +157,10 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     the interpreter."""
     if device.type == "cuda":
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()  # stateless: one serves every launch
 
 
 def on_tensor_device(launcher: Callable) -> Callable:
@@ -160,9 +168,9 @@ def on_tensor_device(launcher: Callable) -> Callable:
     :func:`device_guard` of that tensor's device: its tuning runs, launches and outputs all belong there."""
 
     @functools.wraps(launcher)
-    def wrapper(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(tensor: torch.Tensor, *args: Any) -> Any:
         with device_guard(tensor.device):
-            return launcher(tensor, *args, **kwargs)
+            return launcher(tensor, *args)
 
     return wrapper
 
@@ -209,18 +217,152 @@ def record(
 ) -> None:
     """Tell the profiler what ran (only when someone records)."""
     if launches.is_recording():
-        launches.record(
-            launches.Launch(
-                op=op,
-                kernel=kernel_name(kernel),
-                grid=tuple(int(g) for g in grid),
-                config=dict(config),
-                atomics=int(atomics),
-                shapes=tuple(tuple(int(d) for d in s) for s in shapes),
-                dtype=str(dtype).removeprefix("torch."),
-                extra={"direction": direction, **extra},
-            )
-        )
+        launches.record(launch_record(op, kernel, grid, config, shapes, dtype, direction, atomics, **extra))
+
+
+# ---------------------------------------------------------------------------------------------------- launch plans
+
+PLAN_LIMIT = 4096  # plans kept per launcher; past it the table starts afresh (shapes that vary without end)
+
+
+# TRITON_DEBUG: Triton's debug option, part of what a kernel is compiled for (a plan's direct launches keep one)
+_STATE_VARIABLES = (*tuning.STATE_VARIABLES, "KANC_DEBUG", "TRITON_DEBUG", "KANC_DIRECT_LAUNCH")
+
+
+def launch_state() -> tuple | None:
+    """What a launch plan depends on besides its operands' geometry: the tuning state (``tuning.state``), the
+    environment that chooses the mode, the cache file, the interpreter and ``KANC_DEBUG`` (logged choices), and torch's
+    deterministic mode. None: plan every call anew (``KANC_AUTOTUNE=force`` re-times every launch)."""
+    environment = env.snapshot(_STATE_VARIABLES)
+    tuned = tuning.state(environment)
+    if tuned is None:
+        return None
+    return tuned, environment, torch.are_deterministic_algorithms_enabled()
+
+
+def planned(plans: dict, key: tuple, device: torch.device, build: Callable[..., Any], *args: Any) -> Any:
+    """``build(*args)``, cached in ``plans`` under ``key`` (the operands' shapes, strides, dtypes and device) and
+    :func:`launch_state`: a launcher pays for its config lookup, grid and argument list once per shape, and each call
+    after only launches. A plan chosen inside a CUDA graph capture (where nothing may be timed) is not kept."""
+    state = launch_state()
+    if state is None:
+        return build(*args)
+    full = (key, state)
+    plan = plans.get(full)
+    if plan is None:
+        plan = build(*args)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(plans) >= PLAN_LIMIT:
+                plans.clear()
+            plans[full] = plan
+    return plan
+
+
+def launch_planned(kernel: Any, plan: Any, *tensors: torch.Tensor) -> None:
+    """Launch ``kernel`` as ``plan`` says (its grid, non-tensor args, options) on ``tensors``, and record it.
+
+    The first launch of a plan goes through ``kernel.run`` (what ``kernel[grid](...)`` calls): Triton binds the
+    arguments, computes their specialisation (dtypes, each pointer's 16-byte alignment, each integer's value), finds or
+    compiles the kernel and launches it, ~10 us of host time per launch (``benchmarks/triton_launch.py``). Where the
+    plan allows it (``plan.direct`` is a list: CUDA launches), the compiled kernel's own launcher
+    (``CompiledKernel[grid]``, which reads the current stream and Triton's launch hooks per call) is kept, and later
+    launches call it directly while every pointer is 16-byte aligned as at the first launch: the integers, dtypes and
+    options are the plan's own (its key), so the specialisation is the one that kernel was compiled for. A plan built
+    with pre-run hooks on the kernel, or an unaligned pointer, takes ``kernel.run`` every time.
+    """
+    direct = plan.direct
+    if direct and _aligned(tensors):
+        direct[0](*tensors, *plan.args)
+    else:
+        compiled = kernel.run(*tensors, *plan.args, grid=plan.grid, warmup=False, **plan.options)
+        if direct is not None and not direct and isinstance(compiled, _COMPILED) and not kernel.pre_run_hooks:
+            if _aligned(tensors):  # (not a FutureKernel of async compilation, nor None from a jit cache hook)
+                direct.append(compiled[plan.grid])
+    if launches.is_recording():
+        launches.record(plan.record)
+
+
+_COMPILED = triton.compiler.CompiledKernel  # what a synchronous kernel.run returns
+
+
+def _aligned(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor's data pointer is 16-byte aligned (what Triton specialises pointer arguments on)."""
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+    return True
+
+
+def direct_launches(device: torch.device) -> list | None:
+    """A plan's ``direct`` slot (see :func:`launch_planned`): an empty list for CUDA launches, None (always
+    ``kernel.run``) for the interpreter or with ``KANC_DIRECT_LAUNCH=0`` (Triton's launch every time)."""
+    return [] if device.type == "cuda" and env.getenv("KANC_DIRECT_LAUNCH", "1") != "0" else None
+
+
+def launch_record(
+    op: str,
+    kernel: Any,
+    grid: tuple[int, ...],
+    config: dict[str, Any],
+    shapes: Sequence[Sequence[int]],
+    dtype: torch.dtype,
+    direction: str,
+    atomics: int = 0,
+    **extra: Any,
+) -> launches.Launch:
+    """The :class:`~kanc.codegen.launches.Launch` a planned launch records (built once, with its plan)."""
+    return launches.Launch(
+        op=op,
+        kernel=kernel_name(kernel),
+        grid=tuple(int(g) for g in grid),
+        config=dict(config),
+        atomics=int(atomics),
+        shapes=tuple(tuple(int(d) for d in s) for s in shapes),
+        dtype=str(dtype).removeprefix("torch."),
+        extra={"direction": direction, **extra},
+    )
+
+
+def row_stride(t: torch.Tensor, width: int) -> int | None:
+    """The row stride of ``t`` seen as (rows, width) with unit column stride without a copy, or None when that view
+    needs a copy (then :func:`rows_of` copies it row-major: row stride ``width``)."""
+    try:
+        view = t.view(-1, width)
+    except RuntimeError:
+        return None
+    return view.stride(0) if view.stride(1) == 1 or width == 1 else None
+
+
+def matrix_strides(t: torch.Tensor, width: int) -> tuple[int, int] | None:
+    """The strides of ``t`` seen as a (rows, width) matrix without a copy, or None when that needs a copy (then
+    :func:`matrix_of` copies it row-major)."""
+    try:
+        return t.view(-1, width).stride()
+    except RuntimeError:
+        return None
+
+
+def matrix_of(t: torch.Tensor, width: int, strides: tuple[int, int] | None) -> torch.Tensor:
+    """``t`` as :func:`matrix_strides` planned it: itself (a launch reads only its data pointer) or a row-major copy."""
+    return t if strides is not None else t.reshape(-1, width).contiguous()
+
+
+def operands_key(*tensors: torch.Tensor | None) -> tuple:
+    """What a launch plan depends on in its operands: shapes, strides, dtypes and the device of the first (a flat
+    tuple: this runs per launch)."""
+    key = [tensors[0].device]
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        else:
+            key += (t.shape, t.stride(), t.dtype)
+    return tuple(key)
+
+
+def rows_of(t: torch.Tensor, width: int, stride: int | None) -> torch.Tensor:
+    """What a kernel reads as (rows, width) rows of ``t``: ``t`` itself (a launch needs only its data pointer) when
+    :func:`row_stride` found a view, else a row-major copy."""
+    return t if stride is not None else t.reshape(-1, width).contiguous()
 
 
 def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:

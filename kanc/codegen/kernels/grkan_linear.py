@@ -16,10 +16,13 @@ dy is made unit-stride in its last dimension and the outputs are allocated row-m
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from kanc.codegen import launches
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
@@ -29,12 +32,11 @@ from kanc.codegen.kernels.rational import (
     _rational_pq,
     _reduce_coef_grads,
     _zero_sums,
-    coef_grad_buffer,
+    coefficient_grads,
+    final_coefficient_grads,
     group_span,
     groups_touched,
-    sum_coef_partials,
 )
-from kanc.codegen.rational import abs_grad_sign
 
 OP = "kanc::grkan_linear"
 
@@ -52,6 +54,7 @@ def _swizzle(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROU
 
 @triton.jit
 def _dot(a, b, acc, DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a b with both operands cast to DOT (fp16/bf16 on tensor cores, fp32 in TF32 or, with IEEE, exactly)."""
     if IEEE:
         return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee")
     return tl.dot(a.to(DOT), b.to(DOT), acc)
@@ -210,7 +213,8 @@ def _grkan_linear_dx_kernel(
     dx_ptr,
     num_ptr,
     den_ptr,
-    acc_ptr,  # fp32 (G, NP + NQ) sums (atomics), or with DETERMINISTIC (programs, G_SPAN, NP + NQ) partials
+    dnum_ptr,  # fp32 (G, NP) gradient (atomics), or with DETERMINISTIC (programs, G_SPAN, NP + NQ) partials
+    dden_ptr,  # fp32 (G, NQ) gradient (atomics; unused with DETERMINISTIC)
     # sizes: x (M, K), dy (M, N), W (N, K), D = K / G channels per group
     M,
     N,
@@ -238,7 +242,8 @@ def _grkan_linear_dx_kernel(
 ):
     """dF = dy W (fp32) on ROWS_PER_PROGRAM (BLOCK_M, BLOCK_K) tiles of one K column, each followed by the epilogue
     dx = dF F'(x) and the coefficient partial sums (as ``_rational_bwd_kernel``, dF in place of dy), carried in
-    registers across the tiles; they leave the program once (``_reduce_coef_grads``)."""
+    registers across the tiles; they leave the program once (``_reduce_coef_grads``), as dL/db_k for the denominator
+    (kanc's sign of d|b|/db applied)."""
     pid_m, pid_k = _swizzle(tl.program_id(0), M, K, BLOCK_M * ROWS_PER_PROGRAM, BLOCK_K, GROUP_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = rk < K
@@ -265,7 +270,7 @@ def _grkan_linear_dx_kernel(
         tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         sums = _add_coef_partials(sums, x, gq, y, mask, g, kmask, g_first, NP, NQ, G_SPAN)
     slot = pid_m * tl.cdiv(K, BLOCK_K) + pid_k
-    _reduce_coef_grads(acc_ptr, slot, sums, g_first, g_last, NP + NQ, G_SPAN, DETERMINISTIC)
+    _reduce_coef_grads(dnum_ptr, dden_ptr, den_ptr, slot, sums, g_first, g_last, NP, NQ, G_SPAN, DETERMINISTIC)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -275,20 +280,38 @@ def _grkan_linear_dx_kernel(
 # the prologue/epilogue holds BLOCK x BLOCK_K fp32 values per thread on top of the accumulator, so the tiles that
 # compile without register spills come first. The tuner times all of them on a GPU.
 FWD_TILES = [  # y tile (BLOCK_M, BLOCK_N), K reduced
-    (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (64, 256, 32, 8, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4),
-    (128, 64, 32, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
-]  # fmt: skip
+    (128, 128, 32, 8, 4),
+    (64, 128, 64, 4, 4),
+    (64, 256, 32, 8, 4),
+    (128, 256, 32, 8, 3),
+    (64, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (128, 128, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+]
 DW_TILES = [  # dW tile (BLOCK_N, BLOCK_K), M reduced
-    (128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3),
-    (64, 64, 32, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3),
-]  # fmt: skip
+    (128, 128, 32, 8, 3),
+    (128, 64, 64, 8, 3),
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (64, 128, 64, 8, 3),
+    (64, 64, 32, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+]
 # dx tile (BLOCK_M, BLOCK_K), N reduced; the epilogue holds ~10 fp32 values per element and the row loop carries the
 # coefficient sums: the first six compile spill-free with the loop (ROWS_PER_PROGRAM 8, sm_90), the last two spill
 # ~200 B per thread and are left for the tuner to time.
 DX_TILES = [
-    (64, 64, 64, 8, 3), (32, 64, 64, 4, 4), (32, 64, 64, 8, 3), (64, 64, 32, 8, 3), (32, 128, 32, 8, 3),
-    (64, 32, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
-]  # fmt: skip
+    (64, 64, 64, 8, 3),
+    (32, 64, 64, 4, 4),
+    (32, 64, 64, 8, 3),
+    (64, 64, 32, 8, 3),
+    (32, 128, 32, 8, 3),
+    (64, 32, 64, 4, 4),
+    (128, 64, 64, 8, 3),
+    (64, 128, 64, 8, 3),
+]
 INTERPRETER_TILES = [(64, 64, 64, 4, 1), (32, 32, 32, 4, 1), (16, 16, 16, 4, 1)]  # few programs, little numpy work
 
 
@@ -334,108 +357,296 @@ def _key(m: int, n: int, k: int, groups: int, np_: int, nq: int, dtype: torch.dt
     return (common.row_bucket(m), n, k, groups, np_, nq, common.dot_dtype_key(dtype))
 
 
+class _Plan(NamedTuple):
+    """A launch prepared once per operand geometry (``common.planned``): grid, every argument that is not a tensor
+    (sizes, strides, constexprs), launch options, the launch record, and how x is passed (its (rows, K) strides,
+    or None: copied)."""
+
+    grid: tuple[int, ...]
+    args: tuple
+    options: dict[str, Any]
+    record: launches.Launch
+    direct: list | None  # the compiled kernel's launcher, once known (``common.launch_planned``)
+    x_strides: tuple[int, int] | None
+    extra: tuple = ()
+
+
+_fwd_plans: dict = {}
+_dw_plans: dict = {}
+_dx_plans: dict = {}
+
+
+def _plan_key(*tensors: torch.Tensor | None) -> tuple:
+    """operands_key plus the fp32 dot precision (TF32 or IEEE: another kernel) for fp32 operands."""
+    key = common.operands_key(*tensors)
+    return (*key, common.fp32_precision()) if tensors[0].dtype == torch.float32 else key
+
+
+def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return numerator.contiguous(), denominator.contiguous()  # the same tensors when already contiguous
+
+
 @common.on_tensor_device
 def grkan_linear_forward(x, numerator, denominator, weight, bias):
     """Launch the fused forward: y = F(x) W^T + b, shape (..., N), in x's dtype (== weight's dtype)."""
+    key = _plan_key(x, numerator, denominator, weight, bias)
+    plan = common.planned(_fwd_plans, key, x.device, _fwd_plan, x, numerator, denominator, weight, bias)
+    x2 = common.matrix_of(x, x.shape[-1], plan.x_strides)
+    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    common.launch_planned(
+        _grkan_linear_fwd_kernel,
+        plan,
+        x2,
+        weight,
+        x2 if bias is None else bias,
+        y,
+        *_coefficients(numerator, denominator),
+    )
+    return y
+
+
+def _fwd_plan(x, numerator, denominator, weight, bias) -> _Plan:
     k_in, n_out, groups = x.shape[-1], weight.shape[0], denominator.shape[0]
-    x2 = x.reshape(-1, k_in)
-    num, den = numerator.contiguous(), denominator.contiguous()
+    x_strides = common.matrix_strides(x, k_in)
+    x2 = common.matrix_of(x, k_in, x_strides).view(-1, k_in)
+    num, den = _coefficients(numerator, denominator)
     m, np_, nq = x2.shape[0], num.shape[1], den.shape[1]
-    y2 = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     dot, ieee = _dot_args(x.dtype)
 
-    def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
-        grid = (common.cdiv(m, cfg["BLOCK_M"]) * common.cdiv(n_out, cfg["BLOCK_N"]),)
-        _grkan_linear_fwd_kernel[grid](
-            x2, weight, bias if bias is not None else x2, out, num, den, m, n_out, k_in, k_in // groups,
-            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
-            out.stride(0), bias is not None, np_, nq, dot, ieee, (k_in // groups) % cfg["BLOCK_K"] == 0,
-            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], **common.launch_options(cfg),
-        )  # fmt: skip
-        return grid
+    def grid(cfg: dict) -> tuple[int]:
+        return (common.cdiv(m, cfg["BLOCK_M"]) * common.cdiv(n_out, cfg["BLOCK_N"]),)
+
+    def args(cfg: dict) -> tuple:
+        return (
+            # sizes
+            m,
+            n_out,
+            k_in,
+            k_in // groups,
+            # strides
+            x2.stride(0),
+            x2.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            n_out,
+            # meta-parameters
+            bias is not None,
+            np_,
+            nq,
+            dot,
+            ieee,
+            (k_in // groups) % cfg["BLOCK_K"] == 0,
+            cfg["BLOCK_M"],
+            cfg["BLOCK_N"],
+            cfg["BLOCK_K"],
+            cfg["GROUP_M"],
+        )
+
+    def scratch(cfg: dict) -> None:
+        out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+        b = bias if bias is not None else x2
+        _grkan_linear_fwd_kernel[grid(cfg)](x2, weight, b, out, num, den, *args(cfg), **common.launch_options(cfg))
 
     key = _key(m, n_out, k_in, groups, np_, nq, x.dtype)
     candidates = matmul_candidates(m, n_out, k_in)
-    cfg = common.choose(_grkan_linear_fwd_kernel, key, candidates, lambda c: run(c, torch.empty_like(y2)), x.device)
-    grid = run(cfg)
+    cfg = common.choose(_grkan_linear_fwd_kernel, key, candidates, scratch, x.device)
     shapes = [x.shape, weight.shape, num.shape, den.shape]
-    common.record(OP, _grkan_linear_fwd_kernel, grid, cfg, shapes, x.dtype, "forward", placement="prologue")
-    return y2.view(*x.shape[:-1], n_out)
+    record = common.launch_record(
+        OP, _grkan_linear_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward", placement="prologue"
+    )
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, common.direct_launches(x.device), x_strides)
 
 
 @common.on_tensor_device
 def grkan_linear_backward(grad, x, numerator, denominator, weight, has_bias: bool):
     """Launch the two backward kernels: (dx, d numerator, d denominator, dW, db or an empty tensor).
 
-    Coefficient gradients are reduced with atomics, or bitwise reproducibly when torch's deterministic mode is on."""
-    k_in, n_out, groups = x.shape[-1], weight.shape[0], denominator.shape[0]
-    x2, dy2 = x.reshape(-1, k_in), common.as_rows(grad.to(x.dtype), n_out)
-    num, den = numerator.contiguous(), denominator.contiguous()
+    The dx kernel writes the final coefficient gradients (fp32, kanc's sign of d|b|/db applied; cast only for
+    coefficients in another dtype). They are reduced with atomics, or bitwise reproducibly when torch's deterministic
+    mode is on."""
+    key = (*_plan_key(grad, x, numerator, denominator, weight), has_bias)
+    plans = common.planned(_bwd_plans, key, x.device, _bwd_plan, grad, x, numerator, denominator, weight, has_bias)
+    dy_stride, x_strides, dw_plan, dx_plan = plans
+    k_in, n_out = x.shape[-1], weight.shape[0]
+    if grad.dtype != x.dtype:
+        grad = grad.to(x.dtype)
+    dy2 = common.rows_of(grad, n_out, dy_stride)
+    x2 = common.matrix_of(x, k_in, x_strides)
+    num, den = _coefficients(numerator, denominator)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
     db = torch.empty(n_out if has_bias else 0, dtype=weight.dtype, device=x.device)
-    _launch_dw(x2, dy2, num, den, dw, db, has_bias, groups)
-    dx, acc = _launch_dx(x2, dy2, weight, num, den, groups)
-    np_ = num.shape[1]
-    dnum = acc[:, :np_].to(numerator.dtype).contiguous()
-    dden = (acc[:, np_:] * abs_grad_sign(den)).to(denominator.dtype)
-    return dx.view(x.shape), dnum, dden, dw, db
+    common.launch_planned(_grkan_linear_dw_kernel, dw_plan, x2, dy2, dw, db if has_bias else dw, num, den)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dnum, dden = coefficient_grads(dx_plan.extra, x.device)
+    common.launch_planned(_grkan_linear_dx_kernel, dx_plan, x2, dy2, weight, dx, num, den, dnum, dden)
+    return dx, *final_coefficient_grads(dx_plan.extra, dnum, dden, numerator.dtype, denominator.dtype), dw, db
 
 
-def _launch_dw(x2, dy2, num, den, dw, db, has_bias: bool, groups: int) -> None:
-    (m, k_in), n_out, np_, nq = x2.shape, dy2.shape[1], num.shape[1], den.shape[1]
+_bwd_plans: dict = {}
+
+
+def _bwd_plan(grad, x, numerator, denominator, weight, has_bias: bool) -> tuple:
+    """(dy's row stride, x's matrix strides, the dW plan, the dx plan): how the backward passes its (rows, N) dy and
+    (rows, K) x (views when they can be, else copies) and launches its two kernels."""
+    k_in, n_out = x.shape[-1], weight.shape[0]
+    if grad.dtype != x.dtype:  # converted per call: a tensor of the same layout (row-major where not dense)
+        grad = grad.to(x.dtype)
+    dy_stride, x_strides = common.row_stride(grad, n_out), common.matrix_strides(x, k_in)
+    dy2 = common.rows_of(grad, n_out, dy_stride).view(-1, n_out)
+    x2 = common.matrix_of(x, k_in, x_strides).view(-1, k_in)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
+    db = torch.empty(n_out if has_bias else 0, dtype=weight.dtype, device=x.device)
+    return (
+        dy_stride,
+        x_strides,
+        _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias),
+        _dx_plan(x2, dy2, weight, numerator, denominator),
+    )
+
+
+def launch_dw(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> None:
+    """dW = dy^T F(x) into ``dw`` (and db = dy's column sums into ``db`` when ``has_bias``); x2 (M, K), dy2 (M, N)
+    with a unit column stride."""
+    key = _plan_key(x2, dy2, numerator, denominator, dw, db if has_bias else None)
+    plan = common.planned(_dw_plans, key, x2.device, _dw_plan, x2, dy2, numerator, denominator, dw, db, has_bias)
+    common.launch_planned(
+        _grkan_linear_dw_kernel, plan, x2, dy2, dw, db if has_bias else dw, *_coefficients(numerator, denominator)
+    )
+
+
+def _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> _Plan:
+    (m, k_in), n_out, groups = x2.shape, dy2.shape[1], denominator.shape[0]
+    num, den = _coefficients(numerator, denominator)
+    np_, nq = num.shape[1], den.shape[1]
     dot, ieee = _dot_args(x2.dtype)
 
-    def run(cfg: dict, out: torch.Tensor = dw, out_b: torch.Tensor = db) -> tuple:
-        grid = (common.cdiv(n_out, cfg["BLOCK_N"]) * common.cdiv(k_in, cfg["BLOCK_K"]),)
-        _grkan_linear_dw_kernel[grid](
-            x2, dy2, out, out_b if has_bias else out, num, den, m, n_out, k_in, k_in // groups,
-            x2.stride(0), x2.stride(1), dy2.stride(0), out.stride(0),
-            has_bias, np_, nq, dot, ieee, (k_in // groups) % cfg["BLOCK_K"] == 0,
-            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], **common.launch_options(cfg),
-        )  # fmt: skip
-        return grid
+    def grid(cfg: dict) -> tuple[int]:
+        return (common.cdiv(n_out, cfg["BLOCK_N"]) * common.cdiv(k_in, cfg["BLOCK_K"]),)
+
+    def args(cfg: dict) -> tuple:
+        return (
+            # sizes
+            m,
+            n_out,
+            k_in,
+            k_in // groups,
+            # strides
+            x2.stride(0),
+            x2.stride(1),
+            dy2.stride(0),
+            dw.stride(0),
+            # meta-parameters
+            has_bias,
+            np_,
+            nq,
+            dot,
+            ieee,
+            (k_in // groups) % cfg["BLOCK_K"] == 0,
+            cfg["BLOCK_M"],
+            cfg["BLOCK_N"],
+            cfg["BLOCK_K"],
+            cfg["GROUP_M"],
+        )
+
+    def scratch(cfg: dict) -> None:
+        out, out_b = torch.empty_like(dw), torch.empty_like(db)
+        tensors = (x2, dy2, out, out_b if has_bias else out, num, den)
+        _grkan_linear_dw_kernel[grid(cfg)](*tensors, *args(cfg), **common.launch_options(cfg))
 
     candidates = tile_candidates(DW_TILES, ("BLOCK_N", "BLOCK_K", "BLOCK_M"), (n_out, k_in, m))
     key = _key(m, n_out, k_in, groups, np_, nq, x2.dtype)
-    scratch = lambda c: run(c, torch.empty_like(dw), torch.empty_like(db))
     cfg = common.choose(_grkan_linear_dw_kernel, key, candidates, scratch, x2.device)
-    grid = run(cfg)
     shapes = [x2.shape, dy2.shape, dw.shape]
-    common.record(OP, _grkan_linear_dw_kernel, grid, cfg, shapes, x2.dtype, "backward", grads="weight,bias")
+    record = common.launch_record(
+        OP, _grkan_linear_dw_kernel, grid(cfg), cfg, shapes, x2.dtype, "backward", grads="weight,bias"
+    )
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, common.direct_launches(x2.device), None)
 
 
-def _launch_dx(x2, dy2, weight, num, den, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    (m, k_in), n_out, np_, nq = x2.shape, dy2.shape[1], num.shape[1], den.shape[1]
-    group_size = k_in // groups
-    dx = torch.empty(m, k_in, dtype=x2.dtype, device=x2.device)
+def launch_dx(x2, dy2, weight, numerator, denominator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (M, K), d numerator, d denominator) of y = F(x) W^T: dF = dy W, then dx = dF F'(x) and the coefficient
+    gradients in the epilogue; x2 (M, K), dy2 (M, N) with a unit column stride."""
+    key = _plan_key(x2, dy2, weight, numerator, denominator)
+    plan = common.planned(_dx_plans, key, x2.device, _dx_plan, x2, dy2, weight, numerator, denominator)
+    dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    dnum, dden = coefficient_grads(plan.extra, x2.device)
+    common.launch_planned(
+        _grkan_linear_dx_kernel, plan, x2, dy2, weight, dx, *_coefficients(numerator, denominator), dnum, dden
+    )
+    return dx, *final_coefficient_grads(plan.extra, dnum, dden, numerator.dtype, denominator.dtype)
+
+
+def _dx_plan(x2, dy2, weight, numerator, denominator) -> _Plan:
+    (m, k_in), n_out, groups = x2.shape, dy2.shape[1], denominator.shape[0]
+    num, den = _coefficients(numerator, denominator)
+    np_, nq, group_size = num.shape[1], den.shape[1], k_in // groups
     dot, ieee = _dot_args(x2.dtype)
     det = common.deterministic()
 
-    def run(cfg: dict, out: torch.Tensor = dx) -> tuple:
-        row_programs = common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
-        k_tiles = common.cdiv(k_in, cfg["BLOCK_K"])
-        g_span = group_span(cfg["BLOCK_K"], group_size)
-        sums = coef_grad_buffer((row_programs, k_tiles), g_span, groups, np_ + nq, x2.device, det)
-        _grkan_linear_dx_kernel[(row_programs * k_tiles,)](
-            x2, dy2, weight, out, num, den, sums, m, n_out, k_in, group_size,
-            x2.stride(0), x2.stride(1), dy2.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-            np_, nq, g_span, dot, ieee, det,
-            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], cfg["ROWS_PER_PROGRAM"],
-            **common.launch_options(cfg),
-        )  # fmt: skip
-        return (row_programs * k_tiles,), row_programs, sums
+    def row_programs(cfg: dict) -> int:
+        return common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
+
+    def grid(cfg: dict) -> tuple[int]:
+        return (row_programs(cfg) * common.cdiv(k_in, cfg["BLOCK_K"]),)
+
+    def args(cfg: dict) -> tuple:
+        return (
+            # sizes
+            m,
+            n_out,
+            k_in,
+            group_size,
+            # strides
+            x2.stride(0),
+            x2.stride(1),
+            dy2.stride(0),
+            weight.stride(0),
+            weight.stride(1),
+            k_in,
+            # meta-parameters
+            np_,
+            nq,
+            group_span(cfg["BLOCK_K"], group_size),
+            dot,
+            ieee,
+            det,
+            cfg["BLOCK_M"],
+            cfg["BLOCK_N"],
+            cfg["BLOCK_K"],
+            cfg["GROUP_M"],
+            cfg["ROWS_PER_PROGRAM"],
+        )
+
+    def buffers(cfg: dict) -> tuple:
+        tiles = (row_programs(cfg), common.cdiv(k_in, cfg["BLOCK_K"]))
+        return tiles, group_span(cfg["BLOCK_K"], group_size), groups, np_, nq, k_in, cfg["BLOCK_K"], det
+
+    def scratch(cfg: dict) -> None:
+        dx, (dnum, dden) = (
+            torch.empty(m, k_in, dtype=x2.dtype, device=x2.device),
+            coefficient_grads(buffers(cfg), x2.device),
+        )
+        tensors = (x2, dy2, weight, dx, num, den, dnum, dden)
+        _grkan_linear_dx_kernel[grid(cfg)](*tensors, *args(cfg), **common.launch_options(cfg))
 
     # the output tile is (M, K) and the reduction runs over N
     candidates = dx_candidates(m, k_in, n_out, common.min_programs(x2.device))
     key = _key(m, n_out, k_in, groups, np_, nq, x2.dtype)
-    cfg = common.choose(_grkan_linear_dx_kernel, key, candidates, lambda c: run(c, torch.empty_like(dx)), x2.device)
-    grid, row_programs, acc = run(cfg)
-    if det:
-        acc = sum_coef_partials(acc, k_in, group_size, cfg["BLOCK_K"])
-    atomics = 0 if det else row_programs * groups_touched(k_in, group_size, cfg["BLOCK_K"]) * (np_ + nq)
-    shapes = [x2.shape, dy2.shape, weight.shape]
-    common.record(
-        OP, _grkan_linear_dx_kernel, grid, cfg, shapes, x2.dtype, "backward", atomics,
-        grads="input,coefficients", coefficients=np_ + nq, deterministic=det,
-    )  # fmt: skip
-    return dx, acc
+    cfg = common.choose(_grkan_linear_dx_kernel, key, candidates, scratch, x2.device)
+    atomics = 0 if det else row_programs(cfg) * groups_touched(k_in, group_size, cfg["BLOCK_K"]) * (np_ + nq)
+    record = common.launch_record(
+        OP,
+        _grkan_linear_dx_kernel,
+        grid(cfg),
+        cfg,
+        [x2.shape, dy2.shape, weight.shape],
+        x2.dtype,
+        "backward",
+        atomics,
+        grads="input,coefficients",
+        coefficients=np_ + nq,
+        deterministic=det,
+    )
+    direct = common.direct_launches(x2.device)
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, None, buffers(cfg))

@@ -30,14 +30,41 @@ OP = "kanc::grkan_mlp_epilogue"
 
 @triton.jit
 def _linear_rational_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, h_ptr, u_ptr, num_ptr, den_ptr,
-    M, N, K, D,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_um,
-    HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr, NP: tl.constexpr, NQ: tl.constexpr, DOT: tl.constexpr,
-    IEEE: tl.constexpr, UNIFORM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """u = F(h), h = x W^T + b, on one (BLOCK_M, BLOCK_N) tile; D = N / G columns per group of F."""
+    # pointers
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    h_ptr,
+    u_ptr,
+    num_ptr,
+    den_ptr,
+    # sizes: x (M, K), W (N, K), h and u (M, N), D = N / G columns per group of F
+    M,
+    N,
+    K,
+    D,
+    # strides (x and W any layout; b, h and u unit-stride in their last dimension)
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_hm,
+    stride_um,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    STORE_H: tl.constexpr,
+    NP: tl.constexpr,
+    NQ: tl.constexpr,
+    DOT: tl.constexpr,
+    IEEE: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """u = F(h) with h = x W^T + b, on one (BLOCK_M, BLOCK_N) tile: h accumulated in fp32 over K, rounded to the I/O
+    dtype (and stored with STORE_H), then F(h) = P(h) / Q(h) per column group in fp32 registers."""
     pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,9 +98,14 @@ def _linear_rational_fwd_kernel(
 # ViT-B fc1 in bf16): the first three compile without spills; 128 x 128 x 32 spills 16 B per thread, 128 x 256 x 32
 # spills 2.6 kB and is left out. The tuner times them all on a GPU.
 EPILOGUE_TILES = [
-    (64, 256, 32, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4),
-    (128, 64, 32, 4, 4), (128, 128, 64, 8, 3),
-]  # fmt: skip
+    (64, 256, 32, 8, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 32, 8, 4),
+    (64, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (128, 128, 64, 8, 3),
+]
 
 
 def _key(m: int, n: int, k: int, groups: int, np_: int, nq: int, dtype: torch.dtype, store_h: bool) -> tuple:
@@ -95,12 +127,40 @@ def linear_rational_forward(x, weight, bias, numerator, denominator, store_h: bo
     def run(cfg: dict, out_h: torch.Tensor = h2, out_u: torch.Tensor = u2) -> tuple:
         grid = (common.cdiv(m, cfg["BLOCK_M"]) * common.cdiv(n_out, cfg["BLOCK_N"]),)
         _linear_rational_fwd_kernel[grid](
-            x2, weight, bias if bias is not None else x2, out_h if store_h else out_u, out_u, num, den,
-            m, n_out, k_in, group_size,
-            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out_h.stride(0), out_u.stride(0),
-            bias is not None, store_h, np_, nq, dot, ieee, group_size % cfg["BLOCK_N"] == 0,
-            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], **common.launch_options(cfg),
-        )  # fmt: skip
+            # pointers
+            x2,
+            weight,
+            bias if bias is not None else x2,
+            out_h if store_h else out_u,
+            out_u,
+            num,
+            den,
+            # sizes
+            m,
+            n_out,
+            k_in,
+            group_size,
+            # strides
+            x2.stride(0),
+            x2.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            out_h.stride(0),
+            out_u.stride(0),
+            # meta-parameters
+            bias is not None,
+            store_h,
+            np_,
+            nq,
+            dot,
+            ieee,
+            group_size % cfg["BLOCK_N"] == 0,
+            cfg["BLOCK_M"],
+            cfg["BLOCK_N"],
+            cfg["BLOCK_K"],
+            cfg["GROUP_M"],
+            **common.launch_options(cfg),
+        )
         return grid
 
     key = _key(m, n_out, k_in, groups, np_, nq, x.dtype, store_h)

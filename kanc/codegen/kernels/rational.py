@@ -21,15 +21,16 @@ instead, and the launcher adds the slots up in a fixed order (``sum_coef_partial
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from kanc.codegen import launches
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
-from kanc.codegen.rational import abs_grad_sign
 
 OP = "kanc::group_rational"
 
@@ -123,32 +124,51 @@ def _add_coef_partials(
 
 
 @triton.jit
-def _flush_coef_grads(acc_ptr, sums, g_first, g_last, NCOEF: tl.constexpr, G_SPAN: tl.constexpr):
-    """acc[group, k] += a program's sums (acc is (G, NCOEF) fp32): one atomic per (group touched, coefficient)."""
-    j = tl.arange(0, G_SPAN)
-    for k in tl.static_range(NCOEF):
-        tl.atomic_add(acc_ptr + (g_first + j) * NCOEF + k, sums[k], mask=g_first + j <= g_last)
+def _signed(s, den_ptr, g, k, NQ: tl.constexpr, gmask):
+    """A sum of dL/d|b_k| (one per group g) as dL/db_k: d|b|/db is -1 where b < 0, else +1 (b = 0 included, as
+    ``kanc.codegen.rational.abs_grad_sign``)."""
+    b = tl.load(den_ptr + g * NQ + k, mask=gmask, other=0.0).to(tl.float32)
+    return tl.where(b < 0, -s, s)
 
 
 @triton.jit
 def _reduce_coef_grads(
-    acc_ptr, slot, sums, g_first, g_last, NCOEF: tl.constexpr, G_SPAN: tl.constexpr, DETERMINISTIC: tl.constexpr
+    dnum_ptr,
+    dden_ptr,
+    den_ptr,
+    slot,
+    sums,
+    g_first,
+    g_last,
+    NP: tl.constexpr,
+    NQ: tl.constexpr,
+    G_SPAN: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
-    """A program's coefficient sums out: atomics into acc (G, NCOEF) (``_flush_coef_grads``), or with DETERMINISTIC
-    (``torch.use_deterministic_algorithms``) stored whole into the program's own ``slot`` of a (slots, G_SPAN, NCOEF)
-    partials buffer, which ``sum_coef_partials`` adds up in a fixed order: bitwise reproducible, no atomics. Entries of
-    groups past g_last are sums over no column: zero."""
+    """A program's coefficient sums out, the denominator's with kanc's sign convention applied (``_signed``): atomic
+    adds into the fp32 gradients dnum (G, NP) and dden (G, NQ), one per (group touched, coefficient); or with
+    DETERMINISTIC (``torch.use_deterministic_algorithms``) stored whole into the program's own ``slot`` of a
+    (slots, G_SPAN, NP + NQ) partials buffer at dnum_ptr, which ``sum_coef_partials`` adds up in a fixed order:
+    bitwise reproducible, no atomics. Entries of groups past g_last are sums over no column: zero."""
+    j = tl.arange(0, G_SPAN)
+    g = g_first + j
+    gmask = g <= g_last
     if DETERMINISTIC:
-        j = tl.arange(0, G_SPAN)
-        base = acc_ptr + slot.to(tl.int64) * (G_SPAN * NCOEF)
-        for k in tl.static_range(NCOEF):
-            tl.store(base + j * NCOEF + k, sums[k])
+        base = dnum_ptr + slot.to(tl.int64) * (G_SPAN * (NP + NQ))
+        for k in tl.static_range(NP):
+            tl.store(base + j * (NP + NQ) + k, sums[k])
+        for k in tl.static_range(NQ):
+            tl.store(base + j * (NP + NQ) + NP + k, _signed(sums[NP + k], den_ptr, g, k, NQ, gmask))
     else:
-        _flush_coef_grads(acc_ptr, sums, g_first, g_last, NCOEF, G_SPAN)
+        for k in tl.static_range(NP):
+            tl.atomic_add(dnum_ptr + g * NP + k, sums[k], mask=gmask)
+        for k in tl.static_range(NQ):
+            tl.atomic_add(dden_ptr + g * NQ + k, _signed(sums[NP + k], den_ptr, g, k, NQ, gmask), mask=gmask)
 
 
 @triton.jit
 def _tile(pid_r, pid_c, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows (int64), columns, the column mask and the element mask of tile (pid_r, pid_c) of an (R, C) matrix."""
     rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -203,7 +223,8 @@ def _rational_bwd_kernel(
     dx_ptr,
     num_ptr,
     den_ptr,
-    acc_ptr,  # fp32 (G, NP + NQ) sums (atomics), or with DETERMINISTIC (programs, G_SPAN, NP + NQ) partials
+    dnum_ptr,  # fp32 (G, NP) gradient (atomics), or with DETERMINISTIC (programs, G_SPAN, NP + NQ) partials
+    dden_ptr,  # fp32 (G, NQ) gradient (atomics; unused with DETERMINISTIC)
     # sizes: R rows of C channels, D = C / G channels per group
     R,
     C,
@@ -224,7 +245,7 @@ def _rational_bwd_kernel(
     """dx = dy (P'(x) - F(x) sign(x) Q'(|x|)) / Q(x), and per group dL/da_k = sum dy x^k / Q (k = 0..NP-1) and
     dL/d|b_k| = -sum dy F |x|^k / Q (k = 1..NQ), on ROWS_PER_PROGRAM row tiles of one column tile: the coefficient sums
     are carried in registers across the tiles, then leave the program once (``_reduce_coef_grads``: one atomic per
-    group and coefficient, or one store)."""
+    group and coefficient, or one store), as dL/db_k (kanc's sign of d|b|/db applied)."""
     pid_c = tl.program_id(1)
     first = tl.program_id(0) * ROWS_PER_PROGRAM
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -246,7 +267,7 @@ def _rational_bwd_kernel(
         tl.store(dx_ptr + row0 * stride_dx + off_dx, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         sums = _add_coef_partials(sums, x, gq, y, mask, g, cmask, g_first, NP, NQ, G_SPAN)
     slot = tl.program_id(0) * tl.num_programs(1) + pid_c
-    _reduce_coef_grads(acc_ptr, slot, sums, g_first, g_last, NP + NQ, G_SPAN, DETERMINISTIC)
+    _reduce_coef_grads(dnum_ptr, dden_ptr, den_ptr, slot, sums, g_first, g_last, NP, NQ, G_SPAN, DETERMINISTIC)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -304,30 +325,80 @@ def _key(rows: int, channels: int, groups: int, dtype: torch.dtype, np_: int, nq
     return (common.row_bucket(rows), channels, groups, np_, nq, str(dtype).removeprefix("torch."))
 
 
+class _Plan(NamedTuple):
+    """A launch prepared once per operand geometry (``common.planned``): the grid, every argument that is not a tensor
+    (sizes, strides, constexprs, launch options), how each operand is passed, and the launch record."""
+
+    grid: tuple[int, ...]
+    args: tuple
+    options: dict[str, Any]
+    strides: tuple[int | None, ...]  # per row operand: its row stride, or None when it must be copied (common.rows_of)
+    contiguous: tuple[bool, ...]  # numerator, denominator already contiguous
+    record: launches.Launch
+    direct: list | None  # the compiled kernel's launcher, once known (``common.launch_planned``)
+    extra: tuple = ()
+
+
+_fwd_plans: dict = {}
+_bwd_plans: dict = {}
+
+
 @common.on_tensor_device
 def rational_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """Launch the forward kernel: y = F(x) in x's dtype, same shape."""
-    channels, groups = x.shape[-1], denominator.shape[0]
-    x2 = common.as_rows(x, channels)
-    num, den = numerator.contiguous(), denominator.contiguous()
-    rows, np_, nq = x2.shape[0], num.shape[1], den.shape[1]
+    plan = common.planned(
+        _fwd_plans, common.operands_key(x, numerator, denominator), x.device, _fwd_plan, x, numerator, denominator
+    )
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y2 = y.view(-1, channels)
+    num, den = _coefficients(plan, numerator, denominator)
+    common.launch_planned(_rational_fwd_kernel, plan, common.rows_of(x, x.shape[-1], plan.strides[0]), y, num, den)
+    return y
 
-    def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
-        grid = (common.cdiv(rows, cfg["BLOCK_R"]), common.cdiv(channels, cfg["BLOCK_C"]))
-        _rational_fwd_kernel[grid](
-            x2, out, num, den, rows, channels, channels // groups, x2.stride(0), out.stride(0), np_, nq,
-            (channels // groups) % cfg["BLOCK_C"] == 0, cfg["BLOCK_R"], cfg["BLOCK_C"], **common.launch_options(cfg),
-        )  # fmt: skip
-        return grid
+
+def _coefficients(plan: _Plan, numerator: torch.Tensor, denominator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    num = numerator if plan.contiguous[0] else numerator.contiguous()
+    return num, denominator if plan.contiguous[1] else denominator.contiguous()
+
+
+def _fwd_plan(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> _Plan:
+    channels, groups = x.shape[-1], denominator.shape[0]
+    stride = common.row_stride(x, channels)
+    rows, np_, nq, group_size = x.numel() // channels, numerator.shape[1], denominator.shape[1], channels // groups
+    num, den = numerator.contiguous(), denominator.contiguous()
+    x2 = common.rows_of(x, channels, stride)
+
+    def args(cfg: dict) -> tuple:
+        return (
+            # sizes
+            rows,
+            channels,
+            group_size,
+            # strides of x and y
+            channels if stride is None else stride,
+            channels,
+            # meta-parameters
+            np_,
+            nq,
+            group_size % cfg["BLOCK_C"] == 0,
+            cfg["BLOCK_R"],
+            cfg["BLOCK_C"],
+        )
+
+    def grid(cfg: dict) -> tuple[int, int]:
+        return common.cdiv(rows, cfg["BLOCK_R"]), common.cdiv(channels, cfg["BLOCK_C"])
+
+    def scratch(cfg: dict) -> None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _rational_fwd_kernel[grid(cfg)](x2, out, num, den, *args(cfg), **common.launch_options(cfg))
 
     key = _key(rows, channels, groups, x.dtype, np_, nq)
-    candidates = elementwise_candidates(rows, channels, channels // groups)
-    cfg = common.choose(_rational_fwd_kernel, key, candidates, lambda c: run(c, torch.empty_like(y2)), x.device)
-    grid = run(cfg)
-    common.record(OP, _rational_fwd_kernel, grid, cfg, [x.shape, num.shape, den.shape], x.dtype, "forward")
-    return y
+    candidates = elementwise_candidates(rows, channels, group_size)
+    cfg = common.choose(_rational_fwd_kernel, key, candidates, scratch, x.device)
+    shapes = [x.shape, num.shape, den.shape]
+    record = common.launch_record(OP, _rational_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward")
+    contiguous = (numerator.is_contiguous(), denominator.is_contiguous())
+    options, direct = common.launch_options(cfg), common.direct_launches(x.device)
+    return _Plan(grid(cfg), args(cfg), options, (stride,), contiguous, record, direct)
 
 
 @common.on_tensor_device
@@ -336,53 +407,118 @@ def rational_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: (dx in x's dtype, d numerator, d denominator in the coefficients' dtypes).
 
-    Coefficient gradients are reduced with atomics, or bitwise reproducibly when torch's deterministic mode is on."""
-    channels, groups = x.shape[-1], denominator.shape[0]
-    x2, dy2 = common.as_rows(x, channels), common.as_rows(grad.to(x.dtype), channels)
-    num, den = numerator.contiguous(), denominator.contiguous()
-    rows, np_, nq, group_size = x2.shape[0], num.shape[1], den.shape[1], channels // groups
+    The kernel writes the final coefficient gradients (fp32, kanc's sign of d|b|/db applied); they are cast only for
+    coefficients in another dtype. Coefficient gradients are reduced with atomics, or bitwise reproducibly when
+    torch's deterministic mode is on."""
+    key = common.operands_key(grad, x, numerator, denominator)
+    plan = common.planned(_bwd_plans, key, x.device, _bwd_plan, grad, x, numerator, denominator)
+    channels = x.shape[-1]
+    if grad.dtype != x.dtype:
+        grad = grad.to(x.dtype)
+    dy = common.rows_of(grad, channels, plan.strides[0])
+    num, den = _coefficients(plan, numerator, denominator)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dx2 = dx.view(-1, channels)
-    det = common.deterministic()
+    dnum, dden = coefficient_grads(plan.extra, x.device)
+    rows = common.rows_of(x, channels, plan.strides[1])
+    common.launch_planned(_rational_bwd_kernel, plan, rows, dy, dx, num, den, dnum, dden)
+    return dx, *final_coefficient_grads(plan.extra, dnum, dden, numerator.dtype, denominator.dtype)
 
-    def run(cfg: dict, out: torch.Tensor = dx2) -> tuple:
+
+def _bwd_plan(grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> _Plan:
+    channels, groups = x.shape[-1], denominator.shape[0]
+    if grad.dtype != x.dtype:  # converted per call: a new tensor of grad's layout (or row-major when not dense)
+        grad = grad.to(x.dtype)
+    strides = (common.row_stride(grad, channels), common.row_stride(x, channels))
+    x2, dy2 = common.rows_of(x, channels, strides[1]), common.rows_of(grad, channels, strides[0])
+    num, den = numerator.contiguous(), denominator.contiguous()
+    rows, np_, nq, group_size = x2.numel() // channels, num.shape[1], den.shape[1], channels // groups
+    det = common.deterministic()
+    row_strides = [channels if s is None else s for s in (strides[1], strides[0])]
+
+    def grid(cfg: dict) -> tuple[int, int]:
         row_tiles = common.cdiv(rows, cfg["BLOCK_R"])
-        grid = (common.cdiv(row_tiles, cfg["ROWS_PER_PROGRAM"]), common.cdiv(channels, cfg["BLOCK_C"]))
-        g_span = group_span(cfg["BLOCK_C"], group_size)
-        sums = coef_grad_buffer(grid, g_span, groups, np_ + nq, x.device, det)
-        _rational_bwd_kernel[grid](
-            x2, dy2, out, num, den, sums, rows, channels, group_size, x2.stride(0), dy2.stride(0), out.stride(0),
-            np_, nq, g_span, det, cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["ROWS_PER_PROGRAM"], **common.launch_options(cfg),
-        )  # fmt: skip
-        return grid, sums
+        return common.cdiv(row_tiles, cfg["ROWS_PER_PROGRAM"]), common.cdiv(channels, cfg["BLOCK_C"])
+
+    def args(cfg: dict) -> tuple:
+        return (
+            # sizes
+            rows,
+            channels,
+            group_size,
+            # strides of x, dy and dx
+            *row_strides,
+            channels,
+            # meta-parameters
+            np_,
+            nq,
+            group_span(cfg["BLOCK_C"], group_size),
+            det,
+            cfg["BLOCK_R"],
+            cfg["BLOCK_C"],
+            cfg["ROWS_PER_PROGRAM"],
+        )
+
+    def buffers(cfg: dict) -> tuple:
+        return (grid(cfg), group_span(cfg["BLOCK_C"], group_size), groups, np_, nq, channels, cfg["BLOCK_C"], det)
+
+    def scratch(cfg: dict) -> None:
+        dx, (dnum, dden) = torch.empty_like(x), coefficient_grads(buffers(cfg), x.device)
+        _rational_bwd_kernel[grid(cfg)](x2, dy2, dx, num, den, dnum, dden, *args(cfg), **common.launch_options(cfg))
 
     key = _key(rows, channels, groups, x.dtype, np_, nq)
     candidates = backward_candidates(rows, channels, group_size, common.min_programs(x.device))
-    cfg = common.choose(_rational_bwd_kernel, key, candidates, lambda c: run(c, torch.empty_like(dx2)), x.device)
-    grid, acc = run(cfg)
-    if det:
-        acc = sum_coef_partials(acc, channels, group_size, cfg["BLOCK_C"])
-    atomics = 0 if det else grid[0] * groups_touched(channels, group_size, cfg["BLOCK_C"]) * (np_ + nq)
-    shapes = [x.shape, num.shape, den.shape]
-    common.record(
-        OP, _rational_bwd_kernel, grid, cfg, shapes, x.dtype, "backward", atomics, coefficients=np_ + nq,
+    cfg = common.choose(_rational_bwd_kernel, key, candidates, scratch, x.device)
+    atomics = 0 if det else grid(cfg)[0] * groups_touched(channels, group_size, cfg["BLOCK_C"]) * (np_ + nq)
+    record = common.launch_record(
+        OP,
+        _rational_bwd_kernel,
+        grid(cfg),
+        cfg,
+        [x.shape, num.shape, den.shape],
+        x.dtype,
+        "backward",
+        atomics,
+        coefficients=np_ + nq,
         deterministic=det,
-    )  # fmt: skip
-    return dx, acc[:, :np_].to(numerator.dtype).contiguous(), (acc[:, np_:] * abs_grad_sign(den)).to(denominator.dtype)
+    )
+    contiguous = (numerator.is_contiguous(), denominator.is_contiguous())
+    options, direct = common.launch_options(cfg), common.direct_launches(x.device)
+    return _Plan(grid(cfg), args(cfg), options, strides, contiguous, record, direct, buffers(cfg))
 
 
 # ------------------------------------------------------------------------------- deterministic coefficient gradients
 
 
-def coef_grad_buffer(
-    grid: tuple[int, int], g_span: int, groups: int, ncoef: int, device: torch.device, deterministic: bool
-) -> torch.Tensor:
-    """Where a backward launch leaves its coefficient gradients: a zeroed (G, NCOEF) fp32 sum for atomics, or (row
-    programs, column tiles, G_SPAN, NCOEF) fp32 partials, one slot per program (every entry written), when
-    ``deterministic``."""
-    if deterministic:
-        return torch.empty(*grid, g_span, ncoef, dtype=torch.float32, device=device)
-    return torch.zeros(groups, ncoef, dtype=torch.float32, device=device)
+def coefficient_grads(buffers: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a backward launch writes its coefficient gradients, from a plan's ``buffers`` (grid, G_SPAN, G, NP, NQ,
+    channels, BLOCK, deterministic): zeroed fp32 (G, NP) and (G, NQ) gradients for its atomics, or (row programs,
+    column tiles, G_SPAN, NP + NQ) fp32 partials, one slot per program (every entry written), twice, when
+    deterministic."""
+    grid, g_span, groups, np_, nq, _, _, det = buffers
+    if det:
+        partials = torch.empty(*grid, g_span, np_ + nq, dtype=torch.float32, device=device)
+        return partials, partials
+    return (
+        torch.zeros(groups, np_, dtype=torch.float32, device=device),
+        torch.zeros(groups, nq, dtype=torch.float32, device=device),
+    )
+
+
+def final_coefficient_grads(
+    buffers: tuple, dnum: torch.Tensor, dden: torch.Tensor, num_dtype: torch.dtype, den_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (d numerator, d denominator) a backward returns, from what its launch wrote (:func:`coefficient_grads`):
+    as they are for fp32 coefficients with atomics; the partials summed in a fixed order when deterministic; cast to
+    the coefficients' dtypes."""
+    _, _, groups, np_, _, channels, block, det = buffers
+    if det:
+        acc = sum_coef_partials(dnum, channels, channels // groups, block)
+        dnum, dden = acc[:, :np_].contiguous(), acc[:, np_:].contiguous()
+    if dnum.dtype != num_dtype:
+        dnum = dnum.to(num_dtype)
+    if dden.dtype != den_dtype:
+        dden = dden.to(den_dtype)
+    return dnum, dden
 
 
 def sum_coef_partials(partials: torch.Tensor, channels: int, group_size: int, block_c: int) -> torch.Tensor:

@@ -438,10 +438,17 @@ def _config(bm: int, bf: int, bd: int, bn: int, warps: int, stages: int) -> dict
 # (ptxas, sm_90, ViT-B); BLOCK_N x BLOCK_F = 16384 (1024 x 16, 512 x 32) spills. The default is the tile of least
 # modelled work (``dw_work``), ties in this order.
 DW_TILES = [
-    (256, 32, 32, 32, 8, 3), (512, 16, 32, 32, 8, 3), (256, 32, 32, 32, 8, 2), (512, 16, 32, 64, 8, 3),
-    (256, 32, 64, 32, 8, 2), (256, 32, 32, 64, 8, 2), (128, 64, 32, 32, 8, 3), (128, 32, 32, 32, 8, 2),
-    (128, 32, 64, 32, 8, 2), (64, 64, 32, 32, 8, 2),
-]  # fmt: skip
+    (256, 32, 32, 32, 8, 3),
+    (512, 16, 32, 32, 8, 3),
+    (256, 32, 32, 32, 8, 2),
+    (512, 16, 32, 64, 8, 3),
+    (256, 32, 64, 32, 8, 2),
+    (256, 32, 32, 64, 8, 2),
+    (128, 64, 32, 32, 8, 3),
+    (128, 32, 32, 32, 8, 2),
+    (128, 32, 64, 32, 8, 2),
+    (64, 64, 32, 32, 8, 2),
+]
 INTERPRETER_DW_TILES = [(64, 64, 64, 64, 4, 1), (32, 32, 32, 32, 4, 1)]
 DW_PROGRAMS_PER_SM = 2  # row splits until the dW grid has this many programs per SM (each one a GEMM-sized tile)
 
@@ -516,12 +523,45 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
         grid = (common.cdiv(m, cfg["BLOCK_M"]),)
         part = _partials(out, feats, cfg["BLOCK_F"])
         _snnk_fwd_kernel[grid](
-            x2, projection, weight, b, out, part, m, d_in, d_out, feats,
-            x2.stride(0), x2.stride(1), projection.stride(0), projection.stride(1), weight.stride(0),
-            weight.stride(1), stride_b, out.stride(0), part.stride(0), float(input_scale), float(floor), coef,
-            KIND_CODES[kind], bias is not None, flags["DOT"], flags["IEEE"], flags["Z_IEEE"], feats > cfg["BLOCK_F"],
-            cfg["BLOCK_M"], cfg["BLOCK_F"], cfg["BLOCK_D"], cfg["BLOCK_N"], **common.launch_options(cfg),
-        )  # fmt: skip
+            # pointers
+            x2,
+            projection,
+            weight,
+            b,
+            out,
+            part,
+            # sizes
+            m,
+            d_in,
+            d_out,
+            feats,
+            # strides
+            x2.stride(0),
+            x2.stride(1),
+            projection.stride(0),
+            projection.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            stride_b,
+            out.stride(0),
+            part.stride(0),
+            # scalars of the feature map
+            float(input_scale),
+            float(floor),
+            coef,
+            # meta-parameters
+            KIND_CODES[kind],
+            bias is not None,
+            flags["DOT"],
+            flags["IEEE"],
+            flags["Z_IEEE"],
+            feats > cfg["BLOCK_F"],
+            cfg["BLOCK_M"],
+            cfg["BLOCK_F"],
+            cfg["BLOCK_D"],
+            cfg["BLOCK_N"],
+            **common.launch_options(cfg),
+        )
         return grid
 
     key = _key(m, d_in, feats, d_out, kind, x.dtype)
@@ -531,17 +571,33 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
     shapes = [x.shape, projection.shape, weight.shape]
     tiles = common.cdiv(feats, cfg["BLOCK_F"])
     common.record(
-        OP, _snnk_fwd_kernel, grid, cfg, shapes, x.dtype, "forward", kind=kind, BLOCK_F=cfg["BLOCK_F"],
+        OP,
+        _snnk_fwd_kernel,
+        grid,
+        cfg,
+        shapes,
+        x.dtype,
+        "forward",
+        kind=kind,
+        BLOCK_F=cfg["BLOCK_F"],
         feature_tiles=tiles,
-    )  # fmt: skip
+    )
     return y2.view(*x.shape[:-1], d_out)
 
 
 @common.on_tensor_device
 def snnk_backward(
-    grad, x, projection, weight, has_bias: bool, input_grad: bool, weight_grad: bool, kind: str, floor: float,
+    grad,
+    x,
+    projection,
+    weight,
+    has_bias: bool,
+    input_grad: bool,
+    weight_grad: bool,
+    kind: str,
+    floor: float,
     input_scale: float,
-):  # fmt: skip
+):
     """Launch the fused backward kernels: (dx, dW, db), Phi recomputed on chip by each (never written to memory).
 
     dx (``_snnk_dx_kernel``) is empty unless ``input_grad``; dW and db (``_snnk_dw_kernel``) are empty unless
@@ -568,12 +624,44 @@ def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
         grid = (common.cdiv(m, cfg["BLOCK_M"]),)
         part = _partials(out, feats, cfg["BLOCK_F"])
         _snnk_dx_kernel[grid](
-            x2, projection, weight, dy2, out, part, m, d_in, d_out, feats,
-            x2.stride(0), x2.stride(1), projection.stride(0), projection.stride(1), weight.stride(0),
-            weight.stride(1), dy2.stride(0), out.stride(0), part.stride(0), input_scale, floor, coef,
-            KIND_CODES[kind], flags["DOT"], flags["IEEE"], flags["Z_IEEE"], feats > cfg["BLOCK_F"],
-            cfg["BLOCK_M"], cfg["BLOCK_F"], cfg["BLOCK_D"], cfg["BLOCK_N"], **common.launch_options(cfg),
-        )  # fmt: skip
+            # pointers
+            x2,
+            projection,
+            weight,
+            dy2,
+            out,
+            part,
+            # sizes
+            m,
+            d_in,
+            d_out,
+            feats,
+            # strides
+            x2.stride(0),
+            x2.stride(1),
+            projection.stride(0),
+            projection.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            dy2.stride(0),
+            out.stride(0),
+            part.stride(0),
+            # scalars of the feature map
+            input_scale,
+            floor,
+            coef,
+            # meta-parameters
+            KIND_CODES[kind],
+            flags["DOT"],
+            flags["IEEE"],
+            flags["Z_IEEE"],
+            feats > cfg["BLOCK_F"],
+            cfg["BLOCK_M"],
+            cfg["BLOCK_F"],
+            cfg["BLOCK_D"],
+            cfg["BLOCK_N"],
+            **common.launch_options(cfg),
+        )
         return grid
 
     key = _key(m, d_in, feats, d_out, kind, x2.dtype)
@@ -583,9 +671,18 @@ def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
     shapes = [x2.shape, projection.shape, weight.shape]
     tiles = common.cdiv(feats, cfg["BLOCK_F"])
     common.record(
-        OP, _snnk_dx_kernel, grid, cfg, shapes, x2.dtype, "backward", kind=kind, BLOCK_F=cfg["BLOCK_F"],
-        feature_tiles=tiles, grads="input",
-    )  # fmt: skip
+        OP,
+        _snnk_dx_kernel,
+        grid,
+        cfg,
+        shapes,
+        x2.dtype,
+        "backward",
+        kind=kind,
+        BLOCK_F=cfg["BLOCK_F"],
+        feature_tiles=tiles,
+        grads="input",
+    )
     return dx2
 
 
@@ -603,12 +700,43 @@ def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
         db = torch.empty(splits, d_out if has_bias else 0, dtype=dtype, device=device)
         grid = (common.cdiv(d_out, cfg["BLOCK_N"]) * common.cdiv(feats, cfg["BLOCK_F"]), splits)
         _snnk_dw_kernel[grid](
-            x2, projection, dy2, dw, db if has_bias else dw, m, d_in, d_out, feats, rows_per_split,
-            x2.stride(0), x2.stride(1), projection.stride(0), projection.stride(1), dy2.stride(0),
-            dw.stride(0), dw.stride(1), db.stride(0), input_scale, floor, coef,
-            KIND_CODES[kind], has_bias, flags["DOT"], flags["IEEE"], flags["Z_IEEE"],
-            cfg["BLOCK_N"], cfg["BLOCK_F"], cfg["BLOCK_M"], cfg["BLOCK_D"], **common.launch_options(cfg),
-        )  # fmt: skip
+            # pointers
+            x2,
+            projection,
+            dy2,
+            dw,
+            db if has_bias else dw,
+            # sizes
+            m,
+            d_in,
+            d_out,
+            feats,
+            rows_per_split,
+            # strides
+            x2.stride(0),
+            x2.stride(1),
+            projection.stride(0),
+            projection.stride(1),
+            dy2.stride(0),
+            dw.stride(0),
+            dw.stride(1),
+            db.stride(0),
+            # scalars of the feature map
+            input_scale,
+            floor,
+            coef,
+            # meta-parameters
+            KIND_CODES[kind],
+            has_bias,
+            flags["DOT"],
+            flags["IEEE"],
+            flags["Z_IEEE"],
+            cfg["BLOCK_N"],
+            cfg["BLOCK_F"],
+            cfg["BLOCK_M"],
+            cfg["BLOCK_D"],
+            **common.launch_options(cfg),
+        )
         return grid, dw, db
 
     key = _key(m, d_in, feats, d_out, kind, x2.dtype)
@@ -617,9 +745,18 @@ def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
     grid, dw, db = run(cfg)
     shapes = [x2.shape, projection.shape, weight.shape]
     common.record(
-        OP, _snnk_dw_kernel, grid, cfg, shapes, x2.dtype, "backward", kind=kind, grads="weight,bias",
-        splits=grid[1], z_recomputed=common.cdiv(d_out, cfg["BLOCK_N"]),
-    )  # fmt: skip
+        OP,
+        _snnk_dw_kernel,
+        grid,
+        cfg,
+        shapes,
+        x2.dtype,
+        "backward",
+        kind=kind,
+        grads="weight,bias",
+        splits=grid[1],
+        z_recomputed=common.cdiv(d_out, cfg["BLOCK_N"]),
+    )
     if grid[1] == 1:
         return dw[0], db[0]
     return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
