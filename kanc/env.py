@@ -31,6 +31,21 @@ def getenv(name: str, default: str | None = None) -> str | None:
     return default if value is None else _decodevalue(value)
 
 
+def snapshot(names: tuple[str, ...]) -> tuple:
+    """The raw values of ``names`` (None where unset), to compare with a later snapshot: one call for several
+    variables (launch plans key on the variables that choose a config)."""
+    if _data is None or _encodekey is None:
+        return tuple(_environ.get(name) for name in names)
+    keys = _encoded_keys.get(names)
+    if keys is None:
+        keys = _encoded_keys[names] = tuple(_encodekey(name) for name in names)
+    get = _data.get
+    return tuple([get(key) for key in keys])
+
+
+_encoded_keys: dict[tuple[str, ...], tuple] = {}
+
+
 def debug_level() -> int:
     """``KANC_DEBUG`` as a level: 0 when unset or empty, 1 for a value that is not a number.
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kanc.codegen import cpu as cpu_kernels
-from kanc.codegen.env import getenv
+from kanc.env import getenv, interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON, CPU = "triton", "cpu"
@@ -47,11 +47,6 @@ def kernels_disabled() -> Iterator[None]:
         yield
     finally:
         _enabled_override = previous
-
-
-def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
-    return getenv("TRITON_INTERPRET", "0") == "1"
 
 
 _triton_found: bool | None = None

@@ -10,17 +10,9 @@ import inspect
 import sys
 from typing import Any
 
-from kanc.codegen.env import getenv
+from kanc.env import debug_level
 
 _seen: set[Any] = set()
-
-
-def debug_level() -> int:
-    """``KANC_DEBUG`` as an int (0 when unset or not a number)."""
-    try:
-        return int(getenv("KANC_DEBUG", "0"))
-    except ValueError:
-        return 0
 
 
 def kernel_source(kernel: Any) -> str:

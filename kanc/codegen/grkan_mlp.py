@@ -37,9 +37,9 @@ from torch import Tensor
 from kanc.codegen import tuning
 from kanc.codegen.autograd import reference_vjp, register_reference_double_backward, vjp_with_graph
 from kanc.codegen.checker import use_kernel
-from kanc.codegen.env import snapshot
 from kanc.codegen.grkan_linear import check_linear_args, grkan_linear_ref
 from kanc.codegen.rational import rational_ref
+from kanc.env import snapshot
 from kanc.errors import KancError
 
 PLACEMENTS = ("prologue", "epilogue")  # first: the default when nothing is measured

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from kanc.codegen.env import getenv
+from kanc.env import getenv, interpreting
 
 CACHE_VERSION = 2  # 2: backward kernels gained ROWS_PER_PROGRAM; configs cached by version 1 lack it
 MODES = ("0", "1", "force")
@@ -81,7 +81,7 @@ def autotune_mode() -> str:
         if env not in MODES:
             raise ValueError(f"KANC_AUTOTUNE must be one of {', '.join(MODES)}, got {env!r}")
         return env
-    return "0" if getenv("TRITON_INTERPRET", "0") == "1" else "1"
+    return "0" if interpreting() else "1"
 
 
 def set_autotune(mode: str | None) -> None:

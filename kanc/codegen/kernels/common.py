@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kanc.codegen import debug, env, launches, tuning
+from kanc import env
+from kanc.codegen import debug, launches, tuning
 from kanc.codegen.checker import interpreting
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
