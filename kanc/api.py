@@ -9,7 +9,6 @@ again = kanc.load("model_grkan.pt")            # rebuilds the architecture, re-a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import glob
 import json
@@ -25,9 +24,11 @@ from kanc import __version__
 from kanc.errors import KancError, NoMLPFoundError
 from kanc.frontend.loading import atomic_write, build_arch, detect_format, load_model
 from kanc.passes.find import FindResult, find_mlp_blocks
+from kanc.passes.hazards import check_copy, copy_model
 from kanc.passes.pipeline import REWRITES, Conversion, run_pipeline
 from kanc.passes.report import ConversionReport, build_report, count_params
 from kanc.passes.rewrites import GRKANOptions, SNNKOptions
+from kanc.passes.verify import snapshot
 
 TARGETS = tuple(REWRITES)
 OPTIONS = {"grkan": GRKANOptions, "snnk": SNNKOptions}
@@ -89,18 +90,20 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
     opts = check_options(target, options)
     if not isinstance(model, nn.Module):
         raise KancError(f"kanc.compile takes an nn.Module, not {type(model).__name__}")
+    inputs = _verify_inputs(model, example_inputs, calibration) if verify else None
+    reference = snapshot(model, inputs) if inputs is not None else None
     exported = model.__dict__.pop(_EXPORTED_ATTR, None)  # shared, never deep-copied
     try:
-        work = model if inplace else copy.deepcopy(model)
+        work = model if inplace else copy_model(model)
     finally:
         if exported is not None:
             model.__dict__[_EXPORTED_ATTR] = exported
-    inputs = _verify_inputs(model, example_inputs, calibration) if verify else None
+    if reference is not None and not inplace:
+        check_copy(work, inputs, reference.outputs["no_grad"])
     before = count_params(model)
     conv = run_pipeline(
         work, target, include=include, exclude=exclude, calibration=calibration,
-        reference=None if inplace else model, verify_inputs=inputs, progress=progress,
-        **dataclasses.asdict(opts),
+        reference=reference, verify_inputs=inputs, progress=progress, **dataclasses.asdict(opts),
     )  # fmt: skip
     report = build_report(conv, type(model).__name__, dataclasses.asdict(opts), before)
     report.options.update(include=list(include or []), exclude=list(exclude or []))

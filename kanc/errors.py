@@ -7,6 +7,12 @@ class KancError(Exception):
     exit_code = 1
 
 
+class CheckFailedError(KancError):
+    """A check of the result failed (the fidelity of a conversion): exit 1."""
+
+    exit_code = 1
+
+
 class NoMLPFoundError(KancError):
     """The model has no MLP block kanc can convert (a soft failure: exit code 3)."""
 

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from kanc.cli.common import read_inputs
-from kanc.errors import KancError
+from kanc.errors import CheckFailedError, KancError
 
 _MODEL = click.Path(path_type=Path)
 
@@ -152,11 +152,12 @@ def _parse_degrees(text: str) -> tuple[int, int]:
 @_load_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--keep-failed", is_flag=True, help="Write the output even when a fidelity check fails (still reported).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert(
     model: Path, target: str, out: Path | None, include: tuple[str, ...], exclude: tuple[str, ...],
     calibration: Path | None, inputs: Path | None, trust_pickle: bool, arch: str | None, arch_kwargs: str | None,
-    as_json: bool, force: bool, quiet: bool, **given: Any,
+    as_json: bool, force: bool, keep_failed: bool, quiet: bool, **given: Any,
 ) -> None:  # fmt: skip
     """Rewrite the MLP blocks of MODEL into GR-KAN or SNNK layers; write OUT in MODEL's format plus a manifest."""
     import kanc
@@ -176,11 +177,27 @@ def convert(
     )  # fmt: skip
     report = kanc.report(converted)
     require_blocks(report)
+    _check_fidelity(report, keep_failed)
     if not report.converted:
         _finish(as_json, report, model, None, None, fmt, "already converted: nothing written")
         return
     manifest = save(converted, out, format=fmt, arch=arch, arch_kwargs=json.loads(arch_kwargs) if arch_kwargs else None)
     _finish(as_json, report, model, out, manifest, fmt, f"wrote {out} ({fmt}) and {manifest.name}")
+
+
+def _check_fidelity(report: Any, keep_failed: bool) -> None:
+    """A failed fidelity check ends the command (exit 1, nothing written) unless --keep-failed."""
+    failures = report.failed_checks
+    if not failures:
+        return
+    if keep_failed:
+        click.echo(f"warning: {len(failures)} fidelity check(s) failed; writing anyway (--keep-failed)", err=True)
+        return
+    click.echo(str(report), err=True)
+    more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+    raise CheckFailedError(
+        f"fidelity check failed: {failures[0]}{more}; nothing written (pass --keep-failed to write the output anyway)"
+    )
 
 
 def _finish(as_json: bool, report: Any, model: Path, out: Path | None, manifest: Path | None, fmt: str, line: str):

@@ -188,9 +188,12 @@ class MLPBlock:
         mid = f"2x{self.hidden}" if self.gated else str(self.hidden)
         return f"{self.in_features} -> {mid} -> {self.out_features}"
 
-    def reference(self) -> Callable[[Tensor], Tensor]:
-        """The original block on rows (N, in_features), in float64 and eval mode (dropout off)."""
-        return _reference(self)
+    def reference(self, dtype: torch.dtype = torch.float64) -> Callable[[Tensor], Tensor]:
+        """The original block on rows (N, in_features), in ``dtype`` and eval mode (dropout off).
+
+        Its weights are read from the original layers (the rewrites swap modules, they never change them); only a
+        dtype other than theirs makes copies."""
+        return _reference(self, dtype)
 
 
 @dataclass(frozen=True)
@@ -497,30 +500,32 @@ def _walk_to_output(view: View, start: fx.Node) -> list[Passthrough] | None:
 # ---- the original block as a function (fidelity, SNNK targets) -----------------------------------------------
 
 
-def _row_linear(lin: Linear) -> Callable[[Tensor], Tensor]:
-    w = lin.weights.weight.detach().double()
-    b = lin.weights.bias.detach().double() if lin.weights.bias is not None else None
+def _row_linear(lin: Linear, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    w = lin.weights.weight.detach().to(dtype)
+    b = lin.weights.bias.detach().to(dtype) if lin.weights.bias is not None else None
     return lambda x: F.linear(x, w, b)
 
 
-def _row_norm(step: Passthrough, channels_first: bool) -> Callable[[Tensor], Tensor]:
+def _row_norm(step: Passthrough, channels_first: bool, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     if step.kind != "norm":
         return lambda x: x
-    twin = copy.deepcopy(step.module).double().eval()
+    params = [*step.module.parameters(), *step.module.buffers()]
+    same = all(t.dtype == dtype for t in params if t.is_floating_point())
+    twin = step.module if same else copy.deepcopy(step.module).to(dtype).eval()
     if channels_first:
         return lambda x: twin(x[:, :, None, None])[:, :, 0, 0] if x.dim() == 2 else twin(x)
     return twin
 
 
-def _reference(block: MLPBlock) -> Callable[[Tensor], Tensor]:
-    fc1, fc2 = _row_linear(block.fc1), _row_linear(block.fc2)
-    up = _row_linear(block.up) if block.up is not None else None
-    steps = [_row_norm(s, block.channels_first) for s in block.between]
+def _reference(block: MLPBlock, dtype: torch.dtype = torch.float64) -> Callable[[Tensor], Tensor]:
+    fc1, fc2 = _row_linear(block.fc1, dtype), _row_linear(block.fc2, dtype)
+    up = _row_linear(block.up, dtype) if block.up is not None else None
+    steps = [_row_norm(s, block.channels_first, dtype) for s in block.between]
     act = block.act.spec.fn
     half, index = block.hidden, block.gate_index
 
     def fn(x: Tensor) -> Tensor:
-        x = x.double()
+        x = x.to(dtype)
         if up is not None:
             h = act(fc1(x)) * up(x)
         elif block.chunk is not None:

@@ -22,9 +22,10 @@ from torch import fx, nn
 from kanc.errors import KancError
 from kanc.frontend.tracing import trace_module
 from kanc.passes.find import FindResult, find_mlp_blocks
+from kanc.passes.hazards import guard_fast_paths
 from kanc.passes.rewrite import PassResult, rewrite_to_grkan, rewrite_to_snnk
 from kanc.passes.surgery import get_module
-from kanc.passes.verify import Fidelity, snapshot, verify_equivalence
+from kanc.passes.verify import Fidelity, Snapshot, snapshot, verify_equivalence
 
 REWRITES: dict[str, Callable[..., PassResult]] = {"grkan": rewrite_to_grkan, "snnk": rewrite_to_snnk}
 
@@ -65,13 +66,13 @@ def run_pipeline(
     include: Any = None,
     exclude: Any = None,
     calibration: Any = None,
-    reference: nn.Module | None = None,
+    reference: nn.Module | Snapshot | None = None,
     verify_inputs: Any = None,
     progress: Callable[[str, int, int], None] | None = None,
     **options: Any,
 ) -> Conversion:
-    """Convert ``model`` in place and, with ``verify_inputs``, measure it against ``reference`` (the original model;
-    when None, a snapshot of ``model`` is taken on those inputs before it is rewritten)."""
+    """Convert ``model`` in place and, with ``verify_inputs``, measure it against ``reference`` (the original model
+    or its Snapshot; when None, a snapshot of ``model`` is taken on those inputs before it is rewritten)."""
     if target not in REWRITES:
         raise KancError(f"unknown target {target!r}: use one of {', '.join(REWRITES)}")
     ran: list[PassRecord] = []
@@ -79,11 +80,14 @@ def run_pipeline(
     if verify_inputs is not None and reference is None and found.blocks:
         reference = _run(ran, "snapshot", lambda: snapshot(model, verify_inputs, found.blocks))
     rewrite = REWRITES[target]
+    measure = verify_inputs is None
     result = _run(
         ran,
         f"rewrite_to_{target}",
-        lambda: rewrite(model, found, calibration=calibration, progress=progress, **options),
+        lambda: rewrite(model, found, calibration=calibration, progress=progress, measure=measure, **options),
     )
+    guarded = guard_fast_paths(result.model)
+    result.notes += [f"{p or '<root>'}: PyTorch's fused fast path turned off (it would bypass kanc)" for p in guarded]
     lint_model(result.model, result.touched, ran)
     _print_graphs(result.model, result.touched)
     fidelity = None
@@ -91,7 +95,16 @@ def run_pipeline(
         fidelity = _run(
             ran, "verify_equivalence", lambda: verify_equivalence(reference, result.model, verify_inputs, result)
         )
+        _record_block_errors(result, fidelity)
     return Conversion(result.model, target, found, result, fidelity, ran)
+
+
+def _record_block_errors(result: PassResult, fidelity: Fidelity) -> None:
+    for c in result.converted:
+        if c.name in fidelity.blocks:
+            c.error, c.error_inputs = fidelity.blocks[c.name], f"example inputs ({fidelity.inputs})"
+        elif c.error is None:
+            c.error_inputs = "not measured: the block did not run on the example inputs"
 
 
 def _run(ran: list[PassRecord], name: str, fn: Callable[[], Any]) -> Any:

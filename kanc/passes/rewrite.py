@@ -57,12 +57,15 @@ class ConvertedBlock:
     owner: str
     params_before: int
     params_after: int
-    error: float  # relative error of the block output vs the original block, on ``error_inputs``
+    error: float | None  # relative error vs the original block on ``error_inputs`` (None: not measured)
     error_inputs: str
     notes: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
     block: MLPBlock | None = field(default=None, repr=False)
     replacement: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
+    entry: nn.Module | None = field(default=None, repr=False)  # hooked on the converted model to measure the block
+    exit: nn.Module | None = field(default=None, repr=False)
+    reference: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)  # the original block on rows
 
     def as_dict(self) -> dict:
         keys = ("name", "pattern", "target", "shape", "activation", "mode", "owner", "params_before", "params_after")
@@ -91,6 +94,7 @@ def rewrite_to_grkan(
     *,
     calibration: Any = None,
     progress: Progress | None = None,
+    measure: bool = True,
     **options: Any,
 ) -> PassResult:
     """Rewrite every found block into GR-KAN layers, in place (see GRKANOptions for ``options``).
@@ -100,7 +104,7 @@ def rewrite_to_grkan(
     blocks have their activation replaced by a fitted GroupRational; counters ``converted:grkan`` and
     ``skip:<code>`` say what happened to each block.
     """
-    return _rewrite(model, found, "grkan", GRKANOptions(**options), calibration, progress)
+    return _rewrite(model, found, "grkan", GRKANOptions(**options), calibration, progress, measure)
 
 
 def rewrite_to_snnk(
@@ -109,6 +113,7 @@ def rewrite_to_snnk(
     *,
     calibration: Any = None,
     progress: Progress | None = None,
+    measure: bool = True,
     **options: Any,
 ) -> PassResult:
     """Rewrite every found block into the bundled SNNK form, in place (see SNNKOptions for ``options``).
@@ -116,11 +121,17 @@ def rewrite_to_snnk(
     ``calibration``: model inputs; each block's preserve fit then uses the rows that block really sees (topped up
     with Gaussian rows of the same per-channel mean and std when there are few), else synthetic N(0, 1) rows.
     """
-    return _rewrite(model, found, "snnk", SNNKOptions(**options), calibration, progress)
+    return _rewrite(model, found, "snnk", SNNKOptions(**options), calibration, progress, measure)
 
 
 def _rewrite(
-    model: nn.Module, found: FindResult | None, target: str, opts: Any, calibration: Any, progress: Progress | None
+    model: nn.Module,
+    found: FindResult | None,
+    target: str,
+    opts: Any,
+    calibration: Any,
+    progress: Progress | None,
+    measure: bool,
 ) -> PassResult:
     start = time.perf_counter()
     found = found if found is not None else find_mlp_blocks(model)
@@ -131,7 +142,7 @@ def _rewrite(
             result.notes.append(f"already converted ({layers}): nothing to do, the model is unchanged")
             result.counters["already_converted"] += 1
         return result
-    ctx = RewriteContext()
+    ctx = RewriteContext(measure=measure)
     if calibration is not None:
         ctx.calibration, ctx.evaluation = _split_rows(calibrate.capture_block_inputs(model, found.blocks, calibration))
     with calibrate.eval_mode(model):  # fits and measurements see the eval-mode block (dropout off)
@@ -186,7 +197,8 @@ def _build(
     if isinstance(normalised, Miss):
         return normalised
     edits, mode, owner = normalised
-    error, inputs = _measure(block, rewrite.replacement, ctx)
+    hooked = rewrite.entry is not None and rewrite.exit is not None
+    error, inputs = _measure(block, rewrite.replacement, ctx) if ctx.measure or not hooked else (None, "")
     notes = list(rewrite.notes)
     if block.fc1.part.source:
         notes.append(f"read from the source of {type(block.fc1.part.module).__name__}.forward (it does not trace)")
@@ -195,8 +207,13 @@ def _build(
     info = ConvertedBlock(
         block.name, block.pattern, target, block.shape_text(), block.act.spec.name, mode, owner,
         *_param_counts(block, rewrite, target), error, inputs, notes, {**rewrite.options}, block, rewrite.replacement,
+        rewrite.entry, rewrite.exit, block.reference(_reference_dtype(block)),
     )  # fmt: skip
     return info, edits
+
+
+def _reference_dtype(block: MLPBlock) -> torch.dtype:
+    return torch.promote_types(block.fc1.weights.weight.dtype, torch.float32)
 
 
 def _top_up(block: MLPBlock, target: str, opts: Any, ctx: RewriteContext) -> bool:

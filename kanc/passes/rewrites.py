@@ -93,6 +93,8 @@ class Rewrite:
     modules: list[nn.Module]
     notes: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    entry: nn.Module | None = None  # the converted model's module that receives the block's input
+    exit: nn.Module | None = None  # ... and the one that returns the block's output (hooked to measure the block)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class RewriteContext:
     calibration: dict = field(default_factory=dict)  # block key -> rows to fit on
     evaluation: dict = field(default_factory=dict)  # block key -> held-out rows to measure on
     index: int = 0
+    measure: bool = True  # measure each block on rows here (no model inputs to measure it on later)
 
 
 # ---- building the new layers ---------------------------------------------------------------------------------
@@ -273,17 +276,19 @@ def grkan_linears(block: MLPBlock, opts: GRKANOptions, ctx: RewriteContext) -> R
     if not block.norms:
         fc2 = make_grkan_linear(block.fc2, block.act.spec, g_hidden, opts, ctx, _preacts(block, opts, ctx))
         edits += [_place(block.fc2, fc2), drop_act(block.act)]
-        return Rewrite(edits, lambda x: fc2(steps(fc1(x))), [fc1, fc2], _group_notes(widths, picked, opts))
+        notes = _group_notes(widths, picked, opts)
+        return Rewrite(edits, lambda x: fc2(steps(fc1(x))), [fc1, fc2], notes, entry=fc1, exit=fc2)
     samples = _preacts(block, opts, ctx)
     rational = make_rational(block.hidden, g_hidden, opts.degrees, block.act.spec, ctx, samples).to(fc1.weight.device)
     edits.append(replace_act(block.act, rational))
-    fc2 = _layer_fn(block.fc2)
+    fc2, exit_module = _layer_fn(block.fc2), block.fc2.module
     if opts.init == "variance":
         fc2_new = _variance_linear(block.fc2, variance_gain(rational))
         edits.append(_place(block.fc2, fc2_new))
-        fc2 = fc2_new
+        fc2 = exit_module = fc2_new
     notes = _group_notes(widths, picked, opts) + ["a norm sits between the activation and fc2: rational kept in place"]
-    return Rewrite(edits, lambda x: fc2(steps(rational(fc1(x)))), [fc1, rational], notes)
+    replacement = lambda x: fc2(steps(rational(fc1(x))))
+    return Rewrite(edits, replacement, [fc1, rational], notes, entry=fc1, exit=exit_module)
 
 
 @torch.no_grad()
@@ -319,7 +324,8 @@ def grkan_gate(block: MLPBlock, opts: GRKANOptions, ctx: RewriteContext) -> Rewr
     notes = _group_notes([block.hidden], picked, opts)
     if opts.init == "variance":
         notes.append("variance init: gated blocks keep their linear weights; only the rational is new")
-    return Rewrite([replace_act(block.act, rational)], replacement, [rational], notes)
+    edits = [replace_act(block.act, rational)]
+    return Rewrite(edits, replacement, [rational], notes, entry=block.fc1.module, exit=block.fc2.module)
 
 
 # ---- SNNK ----------------------------------------------------------------------------------------------------
@@ -354,7 +360,7 @@ def _snnk_rewrite(block: MLPBlock, snnk: SNNKMlp, edits: list[Edit], opts: SNNKO
     info["init"] = opts.init
     if opts.init == "preserve":
         info["fitted_on"] = f"{rows.shape[0]} calibration rows" if rows is not None else "synthetic N(0,1) rows"
-    return Rewrite(edits, snnk, [snnk], [], info)
+    return Rewrite(edits, snnk, [snnk], [], info, entry=snnk, exit=snnk)
 
 
 def snnk_span(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrite | Miss:

@@ -370,3 +370,17 @@ def output(c: Case, out: Any) -> Tensor:
 def run(model: nn.Module, inputs: Any) -> Any:
     with torch.no_grad():
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+class ReadsWeights(nn.Module):
+    """Uses its MLP's weights directly without grad (as PyTorch's fused paths do), its modules with grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            return self.fc2(self.act(self.fc1(x)))
+        hidden = F.gelu(F.linear(x, self.fc1.weight, self.fc1.bias))
+        return F.linear(hidden, self.fc2.weight, self.fc2.bias)
