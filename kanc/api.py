@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from kanc import __version__
 from kanc.errors import KancError, NoMLPFoundError
 from kanc.frontend.loading import atomic_write, build_arch, detect_format, load_model
+from kanc.passes.calibrate import input_spec, inputs_from_spec
 from kanc.passes.find import FindResult, find_mlp_blocks
 from kanc.passes.hazards import check_copy, copy_model
 from kanc.passes.pipeline import REWRITES, Conversion, run_pipeline
@@ -35,6 +36,7 @@ OPTIONS = {"grkan": GRKANOptions, "snnk": SNNKOptions}
 MANIFEST_SUFFIX = ".kanc.json"
 DIR_MANIFEST = "kanc.json"
 MANIFEST_VERSION = 1
+_NOT_OPTIONS = ("include", "exclude", "discovery_inputs")  # recorded beside the options in the manifest
 _REPORT_ATTR = "_kanc_report"
 _MANIFEST_ATTR = "_kanc_manifest"
 _EXPORTED_ATTR = "_kanc_exported"  # the ExportedProgram a .pt2 model came from (re-export keeps its dynamic dims)
@@ -107,6 +109,8 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
     )  # fmt: skip
     report = build_report(conv, type(model).__name__, dataclasses.asdict(opts), before)
     report.options.update(include=list(include or []), exclude=list(exclude or []))
+    if inputs is not None:  # blocks found on a run of the model are found again on inputs of the same shapes
+        report.options["discovery_inputs"] = input_spec(inputs)
     _attach(conv.model, report, _manifest_source(model))
     if exported is not None:
         conv.model.__dict__[_EXPORTED_ATTR] = exported
@@ -386,15 +390,17 @@ def reapply(model: nn.Module, manifest: dict) -> nn.Module:
     target = manifest.get("target")
     if target not in TARGETS:
         raise KancError(f"the manifest names no known target ({target!r})")
-    options = {k: v for k, v in (manifest.get("options") or {}).items() if k not in ("include", "exclude")}
+    options = {k: v for k, v in (manifest.get("options") or {}).items() if k not in _NOT_OPTIONS}
+    spec = (manifest.get("options") or {}).get("discovery_inputs")
     options["init"] = "variance"  # weights are loaded afterwards: skip the fits
     if target == "grkan":
         options["fit"] = "table"
     names = list(manifest["blocks"])
     include = [glob.escape(n) for n in names] or ["\0nothing"]
     conv: Conversion = run_pipeline(
-        model, target, include=include, **dataclasses.asdict(check_options(target, options))
-    )
+        model, target, include=include, discovery_inputs=inputs_from_spec(spec) if spec else None,
+        **dataclasses.asdict(check_options(target, options)),
+    )  # fmt: skip
     got = [c.name for c in conv.result.converted]
     if sorted(got) != sorted(names):
         missing = sorted(set(names) - set(got))

@@ -150,3 +150,29 @@ def output_tensors(out: Any, root: str = "output", prefix: str | None = None) ->
     else:
         return []
     return [t for group in groups for t in group]
+
+
+def input_spec(inputs: Any) -> Any:
+    """JSON description of model inputs (shapes and dtypes, no values): enough to run the model again for
+    discovery when a saved conversion is re-applied (kanc.load)."""
+    if isinstance(inputs, Tensor):
+        return {"shape": list(inputs.shape), "dtype": str(inputs.dtype).removeprefix("torch.")}
+    if isinstance(inputs, Mapping):
+        return {"dict": {str(k): input_spec(v) for k, v in inputs.items()}}
+    if isinstance(inputs, tuple | list):
+        return {"tuple": [input_spec(v) for v in inputs]}
+    return {"value": inputs if isinstance(inputs, bool | int | float | str) or inputs is None else None}
+
+
+def inputs_from_spec(spec: Any) -> Any:
+    """Inputs of the described shapes: zeros for integer tensors (valid token ids), seeded N(0, 1) for floats."""
+    if "shape" in spec:
+        dtype = getattr(torch, spec["dtype"])
+        if dtype.is_floating_point:
+            return torch.randn(spec["shape"], generator=torch.Generator().manual_seed(0)).to(dtype)
+        return torch.zeros(spec["shape"], dtype=dtype)
+    if "dict" in spec:
+        return {k: inputs_from_spec(v) for k, v in spec["dict"].items()}
+    if "tuple" in spec:
+        return tuple(inputs_from_spec(v) for v in spec["tuple"])
+    return spec.get("value")

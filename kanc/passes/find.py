@@ -6,13 +6,17 @@ import fnmatch
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
+import torch
 from torch import fx, nn
 
+from kanc.errors import KancError
 from kanc.frontend.dataflow import dataflow_graph, node_id
 from kanc.frontend.leaves import is_activation_module, is_kanc_layer, linear_kind
-from kanc.frontend.tracing import Trace, trace_hierarchical
+from kanc.frontend.recording import record_execution
+from kanc.frontend.tracing import Trace, TracedPart, is_aten_graph, trace_hierarchical
 from kanc.passes.patterns import Miss, MLPBlock, View, describe, walk_to_fc2
 from kanc.passes.surgery import lca
 from kanc.passes.table import PATTERNS
@@ -28,6 +32,7 @@ class Skip:
     code: str
     message: str
     pattern: str | None = None
+    scope: str = field(default="", repr=False)  # the module whose code holds the activation
 
     def as_dict(self) -> dict:
         return {"name": self.name, "code": self.code, "message": self.message, "pattern": self.pattern}
@@ -48,6 +53,7 @@ class FindResult:
     skipped: list[Skip] = field(default_factory=list)
     counters: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
+    alternates: dict = field(default_factory=dict)  # block key -> the same block found in the recorded execution
 
     def block(self, name: str) -> MLPBlock:
         return next(b for b in self.blocks if b.name == name)
@@ -82,23 +88,35 @@ def block_info(block: MLPBlock) -> dict:
 
 
 def find_mlp_blocks(
-    model: nn.Module, *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
+    model: nn.Module,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    inputs: Any = None,
 ) -> FindResult:
     """Find every MLP block of ``model`` (no change to the model).
 
     Before: any nn.Module (or an aten-level GraphModule from ``ExportedProgram.module()``).
     After: ``blocks`` in graph order, each named by its owner module; every near miss, every module that did not
     trace (with linear layers of its own) and every block left out by ``include``/``exclude`` is a counted skip.
+
+    With ``inputs`` the model also runs once on them, recorded (kanc.frontend.recording): blocks inside modules
+    that do not trace are found on what really ran; where a module traced, its symbolic graph is used.
     """
-    trace = trace_hierarchical(model)
+    trace = trace_hierarchical(model, read_source=inputs is None or is_aten_graph(model))
+    if inputs is not None and not trace.aten:
+        trace.parts.append(_recorded_part(model, inputs))
     result = FindResult(model, trace, dataflow_graph(trace))
     aliased = _aliased(model)
+    traced = [p.path for p in trace.parts if not (p.recorded or p.source)]
+    recorded = FindResult(model, trace, result.graph)
     for part in trace.parts:
         view = View(part, trace, result.graph, aliased)
         for node in list(part.graph_module.graph.nodes):
             act = view.act(node)
             if act is not None:
-                _match(view, act, result)
+                _match(view, act, recorded if part.recorded else result)
+    _merge_recorded(result, recorded, traced)
     _name_blocks(result)
     _skip_untraced(result)
     _skip_stacked_experts(result)
@@ -109,6 +127,38 @@ def find_mlp_blocks(
     for skip in result.skipped:
         result.counters[f"skip:{skip.code}"] += 1
     return result
+
+
+def _recorded_part(model: nn.Module, inputs: Any) -> TracedPart:
+    from kanc.passes.calibrate import call_model, eval_mode
+
+    def run() -> Any:
+        with torch.no_grad(), eval_mode(model):
+            return call_model(model, inputs)
+
+    try:
+        recording = record_execution(model, run)
+    except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
+        raise KancError(f"the model does not run on the given inputs: {type(e).__name__}: {e}") from None
+    return TracedPart("", model, recording.graph_module, recorded=True)
+
+
+def _merge_recorded(result: FindResult, recorded: FindResult, traced: list[str]) -> None:
+    """Where a module traced, its symbolic graph speaks for it (its recorded twin of a block is kept as the
+    alternate, used when the symbolic rewrite is refused); elsewhere the recording does."""
+    symbolic = {lin.path: b for b in result.blocks for lin in b.linears()}
+    for block in recorded.blocks:
+        twin = next((symbolic[lin.path] for lin in block.linears() if lin.path in symbolic), None)
+        if twin is not None:
+            if twin.key[1:] == block.key[1:]:
+                result.alternates[twin.key] = block
+        elif not _covered(block.owner, traced):
+            result.blocks.append(block)
+    result.skipped += [s for s in recorded.skipped if not _covered(s.scope, traced)]
+
+
+def _covered(scope: str, traced: list[str]) -> bool:
+    return any(p == "" or scope == p or scope.startswith(p + ".") for p in traced)
 
 
 def _aliased(model: nn.Module) -> set[int]:
@@ -130,8 +180,11 @@ def _match(view: View, act, result: FindResult) -> None:
     if best is None:
         best = _half_block(view, act)
     if best is not None:
-        where = act.path or f"{view.scope(act.node) or ROOT}:{act.node.name}"
-        result.skipped.append(Skip(where, best[0].code, best[0].message, best[1]))
+        scope = view.scope(act.node)
+        where = act.path or f"{scope or ROOT}:{act.node.name}"
+        site = act.node.meta.get("call_site")
+        message = f"{best[0].message} (at {site})" if site is not None else best[0].message
+        result.skipped.append(Skip(where, best[0].code, message, best[1], scope))
 
 
 def _half_block(view: View, act) -> tuple[Miss, str] | None:
@@ -172,12 +225,14 @@ def _skip_untraced(result: FindResult) -> None:
             continue
         module = model.get_submodule(failure.path) if failure.path else model
         linears = [n for n, c in module.named_children() if linear_kind(c) is not None]
-        read = _read_from_source(result.trace, failure.path)
+        read = _read_from_source(result.trace, failure.path) | _ran(result.trace, failure.path)
         unread = [n for n in linears if n not in read]
         if not unread:
             continue
         message = f"did not trace ({failure.reason}); {_unexamined(len(unread), len(linears))} not examined"
-        if read:
+        if any(p.recorded for p in result.trace.parts):
+            message += " (they did not run on the example inputs)"
+        elif read:
             message += " (its inline MLP was read from its source)"
         result.skipped.append(Skip(failure.path or ROOT, "not_traced", message))
 
@@ -205,6 +260,21 @@ def _read_from_source(trace: Trace, path: str) -> set[str]:
     if part is None:
         return set()
     return {str(n.target) for n in part.graph_module.graph.nodes if n.op == "call_module"}
+
+
+def _ran(trace: Trace, path: str) -> set[str]:
+    """Children of the module at ``path`` that ran as recorded leaves."""
+    part = next((p for p in trace.parts if p.recorded), None)
+    if part is None:
+        return set()
+    prefix = f"{path}." if path else ""
+    seen = set()
+    for n in part.graph_module.graph.nodes:
+        if n.op == "call_module":
+            seen.add(str(n.target))
+        elif n.op == "get_attr":  # a linear whose weights a function read (attention's out_proj) ran too
+            seen.add(str(n.target).rpartition(".")[0])
+    return {t[len(prefix) :] for t in seen if t.startswith(prefix) and "." not in t[len(prefix) :]}
 
 
 def _unexamined(unread: int, total: int) -> str:

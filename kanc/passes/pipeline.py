@@ -68,15 +68,28 @@ def run_pipeline(
     calibration: Any = None,
     reference: nn.Module | Snapshot | None = None,
     verify_inputs: Any = None,
+    discovery_inputs: Any = None,
     progress: Callable[[str, int, int], None] | None = None,
     **options: Any,
 ) -> Conversion:
     """Convert ``model`` in place and, with ``verify_inputs``, measure it against ``reference`` (the original model
-    or its Snapshot; when None, a snapshot of ``model`` is taken on those inputs before it is rewritten)."""
+    or its Snapshot; when None, a snapshot of ``model`` is taken on those inputs before it is rewritten).
+
+    Blocks are found on a recorded run of the model on ``verify_inputs`` (or ``discovery_inputs``, which only find),
+    and on its symbolic trace."""
     if target not in REWRITES:
         raise KancError(f"unknown target {target!r}: use one of {', '.join(REWRITES)}")
     ran: list[PassRecord] = []
-    found = _run(ran, "find_mlp_blocks", lambda: find_mlp_blocks(model, include=include, exclude=exclude))
+    found = _run(
+        ran,
+        "find_mlp_blocks",
+        lambda: find_mlp_blocks(
+            model,
+            include=include,
+            exclude=exclude,
+            inputs=verify_inputs if verify_inputs is not None else discovery_inputs,
+        ),
+    )
     if verify_inputs is not None and reference is None and found.blocks:
         reference = _run(ran, "snapshot", lambda: snapshot(model, verify_inputs, found.blocks))
     rewrite = REWRITES[target]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kanc.passes import calibrate
+from kanc.passes.callsite import PatchCall, SetAttr, function_edit, install_patches
 from kanc.passes.find import ROOT, FindResult, Skip, find_mlp_blocks
 from kanc.passes.patterns import Miss, MLPBlock, node_scope
 from kanc.passes.rewrites import GRKANOptions, Rewrite, RewriteContext, SNNKOptions
@@ -41,6 +42,7 @@ from kanc.passes.table import pattern
 from kanc.testing import rel_error
 
 EVAL_ROWS = 512
+CODE_EDIT_MISSES = ("owner_signature", "source_edit")  # refused graph edits a recorded block may do by other means
 Progress = Callable[[str, int, int], None]
 
 
@@ -176,6 +178,10 @@ def _plan(
             progress(f"{target} {block.name}", i, len(found.blocks))
         ctx.index = i
         outcome = _build(found.model, block, target, opts, ctx)
+        alternate = found.alternates.get(block.key)
+        if isinstance(outcome, Miss) and outcome.code in CODE_EDIT_MISSES and alternate is not None:
+            alternate.name, alternate.owner = block.name, block.owner
+            outcome = _build(found.model, alternate, target, opts, ctx)  # the call-site edit of the recorded twin
         if isinstance(outcome, Miss):
             result.skipped.append(Skip(block.name, outcome.code, outcome.message, block.pattern))
             result.counters[f"skip:{outcome.code}"] += 1
@@ -202,6 +208,8 @@ def _build(
     notes = list(rewrite.notes)
     if block.fc1.part.source:
         notes.append(f"read from the source of {type(block.fc1.part.module).__name__}.forward (it does not trace)")
+    if block.fc1.part.recorded:
+        notes.append("found on a recorded run of the model (the module holding it does not trace)")
     if topped:
         notes.append("few calibration rows: topped up with Gaussian rows of the same mean and std")
     info = ConvertedBlock(
@@ -251,6 +259,8 @@ def _normalise(model: nn.Module, block: MLPBlock, rewrite: Rewrite) -> tuple[lis
     node_edits = [e for e in edits if not isinstance(e, SetModule)]
     if not node_edits:
         return edits, "swap", ""
+    if block.fc1.part.recorded:
+        return _code_edits(model, block, edits)
     if block.fc1.part.source:
         where = f"{type(block.fc1.part.module).__name__}.forward"
         return Miss("source_edit", f"the block was read from the source of {where}, which does not trace: "
@@ -264,6 +274,29 @@ def _normalise(model: nn.Module, block: MLPBlock, rewrite: Rewrite) -> tuple[lis
     if reason is not None:
         return Miss("owner_signature", f"cannot rewrite {owner or ROOT} as a graph: {reason}")
     return edits, "graph", owner
+
+
+def _code_edits(model: nn.Module, block: MLPBlock, edits: list[Edit]) -> tuple[list[Edit], str, str] | Miss:
+    """A block found in a recorded execution: its function activation is swapped as an attribute, or its one call
+    site is rewritten (kanc.passes.callsite); nothing else of the model's code changes."""
+    paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+    out: list[Edit] = []
+    modes = set()
+    for edit in edits:
+        if isinstance(edit, SetModule):
+            out.append(edit)
+            continue
+        if isinstance(edit, ReplaceSpan) or edit.node.op != "call_function":
+            where = edit.node.meta.get("call_site") or "its module"
+            return Miss("source_edit", f"{where}: an activation written as arithmetic or a method call in a module "
+                        "that does not trace is not rewritten (only a function call or attribute is)")  # fmt: skip
+        module = edit.module if isinstance(edit, ReplaceNode) else None
+        found = function_edit(edit.node, module, paths)
+        if isinstance(found, str):
+            return Miss("source_edit", f"cannot rewrite the call of {edit.node.target.__name__}: {found}")
+        modes.add("attribute" if isinstance(found, SetAttr) else "call site")
+        out.append(found)
+    return out, "+".join(sorted(modes)) or "swap", ""
 
 
 def _measure(block: MLPBlock, replacement: Callable[[Tensor], Tensor], ctx: RewriteContext) -> tuple[float, str]:
@@ -288,12 +321,19 @@ def _apply(result: PassResult, planned: list[tuple[ConvertedBlock, list[Edit]]])
             by_owner.setdefault(converted.owner, []).append((converted, edits))
     for owner in sorted(by_owner, key=lambda p: (-p.count(".") - bool(p), p)):
         _commit_owner(result, owner, by_owner[owner])
+    patches: list[PatchCall] = []
     for _, edits in planned:
         for edit in edits:
             if isinstance(edit, SetModule):
                 edit.module.train(get_module(result.model, edit.path).training)
                 set_module(result.model, edit.path, edit.module)
                 result.touched.append(edit.path.rpartition(".")[0])
+            elif isinstance(edit, SetAttr):
+                owner = get_module(result.model, edit.path)
+                setattr(owner, edit.attr, edit.module.train(owner.training))
+            elif isinstance(edit, PatchCall):
+                patches.append(edit)
+    install_patches(result.model, patches)
     result.touched = sorted(set(result.touched))
 
 

@@ -354,6 +354,18 @@ def _snnk_module(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> SNN
     return snnk.to(device)
 
 
+def weights_read_elsewhere(block: MLPBlock) -> str | None:
+    """Where code outside fc1/fc2 reads their parameters (a recorded execution says; PyTorch's fused paths and
+    open_clip's ``get_weight_dtype`` do), or None."""
+    gm = block.fc1.part.graph_module
+    names = {f"{lin.path}.{n}" for lin in (block.fc1, block.fc2) if lin.module is not None for n in ("weight", "bias")}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in names and node.users:
+            site = next((u.meta.get("call_site") for u in node.users if u.meta.get("call_site")), None)
+            return f"{node.target} is read at {site or 'another place in the model'}"
+    return None
+
+
 def _snnk_rewrite(block: MLPBlock, snnk: SNNKMlp, edits: list[Edit], opts: SNNKOptions, ctx: RewriteContext) -> Rewrite:
     rows = ctx.calibration.get(block.key)
     info = {"num_features": snnk.features.num_features, "kind": snnk.features.kind, "seed": snnk.features.seed}
@@ -369,7 +381,7 @@ def snnk_span(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrit
     A block read from the source of a module that does not trace cannot be replaced as a span of its graph:
     it is rewritten by swaps, as a split block is.
     """
-    if block.fc1.part.source:
+    if block.fc1.part.source or block.fc1.part.recorded:
         return snnk_split(block, opts, ctx)
     snnk = _snnk_module(block, opts, ctx)
     if isinstance(snnk, Miss):
@@ -384,6 +396,9 @@ def snnk_split(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewri
     """Split blocks: the first module's fc1 becomes the SNNKMlp, its activation and the second's fc2 identities."""
     if block.norms:
         return Miss("split_norm", "a norm between the two halves of a split block would act on the SNNK output")
+    read = weights_read_elsewhere(block)
+    if read is not None:
+        return Miss("weights_read", f"{read}: SNNK replaces that layer, whose weights this code reads")
     snnk = _snnk_module(block, opts, ctx)
     if isinstance(snnk, Miss):
         return snnk
