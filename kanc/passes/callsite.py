@@ -64,6 +64,9 @@ def function_edit(node: fx.Node, module: nn.Module | None, paths: dict[int, str]
     method = _method_name(site)
     if method is None:
         return f"{site}: the method cannot be found on {type(site.owner).__name__}"
+    resolved = getattr(getattr(type(site.owner), method), "__code__", None)
+    if resolved is not site.code:
+        return f"{site}: {type(site.owner).__name__} overrides {method} (the call is in a base class's version)"
     return PatchCall(path, method, site.lineno, node.target, module)
 
 

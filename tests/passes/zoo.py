@@ -384,3 +384,27 @@ class ReadsWeights(nn.Module):
             return self.fc2(self.act(self.fc1(x)))
         hidden = F.gelu(F.linear(x, self.fc1.weight, self.fc1.bias))
         return F.linear(hidden, self.fc2.weight, self.fc2.bias)
+
+
+class ControlFlowMlp(nn.Module):
+    """Data-dependent control flow and an optional argument: fx cannot trace it; a recorded run sees F.gelu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x, scale=None):
+        if x.sum() > -1e9:
+            h = self.fc2(F.gelu(self.fc1(x)))
+        else:
+            h = x
+        return h if scale is None else h * scale
+
+
+class ReadsWeightDtype(ControlFlowMlp):
+    """Reads fc1's weight outside fc1 (as open_clip's get_weight_dtype does)."""
+
+    def forward(self, x, scale=None):
+        x = x.to(self.fc1.weight.dtype)
+        h = self.fc2(F.gelu(self.fc1(x))) if x.sum() > -1e9 else x
+        return h if scale is None else h * scale
