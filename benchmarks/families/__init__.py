@@ -8,7 +8,7 @@ import importlib
 from families.base import Family
 
 # one module per library; each holds a REGISTRY of families in declaration order
-MODULES = ("torch_nn",)
+MODULES = ("torch_nn", "tv", "timm_models", "diffusers_models", "xtransformers_models")
 
 
 def all_families() -> list[Family]:
