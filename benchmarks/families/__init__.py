@@ -8,7 +8,9 @@ import importlib
 from families.base import Family
 
 # one module per library; each holds a REGISTRY of families in declaration order
-MODULES = ("torch_nn", "tv", "timm_models", "diffusers_models", "xtransformers_models")
+MODULES = (
+    "torch_nn", "tv", "timm_models", "diffusers_models", "xtransformers_models", "other_libs", "handwritten", "hf",
+)  # fmt: skip
 
 
 def all_families() -> list[Family]:
