@@ -23,12 +23,12 @@ from torch import Tensor, nn
 from kanc import __version__
 from kanc.errors import KancError, NoMLPFoundError
 from kanc.frontend.loading import atomic_write, build_arch, detect_format, load_model
+from kanc.passes.builders import GRKANOptions, SNNKOptions
 from kanc.passes.calibrate import input_spec, inputs_from_spec
 from kanc.passes.find import FindResult, find_mlp_blocks
 from kanc.passes.hazards import check_copy, copy_model
 from kanc.passes.pipeline import REWRITES, Conversion, run_pipeline
 from kanc.passes.report import ConversionReport, build_report, count_params
-from kanc.passes.rewrites import GRKANOptions, SNNKOptions
 from kanc.passes.verify import snapshot
 
 TARGETS = tuple(REWRITES)

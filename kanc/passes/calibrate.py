@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from kanc.errors import KancError
-from kanc.passes.patterns import MLPBlock
+from kanc.passes.checks import MLPBlock
 
 DEFAULT_MAX_ROWS = 16384
 

@@ -17,7 +17,7 @@ from kanc.frontend.dataflow import dataflow_graph, node_id
 from kanc.frontend.leaves import is_activation_module, is_kanc_layer, linear_kind
 from kanc.frontend.recording import record_execution
 from kanc.frontend.tracing import Trace, TracedPart, is_aten_graph, trace_hierarchical
-from kanc.passes.patterns import Miss, MLPBlock, View, describe, walk_to_fc2
+from kanc.passes.checks import Miss, MLPBlock, View, describe, walk_to_fc2
 from kanc.passes.surgery import lca
 from kanc.passes.table import PATTERNS
 

@@ -21,9 +21,9 @@ from torch import fx, nn
 
 from kanc.errors import KancError
 from kanc.frontend.tracing import trace_module
+from kanc.passes.convert import PassResult, rewrite_to_grkan, rewrite_to_snnk
 from kanc.passes.find import FindResult, find_mlp_blocks
 from kanc.passes.hazards import guard_fast_paths
-from kanc.passes.rewrite import PassResult, rewrite_to_grkan, rewrite_to_snnk
 from kanc.passes.surgery import get_module
 from kanc.passes.verify import Fidelity, Snapshot, snapshot, verify_equivalence
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from kanc.errors import KancError
 from kanc.frontend.leaves import linear_kind
 from kanc.passes import calibrate
-from kanc.passes.rewrite import ConvertedBlock, PassResult
+from kanc.passes.convert import ConvertedBlock, PassResult
 from kanc.testing import rel_error
 
 MODES = ("no_grad", "grad")

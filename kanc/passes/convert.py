@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from kanc.passes import calibrate
+from kanc.passes.builders import GRKANOptions, Rewrite, RewriteContext, SNNKOptions
 from kanc.passes.callsite import PatchCall, SetAttr, function_edit, install_patches
+from kanc.passes.checks import Miss, MLPBlock, node_scope
 from kanc.passes.find import ROOT, FindResult, Skip, find_mlp_blocks
-from kanc.passes.patterns import Miss, MLPBlock, node_scope
-from kanc.passes.rewrites import GRKANOptions, Rewrite, RewriteContext, SNNKOptions
 from kanc.passes.surgery import (
     DropNode,
     Edit,

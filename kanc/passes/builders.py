@@ -23,8 +23,8 @@ from kanc.frontend.activations import ActSpec
 from kanc.nn import GRKANLinear, GroupRational, SNNKMlp
 from kanc.nn.fit import fit_rational, rational_coefficients
 from kanc.nn.init import init_grkan_linear_, variance_gain
+from kanc.passes.checks import Act, Linear, Miss, MLPBlock, Passthrough
 from kanc.passes.layers import ChannelsLast
-from kanc.passes.patterns import Act, Linear, Miss, MLPBlock, Passthrough
 from kanc.passes.ratfit import fit_to_samples
 from kanc.passes.surgery import DropNode, Edit, ReplaceNode, ReplaceSpan, SetModule
 
