@@ -22,13 +22,15 @@ import importlib.metadata
 import math
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 from families import all_families  # noqa: E402
@@ -82,12 +84,18 @@ def _target_cells(t: dict | None) -> tuple[str, str]:
         return "", ""
     if t["status"] != "ok":
         return "CRASH", "-"
-    return str(t["converted"]), f"{_err(t['error_no_grad'])}/{_err(t['error_grad'])}"
+    extra = len(t.get("reported_extra", []))
+    converted = f"{t['converted']}" + (f"+{extra}" if extra else "")
+    return converted, f"{_err(t['error_no_grad'])}/{_err(t['error_grad'])}"
 
 
 HEADER = (
     f"{'family':<30}{'exp':>4} {'grkan':>5} {'snnk':>5}  {'grkan err ng/g':<17} {'snnk err ng/g':<17} "
     f"{'silent':>6} {'skips':>5}  verdict"
+)
+LEGEND = (
+    "exp: MLP blocks the library's code holds; grkan/snnk: those holding kanc layers (+N: other modules the report "
+    "converts); err: output error vs the original, no_grad/grad; silent: silent changes; skips: grkan/snnk"
 )
 
 
@@ -108,6 +116,11 @@ def line(row: dict) -> str:
 
 
 def print_totals(summary: dict, targets: list[str]) -> None:
+    libraries = ", ".join(
+        f"{lib} " + "/".join(str(v[t]) for t in targets) + f" of {v['expected']}"
+        for lib, v in summary["by_library"].items()
+    )
+    print(f"by library ({'/'.join(targets)} of expected): {libraries}")
     for scope, label in (("named", "issue 11's families"), ("all", "all families")):
         entry = summary[scope]
         parts = []
@@ -133,7 +146,17 @@ def versions() -> dict:
     import kanc
 
     out["kanc"] = kanc.__version__
+    out["kanc_commit"] = _git("rev-parse", "HEAD")
+    out["kanc_tree_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no")) if out["kanc_commit"] else None
     return out
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def write_json(path: Path, rows: list[dict], summary: dict, args: argparse.Namespace, seconds: float) -> Path:
@@ -173,6 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     import_torchvision()  # before timm: its CUDA build's extension does not load beside a CPU torch
     start = time.perf_counter()
+    print(LEGEND)
     print(HEADER)
     rows = []
     for family in families:

@@ -510,4 +510,19 @@ def totals(rows: list[dict], targets: Iterable[str]) -> dict:
         entry["silent_changes"] = sum(len(silent_changes(r)) for r in selected)
         entry["failed_families"] = sorted(r["family"] for r in selected if failures(r))
         out[scope] = entry
+    out["by_library"] = {lib: _converted(rs, targets) for lib, rs in _group(rows, "library").items()}
+    return out
+
+
+def _group(rows: list[dict], key: str) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(r)
+    return groups
+
+
+def _converted(rows: list[dict], targets: Iterable[str]) -> dict:
+    out: dict[str, Any] = {"expected": sum(r.get("expected", 0) for r in rows)}
+    for target in targets:
+        out[target] = sum(r["targets"][target].get("converted", 0) for r in rows if target in r.get("targets", {}))
     return out
