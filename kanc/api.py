@@ -71,6 +71,7 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
     exclude: Iterable[str] | None = None,
     verify: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    near_misses: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Return ``model`` with its MLP blocks rewritten into GR-KAN (``target="grkan"``) or SNNK (``"snnk"``) layers.
@@ -85,6 +86,8 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
         example_inputs: inputs to measure the converted model's outputs against the original's (default: the
             calibration inputs, or token ids for a Hugging Face model); ``verify=False`` skips the measurement.
         include, exclude: globs over block names (the owning module's path, e.g. ``"*.mlp"``).
+        near_misses: also list, as skips, activations around things that are not MLP blocks (AdaLN modulation, SE
+            gates, poolers); they are only counted otherwise.
         options: grkan: groups=8, degrees=(5, 4), init="preserve"|"variance", group_policy="adjust"|"skip",
             fit="data"|"table". snnk: num_features=None (hidden/4), feature_ratio=0.25, kind="relu"|"exp"|"cos",
             orthogonal=True, seed=0, init="preserve"|"warm"|"variance", ridge=1e-3.
@@ -105,7 +108,8 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
     before = count_params(model)
     conv = run_pipeline(
         work, target, include=include, exclude=exclude, calibration=calibration,
-        reference=reference, verify_inputs=inputs, progress=progress, **dataclasses.asdict(opts),
+        reference=reference, verify_inputs=inputs, progress=progress, near_misses=near_misses,
+        **dataclasses.asdict(opts),
     )  # fmt: skip
     report = build_report(conv, type(model).__name__, dataclasses.asdict(opts), before)
     report.options.update(include=list(include or []), exclude=list(exclude or []))
@@ -167,9 +171,19 @@ def report(model: nn.Module) -> ConversionReport:
     return found
 
 
-def inspect(model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> FindResult:
-    """The MLP blocks kanc would convert and everything it would skip, without changing ``model``."""
-    return find_mlp_blocks(model, include=include, exclude=exclude)
+def inspect(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    *,
+    example_inputs: Any = None,
+    near_misses: bool = False,
+) -> FindResult:
+    """The MLP blocks kanc would convert and everything it would skip (each with its file:line and reason), without
+    changing ``model``. With ``example_inputs`` (default: token ids for a Hugging Face model) the model runs once,
+    recorded, as kanc.compile does; ``near_misses`` also lists what is not an MLP block (AdaLN, SE gates, poolers)."""
+    inputs = example_inputs if example_inputs is not None else default_inputs(model)
+    return find_mlp_blocks(model, include=include, exclude=exclude, inputs=inputs, near_misses=near_misses)
 
 
 # ---- save / load ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     kanc convert model.pt --target grkan [-o OUT] [--groups 8] [--json] [--force]
     kanc convert model.pt --target snnk --features 256 --calibration inputs.pt
-    kanc inspect model.pt [--json] [--graph blocks.graphml]
+    kanc inspect model.pt [--inputs x.pt] [--near-misses] [--json] [--graph blocks.graphml]
 
 convert writes OUT in the input's format plus a JSON manifest (``OUT.kanc.json``, or ``kanc.json`` inside a
 folder), atomically; it never overwrites the input, refuses an existing OUT without --force, and exits 3 when
@@ -221,19 +221,22 @@ def _finish(as_json: bool, report: Any, model: Path, out: Path | None, manifest:
 @click.option("--include", multiple=True, help="Only blocks whose name matches this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Leave out blocks whose name matches this glob (repeatable).")
 @click.option("--graph", "graph_file", type=_MODEL, default=None, help="Write the dataflow graph (.graphml or .dot).")
+@click.option("--inputs", type=_MODEL, default=None, help="torch.save'd model inputs: find blocks on a run.")
+@click.option("--near-misses", is_flag=True, help="Also list what is not an MLP block (AdaLN, SE gates, poolers).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def inspect_cmd(
     model: Path, trust_pickle: bool, arch: str | None, arch_kwargs: str | None, include: tuple[str, ...],
-    exclude: tuple[str, ...], graph_file: Path | None, as_json: bool,
+    exclude: tuple[str, ...], graph_file: Path | None, inputs: Path | None, near_misses: bool, as_json: bool,
 ) -> None:  # fmt: skip
-    """List the MLP blocks kanc finds in MODEL (shapes, patterns) and what it would skip, and why."""
+    """List the MLP blocks kanc finds in MODEL (shapes, patterns) and what it would skip, where and why."""
     from kanc.api import inspect
     from kanc.frontend.dataflow import write_graph
 
     if graph_file is not None and not str(graph_file).endswith((".graphml", ".dot", ".gv")):
         raise KancError(f"--graph must end in .graphml or .dot, got {graph_file}")
+    example = _read_inputs(inputs, "inputs")
     module, fmt = _load(model, trust_pickle, arch, arch_kwargs)
-    found = inspect(module, include=include, exclude=exclude)
+    found = inspect(module, include=include, exclude=exclude, example_inputs=example, near_misses=near_misses)
     if graph_file is not None:
         from kanc.frontend.loading import atomic_write
 
@@ -255,7 +258,7 @@ def _inspect_lines(model: Path, fmt: str, found: Any) -> list[str]:
         rows = [[b.name, b.pattern, b.shape_text(), b.act.spec.name, b.fc1.path, b.fc2.path] for b in found.blocks]
         lines += ["", *_table(rows, ["block", "pattern", "shape", "act", "fc1", "fc2"])]
     if found.skipped:
-        lines += ["", "skipped:"] + [f"  {s.name}: [{s.code}] {s.message}" for s in found.skipped]
+        lines += ["", "skipped:"] + [f"  {s.line()}" for s in found.skipped]
     counts = ", ".join(f"{k}={v}" for k, v in sorted(found.counters.items()))
     lines += ["", f"counters: {counts or '-'}"]
     return lines

@@ -8,8 +8,9 @@ module hooks, and writes every call it sees into an ``fx.Graph`` that the patter
 - every other torch function or tensor method with a tensor result is a ``call_function`` / ``call_method`` node,
   its tensor arguments tied to the nodes that produced them (tensor identity); parameters and buffers are
   ``get_attr`` nodes, anything else a placeholder;
-- each node carries ``nn_module_stack`` (as fx writes it) and ``call_site``: the file, line, method and ``self``
-  of the Python frame that made the call, which the call-site rewrite and the skips name.
+- each node carries ``nn_module_stack`` (as fx writes it), ``call_site`` (the file, line, method and ``self`` of
+  the Python frame that made the call, which the call-site rewrite and the skips name) and ``shape`` (of the
+  tensor it computed); a call returning several tensors (``x.chunk(2)``) is followed by one getitem node each.
 
 So control flow, optional arguments, nested expressions and wrappers that do not trace no longer hide a block:
 only the path the inputs took is seen. The graph is never run (``RecordedGraphModule`` generates no code).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +60,31 @@ def _short(path: str) -> str:
     return os.path.relpath(path) if path.startswith(os.getcwd()) else path
 
 
+def site_of(node: fx.Node) -> str | None:
+    """``file:line (function)`` of the model code that made ``node``: a recorded call site, or the innermost frame of
+    the stack trace fx records while tracing symbolically."""
+    site = node.meta.get("call_site")
+    if site is not None:
+        return str(site)
+    frames = [f for f in _FRAME.findall(node.meta.get("stack_trace") or "") if _model_code(f[0])]
+    if not frames:
+        return None
+    filename, lineno, function = frames[-1]
+    return f"{_short(filename)}:{lineno} ({function})"
+
+
+def module_site(module: nn.Module) -> str | None:
+    """``file:line (forward)`` of a module class's forward, when its source can be found."""
+    forward = getattr(type(module), "forward", None)
+    code = getattr(forward, "__code__", None)
+    if code is None or code.co_filename.startswith("<"):
+        return None
+    return f"{_short(code.co_filename)}:{code.co_firstlineno} ({type(module).__name__}.forward)"
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
 class RecordedGraphModule(fx.GraphModule):
     """The recording as a GraphModule over the model's own modules; it is read, never run (no code generated)."""
 
@@ -85,6 +112,8 @@ class _Recorder(TorchFunctionMode):
         self.leaf_depth = 0
         self.inputs = 0
         self.param_uses: list[tuple[str, fx.Node]] = []
+        self.leaves = {id(m): record_leaf(m) for m in model.modules()}  # decided before the mode is on
+        self.quiet = False  # kanc's own code is running (a leaf test in a hook): its torch calls are not the model's
 
     # ---- values ------------------------------------------------------------------------------------------------
 
@@ -134,11 +163,20 @@ class _Recorder(TorchFunctionMode):
         for a in tree_flatten((args, kwargs))[0]:
             if isinstance(a, Tensor) and id(a) in self.params:
                 self.param_uses.append((self.params[id(a)], node))
+        if isinstance(out, tuple | list) and any(isinstance(t, Tensor) for t in out):
+            for i, item in enumerate(out):  # x.chunk(2): each part is its own getitem node, as fx writes it
+                part = self.graph.call_function(operator.getitem, (node, i))
+                part.meta.update(node.meta, shape=tuple(item.shape) if isinstance(item, Tensor) else None)
+                self.bind(item, part)
+            return
+        node.meta["shape"] = tuple(out.shape) if isinstance(out, Tensor) else None
         self.bind(out, node)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.quiet:
+            return out
         if self.leaf_depth or not any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
             if not self.leaf_depth and self.stack:  # inside the model's forward (kanc's own reads are not)
                 self._note_param_reads(args)
@@ -158,19 +196,29 @@ class _Recorder(TorchFunctionMode):
 
     # ---- module hooks ------------------------------------------------------------------------------------------
 
+    def is_leaf(self, module: nn.Module) -> bool:
+        known = self.leaves.get(id(module))
+        if known is not None:
+            return known
+        self.quiet = True  # a module made while the model runs (not cached: its id may be reused)
+        try:
+            return record_leaf(module)
+        finally:
+            self.quiet = False
+
     def pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self.leaf_depth:
-            if record_leaf(module):
+            if self.is_leaf(module):
                 self.leaf_depth += 1
             return
-        if record_leaf(module) and id(module) in self.paths:
+        if self.is_leaf(module) and id(module) in self.paths:
             self.leaf_depth += 1
             return
         self.stack.append(module)
 
     def hook(self, module: nn.Module, args: tuple, out: Any) -> None:
         if self.leaf_depth:
-            if record_leaf(module):
+            if self.is_leaf(module):
                 self.leaf_depth -= 1
                 if not self.leaf_depth and id(module) in self.paths:
                     self.add("call_module", self.paths[id(module)], args, {}, out, module)

@@ -24,6 +24,7 @@ class LeafTracer(fx.Tracer):
 
     def __init__(self) -> None:
         super().__init__(autowrap_modules=(math,))
+        self.record_stack_traces = True  # each node's file:line, which skips name (kanc.frontend.recording.site_of)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)

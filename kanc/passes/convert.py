@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kanc.frontend.recording import site_of
 from kanc.passes import calibrate
 from kanc.passes.builders import GRKANOptions, Rewrite, RewriteContext, SNNKOptions
 from kanc.passes.callsite import PatchCall, SetAttr, function_edit, install_patches
@@ -37,6 +38,7 @@ from kanc.passes.surgery import (
     map_edit,
     retrace_owner,
     set_module,
+    swap_module,
 )
 from kanc.passes.table import pattern
 from kanc.testing import rel_error
@@ -68,6 +70,7 @@ class ConvertedBlock:
     entry: nn.Module | None = field(default=None, repr=False)  # hooked on the converted model to measure the block
     exit: nn.Module | None = field(default=None, repr=False)
     reference: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)  # the original block on rows
+    sites: list = field(default_factory=list, repr=False)  # FusionSites for fuse_rationals (GR-KAN)
 
     def as_dict(self) -> dict:
         keys = ("name", "pattern", "target", "shape", "activation", "mode", "owner", "params_before", "params_after")
@@ -144,7 +147,7 @@ def _rewrite(
             result.notes.append(f"already converted ({layers}): nothing to do, the model is unchanged")
             result.counters["already_converted"] += 1
         return result
-    ctx = RewriteContext(measure=measure)
+    ctx = RewriteContext(measure=measure, reads=found.weights_read)
     if calibration is not None:
         ctx.calibration, ctx.evaluation = _split_rows(calibrate.capture_block_inputs(model, found.blocks, calibration))
     with calibrate.eval_mode(model):  # fits and measurements see the eval-mode block (dropout off)
@@ -183,7 +186,8 @@ def _plan(
             alternate.name, alternate.owner = block.name, block.owner
             outcome = _build(found.model, alternate, target, opts, ctx)  # the call-site edit of the recorded twin
         if isinstance(outcome, Miss):
-            result.skipped.append(Skip(block.name, outcome.code, outcome.message, block.pattern))
+            site = site_of(block.act.node)
+            result.skipped.append(Skip(block.name, outcome.code, outcome.message, block.pattern, site=site))
             result.counters[f"skip:{outcome.code}"] += 1
             continue
         planned.append(outcome)
@@ -215,7 +219,7 @@ def _build(
     info = ConvertedBlock(
         block.name, block.pattern, target, block.shape_text(), block.act.spec.name, mode, owner,
         *_param_counts(block, rewrite, target), error, inputs, notes, {**rewrite.options}, block, rewrite.replacement,
-        rewrite.entry, rewrite.exit, block.reference(_reference_dtype(block)),
+        rewrite.entry, rewrite.exit, block.reference(_reference_dtype(block)), rewrite.sites,
     )  # fmt: skip
     return info, edits
 
@@ -238,8 +242,8 @@ def _top_up(block: MLPBlock, target: str, opts: Any, ctx: RewriteContext) -> boo
 def _param_counts(block: MLPBlock, rewrite: Rewrite, target: str) -> tuple[int, int]:
     before = sum(lin.weights.weight.numel() + _numel(lin.weights.bias) for lin in block.linears())
     after = sum(p.numel() for m in rewrite.modules for p in m.parameters())
-    if block.gated and target == "grkan":
-        after += before  # the gate/up/down matmuls stay; only the rational is new
+    if target == "grkan":
+        after += before  # the linear layers stay (fused or not); the rationals are new (fc1's: see fuse_rationals)
     return before, after
 
 
@@ -261,6 +265,9 @@ def _normalise(model: nn.Module, block: MLPBlock, rewrite: Rewrite) -> tuple[lis
         return edits, "swap", ""
     if block.fc1.part.recorded:
         return _code_edits(model, block, edits)
+    if block.calls > 1:
+        return Miss("shared_module", f"the block runs {block.calls} times in one graph: its rewrite needs an edit of "
+                    "each call, and only module swaps change them all")  # fmt: skip
     if block.fc1.part.source:
         where = f"{type(block.fc1.part.module).__name__}.forward"
         return Miss("source_edit", f"the block was read from the source of {where}, which does not trace: "
@@ -299,12 +306,18 @@ def _code_edits(model: nn.Module, block: MLPBlock, edits: list[Edit]) -> tuple[l
     return out, "+".join(sorted(modes)) or "swap", ""
 
 
-def _measure(block: MLPBlock, replacement: Callable[[Tensor], Tensor], ctx: RewriteContext) -> tuple[float, str]:
+def _measure(
+    block: MLPBlock, replacement: Callable[[Tensor], Tensor] | None, ctx: RewriteContext
+) -> tuple[float | None, str]:
+    if replacement is None:
+        return None, "not measured: fc2 also reads features from outside the block"
     weight = block.fc1.weights.weight
-    rows = ctx.evaluation.get(block.key)
+    rows = ctx.evaluation.get(block.key) if block.rowwise else None
     label = "held-out calibration rows" if rows is not None else f"{EVAL_ROWS} synthetic N(0,1) rows"
+    if not block.rowwise:
+        label += " at the activation's input"
     if rows is None:
-        rows = calibrate.synthetic_rows(block.in_features, EVAL_ROWS, seed=12345, device=weight.device)
+        rows = calibrate.synthetic_rows(block.reference_width, EVAL_ROWS, seed=12345, device=weight.device)
     with torch.no_grad():
         expected = block.reference()(rows.to(weight.device))
         actual = replacement(rows.to(device=weight.device, dtype=weight.dtype))
@@ -325,8 +338,7 @@ def _apply(result: PassResult, planned: list[tuple[ConvertedBlock, list[Edit]]])
     for _, edits in planned:
         for edit in edits:
             if isinstance(edit, SetModule):
-                edit.module.train(get_module(result.model, edit.path).training)
-                set_module(result.model, edit.path, edit.module)
+                swap_module(result.model, edit.path, edit.module)
                 result.touched.append(edit.path.rpartition(".")[0])
             elif isinstance(edit, SetAttr):
                 owner = get_module(result.model, edit.path)

@@ -1,6 +1,6 @@
-"""The conversion pipeline, read top to bottom: find, rewrite, lint, verify.
+"""The conversion pipeline, read top to bottom: find, rewrite, fuse, lint, verify.
 
-    find_mlp_blocks -> rewrite_to_<target> -> (lint) -> verify_equivalence
+    find_mlp_blocks -> rewrite_to_<target> -> fuse_rationals (grkan) -> (lint) -> verify_equivalence
 
 ``KANC_DEBUG=1`` prints each pass with its time and hit counters on stderr; ``KANC_DEBUG=2`` also prints the
 graph of every module the pass changed. After each pass that changes the model, every changed module's graph
@@ -23,6 +23,7 @@ from kanc.errors import KancError
 from kanc.frontend.tracing import trace_module
 from kanc.passes.convert import PassResult, rewrite_to_grkan, rewrite_to_snnk
 from kanc.passes.find import FindResult, find_mlp_blocks
+from kanc.passes.fuse import fuse_rationals
 from kanc.passes.hazards import guard_fast_paths
 from kanc.passes.surgery import get_module
 from kanc.passes.verify import Fidelity, Snapshot, snapshot, verify_equivalence
@@ -70,6 +71,7 @@ def run_pipeline(
     verify_inputs: Any = None,
     discovery_inputs: Any = None,
     progress: Callable[[str, int, int], None] | None = None,
+    near_misses: bool = False,
     **options: Any,
 ) -> Conversion:
     """Convert ``model`` in place and, with ``verify_inputs``, measure it against ``reference`` (the original model
@@ -88,6 +90,7 @@ def run_pipeline(
             include=include,
             exclude=exclude,
             inputs=verify_inputs if verify_inputs is not None else discovery_inputs,
+            near_misses=near_misses,
         ),
     )
     if verify_inputs is not None and reference is None and found.blocks:
@@ -99,6 +102,9 @@ def run_pipeline(
         f"rewrite_to_{target}",
         lambda: rewrite(model, found, calibration=calibration, progress=progress, measure=measure, **options),
     )
+    if target == "grkan":
+        fused = _run(ran, "fuse_rationals", lambda: fuse_rationals(result.model, result.converted, found.weights_read))
+        result.touched = sorted({*result.touched, *fused.touched})
     guarded = guard_fast_paths(result.model)
     result.notes += [f"{p or '<root>'}: PyTorch's fused fast path turned off (it would bypass kanc)" for p in guarded]
     lint_model(result.model, result.touched, ran)

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from kanc.passes.find import Skip
 from kanc.passes.pipeline import Conversion
 
 
@@ -129,5 +130,5 @@ def _lines(r: ConversionReport) -> list[str]:
         lines += ["", "FAILED CHECKS:"] + [f"  {f}" for f in r.failed_checks]
     if r.skipped:
         lines += ["", "skipped:"]
-        lines += [f"  {s['name']}: [{s['code']}] {s['message']}" for s in r.skipped]
+        lines += [f"  {Skip(**s).line()}" for s in r.skipped]
     return lines

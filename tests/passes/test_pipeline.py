@@ -50,9 +50,10 @@ def test_kanc_debug_lists_passes_and_counts(monkeypatch, capsys):
         "find_mlp_blocks",
         "snapshot",
         "rewrite_to_grkan",
+        "fuse_rationals",
         "verify_equivalence",
     ]
-    assert "found:plain=3" in err[0] and "converted:grkan=3" in err[2]
+    assert "found:plain=3" in err[0] and "converted:grkan=3" in err[2] and "fused:prologue=6" in err[3]
 
 
 def test_kanc_debug_2_prints_changed_graphs(monkeypatch, capsys):

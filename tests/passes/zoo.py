@@ -408,3 +408,136 @@ class ReadsWeightDtype(ControlFlowMlp):
         x = x.to(self.fc1.weight.dtype)
         h = self.fc2(F.gelu(self.fc1(x))) if x.sum() > -1e9 else x
         return h if scale is None else h * scale
+
+
+# ---- activation substitution: what lies around the activation (tests/passes/test_substitution.py) -----------------
+
+
+class LinearNorm(nn.Module):
+    """LeViT's linear + BatchNorm over the flattened tokens."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class NormBeforeAct(nn.Module):
+    """fc1 -> norm -> act -> fc2: a LayerNorm module (``layer_norm``) or LeViT's LinearNorm as fc1 (a chain)."""
+
+    def __init__(self, d: int = 8, h: int = 32, layer_norm: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, h) if layer_norm else LinearNorm(d, h)
+        self.norm = nn.LayerNorm(h) if layer_norm else nn.Identity()
+        self.act, self.fc2 = nn.Hardswish() if not layer_norm else nn.GELU(), nn.Linear(h, d)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm1d):
+                    m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.norm(self.fc1(x))))
+
+
+class DepthwiseMlp(nn.Module):
+    """PVTv2's MLP: fc1 -> depthwise 3x3 conv over the token grid -> act -> fc2 (the conv mixes tokens)."""
+
+    def __init__(self, d: int = 8, h: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.dwconv = nn.Linear(d, h), nn.Conv2d(h, h, 3, padding=1, groups=h)
+        self.act, self.fc2 = nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x, size=(2, 3)):
+        b, n, _ = x.shape
+        h = self.fc1(x)
+        h = self.dwconv(h.transpose(1, 2).view(b, -1, *size)).flatten(2).transpose(1, 2)
+        return self.fc2(self.act(h))
+
+
+class ConcatMlp(nn.Module):
+    """Flux's single-stream block: fc2 (proj_out) reads the MLP's hidden features concatenated with attention's."""
+
+    def __init__(self, d: int = 8, h: int = 32) -> None:
+        super().__init__()
+        self.attn, self.proj_mlp = nn.Linear(d, d), nn.Linear(d, h)
+        self.act_mlp, self.proj_out = nn.GELU(approximate="tanh"), nn.Linear(d + h, d)
+
+    def forward(self, x):
+        return x + self.proj_out(torch.cat([self.attn(x), self.act_mlp(self.proj_mlp(x))], dim=-1))
+
+
+class ScaledGlu(nn.Module):
+    """x-transformers' GLU: down(up(x) * act(gate) * mult_bias), mult_bias a float or a per-channel parameter."""
+
+    def __init__(self, d: int = 8, h: int = 32, per_channel: bool = False) -> None:
+        super().__init__()
+        self.proj, self.down = nn.Linear(d, 2 * h), nn.Linear(h, d)
+        self.mult_bias = nn.Parameter(torch.rand(h) + 0.5) if per_channel else 0.5
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return self.down(x * F.silu(gate) * self.mult_bias)
+
+
+class StarReLU(nn.Module):
+    """timm's StarReLU: a child nn.ReLU, then a square, a scalar scale and a scalar bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.scale, self.bias = nn.Parameter(torch.tensor([0.8])), nn.Parameter(torch.tensor([-0.1]))
+
+    def forward(self, x):
+        return self.scale * self.relu(x) ** 2 + self.bias
+
+
+class LibLayerNorm(nn.LayerNorm):
+    """A library's LayerNorm subclass (timm's), defined outside torch.nn: fx would trace into it."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GegluFeedForward(nn.Module):
+    """diffusers' FeedForward over GEGLU, whose gelu has an ``mps`` branch (it does not trace)."""
+
+    class Geglu(nn.Module):
+        def __init__(self, d: int, h: int) -> None:
+            super().__init__()
+            self.proj = nn.Linear(d, 2 * h)
+
+        def gelu(self, gate):
+            if gate.device.type == "mps":
+                return F.gelu(gate.to(dtype=torch.float32)).to(dtype=gate.dtype)
+            return F.gelu(gate)
+
+        def forward(self, x, *args, **kwargs):
+            x, gate = self.proj(x).chunk(2, dim=-1)
+            return x * self.gelu(gate)
+
+    def __init__(self, d: int = 8, h: int = 32, norm: bool = False) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([self.Geglu(d, h), nn.Dropout(0.0), LibLayerNorm(h) if norm else nn.Identity()])
+        self.net.append(nn.Linear(h, d))
+
+    def forward(self, x):
+        for module in self.net:
+            x = module(x)
+        return x
+
+
+class CalledTwice(nn.Module):
+    """One MLP module applied twice (shared weights), and fc1 of another MLP also used outside it."""
+
+    def __init__(self, d: int = 8, h: int = 32) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
+        self.fc1, self.act, self.fc2, self.head = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d), nn.Linear(h, d)
+
+    def forward(self, x):
+        x = x + self.mlp(x)
+        x = x + self.mlp(x)
+        return x + self.fc2(self.act(self.fc1(x))) + self.head(self.fc1(x))
