@@ -343,14 +343,16 @@ def measure_target(
     owned, unassigned = assign(layers, built.expected)
     blocks = [b for b in built.expected if owned[b.name]]
     skipped = [dict(s) for s in getattr(rep, "skipped", [])]
-    reported = [dict(c) for c in getattr(rep, "converted", [])]
+    reported = [str(c.get("name", "")) for c in getattr(rep, "converted", [])]
+    claimed = [b.name for b in built.expected if any(_names(n, b) for n in reported)]
     row.update(
         converted=len(blocks),
         converted_blocks=[b.name for b in blocks],
         kanc_layers=sorted(layers),
         unassigned_layers=unassigned,
-        reported_converted=sum(_matches(str(c.get("name", "")), built.expected) for c in reported),
-        reported_extra=[c.get("name") for c in reported if not _matches(str(c.get("name", "")), built.expected)],
+        reported_converted=len(claimed),
+        reported_blocks=claimed,
+        reported_extra=[n for n in reported if not any(_names(n, b) for b in built.expected)],
         skips=len(skipped),
         skip_codes=sorted({str(s.get("code")) for s in skipped}),
         reported_error=_reported_error(rep),
@@ -367,8 +369,10 @@ def _tail(e: BaseException) -> str:
     return "".join(traceback.format_exception(type(e), e, e.__traceback__)[-3:])[-1500:]
 
 
-def _matches(name: str, expected: list[Expected]) -> bool:
-    return any(name == e.name or any(within(name, s) or within(s, name) for s in e.scope) for e in expected)
+def _names(entry: str, block: Expected) -> bool:
+    """A report entry (named by its owner module) is about ``block``: the block itself, a part of it, or a module
+    holding it (a layer that holds the block's linears, a stack of experts)."""
+    return entry == block.name or any(within(entry, s) or within(s, entry) for s in block.scope)
 
 
 def _reported_error(rep: Any) -> float | None:
@@ -492,9 +496,12 @@ def failures(row: dict) -> list[str]:
             err = t[f"error_{mode}"]
             if not err <= bound:
                 out.append(f"{target} output error ({mode}) {err:.2e} > {bound:.1e}")
-        if t["converted"] != t["reported_converted"]:
-            said = t["reported_converted"]
-            out.append(f"{target}: {t['converted']} expected block(s) hold kanc layers, the report says {said}")
+        held, said = set(t["converted_blocks"]), set(t["reported_blocks"])
+        if held != said:
+            out.append(
+                f"{target}: the report and the model disagree: converted in the report only {sorted(said - held)[:3]}"
+                f", in the model only {sorted(held - said)[:3]}"
+            )
     return out
 
 

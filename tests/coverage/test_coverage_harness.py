@@ -267,9 +267,17 @@ def test_build_failure_is_recorded():
     assert failures(row)
 
 
-def test_report_claiming_a_conversion_the_model_lacks_fails():
-    row = measure(toy_family(), copy.deepcopy, converted=("mlp",))
-    assert any("0 expected block(s) hold kanc layers, the report says 1" in f for f in failures(row))
+@pytest.mark.parametrize(
+    "edit, claimed, disagreement",
+    [
+        (copy.deepcopy, ("mlp",), "converted in the report only ['mlp'], in the model only []"),
+        (swap_mlp, (), "converted in the report only [], in the model only ['mlp']"),
+        (swap_mlp, ("mlp.0",), None),  # an entry naming a part of the block is about the block
+    ],
+)
+def test_report_and_model_must_agree_on_what_was_converted(edit, claimed, disagreement):
+    found = [f for f in failures(measure(toy_family(), edit, converted=claimed)) if "disagree" in f]
+    assert found == ([f"grkan: the report and the model disagree: {disagreement}"] if disagreement else [])
 
 
 # ---- pieces ----------------------------------------------------------------------------------------------------
@@ -311,13 +319,15 @@ def test_redraw_weights_wakes_zero_heads_and_layer_scales_and_keeps_buffers():
 
 def test_totals_count_named_families_apart():
     def row(name, named, expected, converted):
-        return {"family": name, "named": named, "status": "ok", "expected": expected, "original_changed": [],
+        return {"family": name, "library": "test", "named": named, "status": "ok", "expected": expected,
+                "original_changed": [],
                 "threshold": 1e-2, "targets": {"grkan": {"status": "ok", "converted": converted, "silent": [],
-                "error_no_grad": 0.0, "error_grad": 0.0, "reported_converted": converted}}}  # fmt: skip
+                "error_no_grad": 0.0, "error_grad": 0.0, "converted_blocks": [], "reported_blocks": []}}}  # fmt: skip
 
     summary = totals([row("a", True, 4, 3), row("b", False, 2, 0)], ["grkan"])
     assert summary["named"]["grkan"] == {"converted": 3, "fraction": 0.75}
     assert summary["all"]["grkan"] == {"converted": 3, "fraction": 0.5}
+    assert summary["by_library"] == {"test": {"expected": 6, "grkan": 3}}
 
 
 def test_torchvision_shim_restores_register_fake():
