@@ -354,11 +354,15 @@ class View:
             if len(region) >= MAX_CHAIN or not self._chain_op(cur):
                 return None
             region.append(cur)
-            stack += [a for a in cur.all_input_nodes if a.op != "get_attr"]
+            data = cur.args[0] if cur.args else None  # the other arguments are shapes, weights, dims
+            if not isinstance(data, fx.Node) or data.op in ("get_attr", "placeholder"):
+                return None
+            stack.append(data)
         if len(linears) != 1 or not region:
             return None
         fc1, inside = linears[0], set(region)
-        if not set(fc1.node.users) <= inside or any(set(n.users) - inside for n in region if n is not node):
+        outside = lambda n: {u for u in n.users if u not in inside and not metadata_read(u)}
+        if outside(fc1.node) or any(outside(n) for n in region if n is not node):
             return None  # something outside the chain reads into it: not fc1's private path to the activation
         chain = tuple(n for n in node.graph.nodes if n in inside)
         pre = [p for n in chain if (p := self.passthrough(n)) is not None]  # its norms, in order
@@ -395,6 +399,15 @@ class Before:
     pre: list[Passthrough]
     chain: tuple[fx.Node, ...] = ()
     rowwise: bool = True
+
+
+def metadata_read(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.dtype`` ...: a read of a tensor's metadata, not of its values (a recorded run
+    writes every such read as ``getattr(x, "attribute")``)."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    attr = node.args[1] if node.op == "call_function" and node.target is getattr and len(node.args) > 1 else None
+    return attr in ("shape", "dtype", "device", "ndim", "attribute")
 
 
 def _depthwise(module: nn.Module) -> bool:
@@ -546,7 +559,7 @@ def check_plain(view: View, act: Act, kinds: tuple[str, ...]) -> MLPBlock | Miss
     """fc1 -> (passthroughs | a chain) -> act -> (dropout | identity | norm | scale)* -> [concat ->] fc2, both
     layers of one of ``kinds``."""
     before = view.linear_before(act.input)
-    if before is None or before.fc1.kind not in kinds or _is_gate(act):
+    if before is None or before.fc1.kind not in kinds or _is_gate(view, act):
         return None
     fc1 = before.fc1
     if before.chain and not act.reads_all_of(act.input):
@@ -569,9 +582,10 @@ def check_plain(view: View, act: Act, kinds: tuple[str, ...]) -> MLPBlock | Miss
     return MLPBlock("", fc1, act, fc2, between, before.pre, before.chain, before.rowwise and bool(before.chain), concat)
 
 
-def _is_gate(act: Act) -> bool:
+def _is_gate(view: View, act: Act) -> bool:
+    """The activation is multiplied by another value (a gated block), not scaled by a constant."""
     user = _single_user(act.node)
-    return user is not None and is_mul(user)
+    return user is not None and is_mul(user) and view.scale(user, act.node) is None
 
 
 def check_gated(view: View, act: Act) -> MLPBlock | Miss | None:
@@ -646,7 +660,7 @@ def check_glu_chunk(view: View, act: Act) -> MLPBlock | Miss | None:
 def check_split(view: View, act: Act) -> MLPBlock | Miss | None:
     """fc1 -> act returned by one module, whose output feeds only fc2 at the start of the next (BERT)."""
     before = view.linear_before(act.input)
-    if before is None or before.chain or view.part.aten or _is_gate(act):
+    if before is None or before.chain or view.part.aten or _is_gate(view, act):
         return None
     fc1, pre = before.fc1, before.pre
     tail = _walk_to_output(view, act.node)

@@ -18,7 +18,7 @@ from kanc.frontend.dataflow import dataflow_graph, node_id
 from kanc.frontend.leaves import is_activation_module, is_kanc_layer, linear_kind
 from kanc.frontend.recording import module_site, record_execution, site_of
 from kanc.frontend.tracing import Trace, TracedPart, is_aten_graph, trace_hierarchical
-from kanc.passes.checks import Linear, Miss, MLPBlock, View, describe, walk_to_fc2
+from kanc.passes.checks import Linear, Miss, MLPBlock, View, describe, metadata_read, walk_to_fc2
 from kanc.passes.surgery import lca
 from kanc.passes.table import PATTERNS
 
@@ -80,9 +80,10 @@ class FindResult:
     def block(self, name: str) -> MLPBlock:
         return next(b for b in self.blocks if b.name == name)
 
-    def weights_read(self, lin: Linear) -> str | None:
+    def weights_read(self, lin: Linear, values: bool = False) -> str | None:
         """Where code other than the layer itself reads ``lin``'s weight or bias (in a traced graph or the recorded
-        run: PyTorch's fused paths, open_clip's ``get_weight_dtype``), or None."""
+        run: PyTorch's fused paths, open_clip's ``get_weight_dtype``), or None. With ``values``, only reads of the
+        values count (a read of the dtype, device or shape is no obstacle to a layer that keeps its weight)."""
         if lin.module is None:  # an aten.linear: its parameters' other readers in the graph
             for arg in lin.node.args[1:3]:
                 others = [u for u in getattr(arg, "users", ()) if u is not lin.node]
@@ -92,8 +93,11 @@ class FindResult:
         names = {f"{lin.path}.weight", f"{lin.path}.bias"}
         for part in self.trace.parts:
             for node in part.graph_module.graph.nodes:
-                if node.op == "get_attr" and part.absolute(str(node.target)) in names and node.users:
-                    site = next((u.meta.get("call_site") for u in node.users if u.meta.get("call_site")), None)
+                if node.op != "get_attr" or part.absolute(str(node.target)) not in names:
+                    continue
+                readers = [u for u in node.users if not (values and metadata_read(u))]
+                if readers:
+                    site = next((site for u in readers if (site := site_of(u))), None)
                     return f"{part.absolute(str(node.target))} is read at {site or part.path or ROOT}"
         return None
 
@@ -198,8 +202,9 @@ def _recorded_part(model: nn.Module, inputs: Any) -> TracedPart:
 
 
 def _merge_recorded(result: FindResult, recorded: FindResult, traced: list[str]) -> None:
-    """Where a module traced, its symbolic graph speaks for it (its recorded twin of a block is kept as the
-    alternate, used when the symbolic rewrite is refused); elsewhere the recording does."""
+    """Where a module traced and its symbolic graph holds the block, that graph speaks for it (the recorded twin is
+    kept as the alternate, used when the symbolic rewrite is refused); elsewhere the recording does: a block only
+    the run shows (the symbolic graph hid it behind shape arithmetic) replaces the symbolic skip at its call site."""
     symbolic = {lin.path: b for b in result.blocks for lin in b.linears()}
     for block in recorded.blocks:
         twin = next((symbolic[lin.path] for lin in block.linears() if lin.path in symbolic), None)
@@ -208,8 +213,11 @@ def _merge_recorded(result: FindResult, recorded: FindResult, traced: list[str])
                 result.alternates[twin.key] = block
                 if len(twin.chain) == len(block.chain):  # the symbolic graph has no shapes: the run's say
                     twin.chain_rowwise = block.chain_rowwise
-        elif not _covered(block.owner, traced):
-            result.blocks.append(block)
+            continue
+        result.blocks.append(block)
+        if _covered(block.owner, traced):
+            site = site_of(block.act.node)
+            result.skipped = [s for s in result.skipped if s.site is None or s.site != site]
     result.skipped += [s for s in recorded.skipped if not _covered(s.scope, traced)]
 
 

@@ -15,6 +15,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from torch import fx, nn
@@ -103,7 +104,8 @@ def run_pipeline(
         lambda: rewrite(model, found, calibration=calibration, progress=progress, measure=measure, **options),
     )
     if target == "grkan":
-        fused = _run(ran, "fuse_rationals", lambda: fuse_rationals(result.model, result.converted, found.weights_read))
+        reads = partial(found.weights_read, values=True)  # a fused layer keeps its weight's dtype and device
+        fused = _run(ran, "fuse_rationals", lambda: fuse_rationals(result.model, result.converted, reads))
         result.touched = sorted({*result.touched, *fused.touched})
     guarded = guard_fast_paths(result.model)
     result.notes += [f"{p or '<root>'}: PyTorch's fused fast path turned off (it would bypass kanc)" for p in guarded]

@@ -43,14 +43,16 @@ def test_fusion_is_a_pass_of_its_own():
 
 
 def test_weights_read_elsewhere_keep_fc1_unfused():
-    model, x = zoo.ReadsWeightDtype().eval(), torch.randn(4, 8)
+    model, x = zoo.ReadsWeightValues().eval(), torch.randn(4, 8)
     converted, report = _compile(model, "grkan", x)
-    assert type(converted.fc1) is nn.Linear and isinstance(converted.fc2, GRKANLinear)  # fc1.weight still read
+    assert type(converted.fc1) is nn.Linear and isinstance(converted.fc2, GRKANLinear)  # fc1.weight's values read
     (block,) = report.converted
     assert any("fc1 kept as it is" in n and "fc1.weight is read at" in n for n in block["notes"])
     fuse = next(p for p in report.passes if p["name"] == "fuse_rationals")
     assert fuse["counters"] == {"fused:prologue": 1, "unfused:weights_read": 1}
     _close(converted, model, x)
+    dtype_only = kanc.compile(zoo.ReadsWeightDtype().eval(), "grkan", example_inputs=x)
+    assert isinstance(dtype_only.fc1, GRKANLinear)  # reading fc1.weight.dtype is no obstacle: the layer keeps it
 
 
 def test_norm_between_fc1_and_the_activation():
@@ -83,7 +85,7 @@ def test_levit_batchnorm_over_flattened_tokens():
 def test_depthwise_conv_between_fc1_and_the_activation():
     model, x = zoo.DepthwiseMlp().eval(), torch.randn(2, 6, 8)
     converted, report = _compile(model, "grkan", x)
-    assert isinstance(converted.fc1, GRKANLinear) and isinstance(converted.dwconv, nn.Conv2d)
+    assert isinstance(converted.fc1, GRKANLinear) and isinstance(converted.dwconv.dwconv, nn.Conv2d)
     assert isinstance(converted.fc2, GRKANLinear) and isinstance(converted.act, nn.Identity)
     (block,) = report.converted
     assert "activation's input" in block["error_inputs"] or block["name"] in report.fidelity["blocks"]
@@ -176,3 +178,18 @@ def test_lora_on_a_gated_mlp():
     assert isinstance(converted.base_model.model.model.layers[0].mlp.act_fn, GroupRational)
     with torch.no_grad():
         assert rel_error(converted(**x).logits, model(**x).logits) < 1e-2
+
+
+def test_symbolic_graphs_see_through_shape_reads():
+    (block,) = find_mlp_blocks(zoo.DepthwiseMlp()).blocks  # no inputs: fx's graph has x.shape reads in the chain
+    assert [n.target for n in block.chain if n.op == "call_module"] == ["dwconv.dwconv"]
+
+
+def test_a_block_only_the_run_shows_replaces_the_symbolic_skip():
+    model, x = zoo.ShapeScaledMlp().eval(), torch.randn(2, 5, 8)
+    symbolic = find_mlp_blocks(model)  # the scale is a graph of shape reads there
+    assert symbolic.blocks == [] and len(symbolic.skipped) == 1
+    found = find_mlp_blocks(model, inputs=x)  # on a run it is a number
+    assert [b.name for b in found.blocks] == ["<root>"] and found.skipped == []
+    converted, _ = _compile(model, "grkan", x)
+    _close(converted, model, x)

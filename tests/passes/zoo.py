@@ -442,19 +442,28 @@ class NormBeforeAct(nn.Module):
         return self.fc2(self.act(self.norm(self.fc1(x))))
 
 
+class DWConv(nn.Module):
+    """PVTv2's / SegFormer's depthwise conv over the token grid, its size read from the input's shape."""
+
+    def __init__(self, h: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(h, h, 3, padding=1, groups=h)
+
+    def forward(self, x, size):
+        b, n, c = x.shape
+        x = x.transpose(1, 2).view(b, c, size[0], size[1])
+        return self.dwconv(x).flatten(2).transpose(1, 2)
+
+
 class DepthwiseMlp(nn.Module):
-    """PVTv2's MLP: fc1 -> depthwise 3x3 conv over the token grid -> act -> fc2 (the conv mixes tokens)."""
+    """PVTv2's MLP: fc1 -> depthwise 3x3 conv -> act -> fc2 (the conv mixes tokens; fx traces it symbolically)."""
 
     def __init__(self, d: int = 8, h: int = 16) -> None:
         super().__init__()
-        self.fc1, self.dwconv = nn.Linear(d, h), nn.Conv2d(h, h, 3, padding=1, groups=h)
-        self.act, self.fc2 = nn.GELU(), nn.Linear(h, d)
+        self.fc1, self.dwconv, self.act, self.fc2 = nn.Linear(d, h), DWConv(h), nn.GELU(), nn.Linear(h, d)
 
     def forward(self, x, size=(2, 3)):
-        b, n, _ = x.shape
-        h = self.fc1(x)
-        h = self.dwconv(h.transpose(1, 2).view(b, -1, *size)).flatten(2).transpose(1, 2)
-        return self.fc2(self.act(h))
+        return self.fc2(self.act(self.dwconv(self.fc1(x), size)))
 
 
 class ConcatMlp(nn.Module):
@@ -541,3 +550,24 @@ class CalledTwice(nn.Module):
         x = x + self.mlp(x)
         x = x + self.mlp(x)
         return x + self.fc2(self.act(self.fc1(x))) + self.head(self.fc1(x))
+
+
+class ReadsWeightValues(ControlFlowMlp):
+    """Computes with fc1's weight outside fc1 (a gate from its values): fc1 must keep computing what it did."""
+
+    def forward(self, x, scale=None):
+        gate = torch.sigmoid(self.fc1.weight.mean(dim=0))
+        h = self.fc2(F.gelu(self.fc1(x))) if x.sum() > -1e9 else x
+        return h * gate if scale is None else h * scale
+
+
+class ShapeScaledMlp(nn.Module):
+    """fc2(act(h) * h.shape[-1] ** -0.5): it traces, but fx keeps the scale as shape arithmetic, not a number."""
+
+    def __init__(self, d: int = 8, h: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(self.act(h) * h.shape[-1] ** -0.5)
