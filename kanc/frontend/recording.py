@@ -112,6 +112,8 @@ class _Recorder(TorchFunctionMode):
         self.leaf_depth = 0
         self.inputs = 0
         self.param_uses: list[tuple[str, fx.Node]] = []
+        self.entered: list[list[fx.Node]] = []  # per open module call: the nodes of its tensor arguments
+        self.boundaries: dict[str, list[tuple[list[fx.Node], list[fx.Node]]]] = {}
         self.leaves = {id(m): record_leaf(m) for m in model.modules()}  # decided before the mode is on
         self.quiet = False  # kanc's own code is running (a leaf test in a hook): its torch calls are not the model's
 
@@ -215,6 +217,7 @@ class _Recorder(TorchFunctionMode):
             self.leaf_depth += 1
             return
         self.stack.append(module)
+        self.entered.append([self.node_for(a) for a in tree_flatten(args)[0] if isinstance(a, Tensor)])
 
     def hook(self, module: nn.Module, args: tuple, out: Any) -> None:
         if self.leaf_depth:
@@ -225,6 +228,12 @@ class _Recorder(TorchFunctionMode):
             return
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
+            inputs = self.entered.pop()
+            flat = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+            outputs = [self.values[id(t)] for t in flat if id(t) in self.values]
+            path = self.paths.get(id(module))
+            if path:
+                self.boundaries.setdefault(path, []).append((inputs, outputs))
 
 
 def _op(func: Any, args: tuple) -> tuple[str, Any, tuple]:
@@ -271,6 +280,7 @@ class Recording:
 
     graph_module: RecordedGraphModule
     param_uses: list[tuple[str, fx.Node]]
+    boundaries: dict[str, list[tuple[list[fx.Node], list[fx.Node]]]]  # module path -> (inputs, outputs) per call
 
 
 def record_execution(model: nn.Module, call: Any) -> Recording:
@@ -291,4 +301,4 @@ def record_execution(model: nn.Module, call: Any) -> Recording:
     recorder.graph.output(tuple(outputs))
     name = type(model).__name__
     gm = RecordedGraphModule(model, recorder.graph, class_name=name if name.isidentifier() else "GraphModule")
-    return Recording(gm, recorder.param_uses)
+    return Recording(gm, recorder.param_uses, recorder.boundaries)

@@ -52,6 +52,7 @@ class TracedPart:
     aten: bool = False
     source: bool = False
     recorded: bool = False  # the whole model's recorded execution (kanc.frontend.recording): read, never run
+    boundaries: dict = field(default_factory=dict, repr=False)  # recorded: module path -> [(input, output nodes)]
 
     def absolute(self, relative: str) -> str:
         """Model path of a path relative to this part."""

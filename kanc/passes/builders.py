@@ -348,6 +348,35 @@ def _snnk_obstacle(block: MLPBlock, ctx: RewriteContext) -> Miss | None:
     return None
 
 
+def _snnk_holder(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrite | Miss:
+    """A gated block in code that does not trace: the module that takes the block's input and returns its gated
+    product (diffusers' GEGLU) becomes the SNNKMlp, the norms after it and fc2 identities."""
+    holder = _holder(block)
+    after = block.between if holder is not None else []
+    if holder is None or any(p.kind in ("norm", "scale") and p.path is None for p in after):
+        return Miss("gated_code", "a gated block in code that does not trace, whose gated product no module of its "
+                    "own returns: SNNK replaces that product, which module swaps alone cannot remove")  # fmt: skip
+    snnk = _snnk_module(block, opts, ctx)
+    if isinstance(snnk, Miss):
+        return snnk
+    edits: list[Edit] = [SetModule(holder, ChannelsLast(snnk) if block.channels_first else snnk)]
+    edits += [SetModule(p.path, nn.Identity()) for p in after if p.kind == "norm"]
+    edits.append(SetModule(block.fc2.path, nn.Identity()))
+    return _snnk_rewrite(block, snnk, edits, opts, ctx)
+
+
+def _holder(block: MLPBlock) -> str | None:
+    """The innermost module whose every recorded call takes the block's input and returns its gated product."""
+    part, source = block.fc1.part, block.fc1.input
+    found = [
+        path
+        for path, calls in part.boundaries.items()
+        if len(calls) == block.calls and all(ins[:1] == [source] and outs == [block.mul] for ins, outs in calls)
+    ]
+    inside = [p for p in found if not (block.fc2.path == p or block.fc2.path.startswith(p + "."))]
+    return max(inside, key=lambda p: p.count("."), default=None)
+
+
 WIDTH_FREE = ("flatten", "reshape_as", "view_as", "contiguous", torch.flatten)  # reshapes that take any width
 
 
@@ -358,8 +387,7 @@ def snnk_split(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewri
     if miss is not None:
         return miss
     if block.gated:
-        return Miss("gated_code", "a gated block in code that does not trace: SNNK replaces the gated product, "
-                    "which module swaps alone cannot remove")  # fmt: skip
+        return _snnk_holder(block, opts, ctx)
     between = [*block.pre, *block.between]
     if any(p.kind in ("norm", "scale") and (p.path is None or p.module is None) for p in between):
         return Miss("split_norm", "a norm or scale that is not a module sits in the block: swaps cannot remove it")

@@ -198,7 +198,7 @@ def _recorded_part(model: nn.Module, inputs: Any) -> TracedPart:
         recording = record_execution(model, run)
     except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
         raise KancError(f"the model does not run on the given inputs: {type(e).__name__}: {e}") from None
-    return TracedPart("", model, recording.graph_module, recorded=True)
+    return TracedPart("", model, recording.graph_module, recorded=True, boundaries=recording.boundaries)
 
 
 def _merge_recorded(result: FindResult, recorded: FindResult, traced: list[str]) -> None:

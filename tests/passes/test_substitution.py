@@ -9,7 +9,7 @@ import zoo
 from torch import nn
 
 import kanc
-from kanc.nn import GRKANLinear, GroupRational
+from kanc.nn import GRKANLinear, GroupRational, SNNKMlp
 from kanc.passes import find_mlp_blocks
 from kanc.testing import rel_error
 
@@ -137,8 +137,10 @@ def test_geglu_in_code_that_does_not_trace():
     assert [(c["pattern"], c["mode"]) for c in report.converted] == [("glu_chunk", "call site")]
     assert isinstance(converted.net[2], zoo.LibLayerNorm)  # a library's LayerNorm is one step of the block
     _close(converted, model, x)
-    _, snnk_report = _compile(model, "snnk", x)
-    assert snnk_report.converted == [] and [s["code"] for s in snnk_report.skipped] == ["gated_code"]
+    snnk, snnk_report = _compile(model, "snnk", x, num_features=64)  # GEGLU returns the gated product: swapped
+    assert len(snnk_report.converted) == 1 and isinstance(snnk.net[0], SNNKMlp)
+    assert isinstance(snnk.net[2], nn.Identity) and isinstance(snnk.net[3], nn.Identity)
+    _close(snnk, model, x, 1.0)
 
 
 @pytest.mark.parametrize("target", ["grkan", "snnk"])
