@@ -181,18 +181,23 @@ class _Recorder(TorchFunctionMode):
             return out
         if self.leaf_depth or not any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
             if not self.leaf_depth and self.stack:  # inside the model's forward (kanc's own reads are not)
-                self._note_param_reads(args)
+                self._note_param_reads(func, args)
             return out
         op, target, args = _op(func, args)
         if target is not None:
             self.add(op, target, args, kwargs, out)
         return out
 
-    def _note_param_reads(self, args: tuple) -> None:
-        """A parameter's attribute read (``fc1.weight.dtype``) outside its own module: remembered as a use."""
+    def _note_param_reads(self, func: Any, args: tuple) -> None:
+        """A parameter read that computes no tensor (``fc1.weight.dtype``, ``.shape``, ``.tolist()``) outside its own
+        module: remembered as a use, ``getattr(param, name)`` with the attribute's or the method's name."""
+        name = getattr(func, "__name__", None)
+        if name == "__get__":  # a property: its descriptor's name
+            name = getattr(getattr(func, "__self__", None), "__name__", None)
+        name = name or "attribute"
         for a in args:
             if isinstance(a, Tensor) and id(a) in self.params:
-                node = self.graph.create_node("call_function", getattr, (self.node_for(a), "attribute"), {})
+                node = self.graph.create_node("call_function", getattr, (self.node_for(a), name), {})
                 self.meta(node)
                 self.param_uses.append((self.params[id(a)], node))
 

@@ -401,13 +401,16 @@ class Before:
     rowwise: bool = True
 
 
-def metadata_read(node: fx.Node) -> bool:
-    """``x.shape``, ``x.size()``, ``x.dtype`` ...: a read of a tensor's metadata, not of its values (a recorded run
-    writes every such read as ``getattr(x, "attribute")``)."""
+METADATA = ("shape", "size", "dim", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad")
+
+
+def metadata_read(node: fx.Node) -> str | None:
+    """The attribute a read of a tensor's metadata takes (``x.shape``, ``x.size()``, ``x.dtype``; a recorded run writes
+    each as ``getattr(x, name)``), or None for anything that reads values."""
     if node.op == "call_method":
-        return node.target in ("size", "dim")
+        return str(node.target) if node.target in METADATA else None
     attr = node.args[1] if node.op == "call_function" and node.target is getattr and len(node.args) > 1 else None
-    return attr in ("shape", "dtype", "device", "ndim", "attribute")
+    return attr if attr in METADATA else None
 
 
 def _depthwise(module: nn.Module) -> bool:

@@ -95,7 +95,7 @@ class FindResult:
             for node in part.graph_module.graph.nodes:
                 if node.op != "get_attr" or part.absolute(str(node.target)) not in names:
                     continue
-                readers = [u for u in node.users if not (values and metadata_read(u))]
+                readers = [u for u in node.users if not (values and _harmless(lin, u))]
                 if readers:
                     site = next((site for u in readers if (site := site_of(u))), None)
                     return f"{part.absolute(str(node.target))} is read at {site or part.path or ROOT}"
@@ -109,6 +109,12 @@ class FindResult:
             "already_converted": dict(self.converted),
             "not_traced": self.trace.reasons(),
         }
+
+
+def _harmless(lin: Linear, reader: fx.Node) -> bool:
+    """A read a fused layer answers the same: its weight's dtype or device (and shape, unless stored transposed)."""
+    attr = metadata_read(reader)
+    return attr is not None and not (lin.kind == "conv1d" and attr in ("shape", "size"))
 
 
 def block_info(block: MLPBlock) -> dict:
