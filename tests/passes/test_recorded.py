@@ -1,6 +1,7 @@
 """Discovery on a recorded run, and the least invasive code edits it allows (attribute swap, call-site rewrite)."""
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -9,6 +10,7 @@ import zoo
 from torch import nn
 
 import kanc
+from kanc.errors import KancError
 from kanc.frontend.recording import record_execution
 from kanc.passes import find_mlp_blocks
 from kanc.passes.callsite import PatchedMethod
@@ -47,9 +49,31 @@ def test_call_site_conversion_saves_and_loads(tmp_path):
         for p in converted.parameters():
             p.add_(0.01)  # as if trained
     kanc.save(converted, tmp_path / "m.pt", arch="zoo:ControlFlowMlp")
-    loaded = kanc.load(tmp_path / "m.pt")
+    loaded = kanc.load(tmp_path / "m.pt", arch="zoo:ControlFlowMlp")
     with torch.no_grad():
         assert torch.equal(loaded(x), converted(x))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"shape": [1 << 20, 1 << 20], "dtype": "float32"},  # 4 TB of inputs
+        {"shape": [4, 8], "dtype": "load"},  # not a dtype: an attribute of torch
+        {"shape": [4, -8], "dtype": "float32"},
+        {"tuple": [{"value": {"x": 1}}]},
+        "float32",
+    ],
+)
+def test_recorded_discovery_inputs_are_untrusted_data(tmp_path, spec):
+    model, x = zoo.ControlFlowMlp().eval(), torch.randn(4, 8)
+    kanc.save(kanc.compile(model, "grkan", example_inputs=x), tmp_path / "m.pt", arch="zoo:ControlFlowMlp")
+    mpath = tmp_path / "m.pt.kanc.json"
+    manifest = json.loads(mpath.read_text())
+    assert manifest["options"]["discovery_inputs"] == {"shape": [4, 8], "dtype": "float32"}
+    manifest["options"]["discovery_inputs"] = spec
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(KancError, match="discovery_inputs is not a valid input description"):
+        kanc.load(tmp_path / "m.pt", arch="zoo:ControlFlowMlp")
 
 
 @pytest.mark.parametrize("target", ["grkan", "snnk"])
