@@ -23,7 +23,7 @@ from kanc.nn.fit import fit_rational, rational_coefficients
 from kanc.nn.init import variance_gain
 from kanc.passes.checks import Act, Linear, Miss, MLPBlock
 from kanc.passes.fuse import FusionSite
-from kanc.passes.layers import ChannelsLast
+from kanc.passes.layers import DTYPE_READS, ChannelsLast, KeepsDtype
 from kanc.passes.ratfit import fit_to_samples
 from kanc.passes.surgery import DropNode, Edit, ReplaceNode, ReplaceSpan, SetModule
 
@@ -106,7 +106,7 @@ class RewriteContext:
     evaluation: dict = field(default_factory=dict)  # block key -> held-out rows to measure on
     index: int = 0
     measure: bool = True  # measure each block on rows here (no model inputs to measure it on later)
-    reads: Callable[[Linear], str | None] = lambda lin: None  # where other code reads a layer's weights
+    reads: Callable[..., str | None] = lambda lin, kept=(): None  # where other code reads a layer's weights
 
 
 # ---- building the new layers ---------------------------------------------------------------------------------
@@ -296,9 +296,27 @@ def _snnk_module(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> SNN
     return snnk.to(device)
 
 
-def weights_read_elsewhere(block: MLPBlock, ctx: RewriteContext) -> str | None:
-    """Where code outside the block's layers reads their parameters, or None."""
-    return next((r for lin in block.linears() if (r := ctx.reads(lin)) is not None), None)
+def weights_read_elsewhere(block: MLPBlock, ctx: RewriteContext, stand_ins: tuple[Linear, ...] = ()) -> str | None:
+    """Where code outside the block's layers reads their parameters, or None; a read of the dtype or device of a
+    layer in ``stand_ins`` (replaced by a KeepsDtype) does not count."""
+    for lin in block.linears():
+        read = ctx.reads(lin, kept=DTYPE_READS) if any(lin is s for s in stand_ins) else ctx.reads(lin)
+        if read is not None:
+            return read
+    return None
+
+
+def _stand_ins(block: MLPBlock) -> tuple[Linear, ...]:
+    """The layers a swap-based SNNK rewrite replaces one for one (a KeepsDtype may stand there): fc1 and fc2, or a
+    gated block's fc2 (its gate and up layers vanish inside the module that becomes the SNNKMlp)."""
+    layers = (block.fc2,) if block.gated else (block.fc1, block.fc2)
+    return tuple(lin for lin in layers if isinstance(getattr(lin.module, "weight", None), Tensor))
+
+
+def _standing(lin: Linear, module: nn.Module, ctx: RewriteContext) -> nn.Module:
+    """``module`` where ``lin`` was: inside a KeepsDtype when other code reads ``lin``'s weight (its dtype only, as
+    weights_read_elsewhere checked)."""
+    return KeepsDtype(module, lin.module.weight) if ctx.reads(lin) is not None else module
 
 
 def _snnk_rewrite(block: MLPBlock, snnk: SNNKMlp, edits: list[Edit], opts: SNNKOptions, ctx: RewriteContext) -> Rewrite:
@@ -316,11 +334,13 @@ def snnk_span(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrit
     A block read from the source of a module that does not trace, or found on a recorded run, cannot be replaced
     as a span of its graph: it is rewritten by swaps, as a split block is.
     """
-    miss = _snnk_obstacle(block, ctx)
-    if miss is not None:
-        return miss
     if block.fc1.part.source or block.fc1.part.recorded or block.calls > 1:
         return snnk_split(block, opts, ctx)
+    miss = _snnk_obstacle(block, ctx)
+    if miss is not None:
+        if miss.code == "weights_read" and _snnk_obstacle(block, ctx, _stand_ins(block)) is None:
+            return snnk_split(block, opts, ctx)  # only dtype reads: swaps keep a KeepsDtype where they are read
+        return miss
     snnk = _snnk_module(block, opts, ctx)
     if isinstance(snnk, Miss):
         return snnk
@@ -330,7 +350,7 @@ def snnk_span(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrit
     return _snnk_rewrite(block, snnk, [span], opts, ctx)
 
 
-def _snnk_obstacle(block: MLPBlock, ctx: RewriteContext) -> Miss | None:
+def _snnk_obstacle(block: MLPBlock, ctx: RewriteContext, stand_ins: tuple[Linear, ...] = ()) -> Miss | None:
     """Why SNNK, which replaces fc1 .. fc2 by one function of each token, cannot replace this block."""
     lora = next((lin.path for lin in block.linears() if lin.kind == "lora"), None)
     if lora is not None:
@@ -342,7 +362,7 @@ def _snnk_obstacle(block: MLPBlock, ctx: RewriteContext) -> Miss | None:
         ops = ", ".join(n.name for n in block.chain[:4])
         return Miss("not_per_token", f"between {block.fc1.path} and the activation ({ops}) the block mixes tokens or "
                     "reshapes them: SNNK replaces fc1 .. fc2 by one function of each token")  # fmt: skip
-    read = weights_read_elsewhere(block, ctx)
+    read = weights_read_elsewhere(block, ctx, stand_ins)
     if read is not None:
         return Miss("weights_read", f"{read}: SNNK replaces that layer, whose weights this code reads")
     return None
@@ -361,7 +381,7 @@ def _snnk_holder(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rew
         return snnk
     edits: list[Edit] = [SetModule(holder, ChannelsLast(snnk) if block.channels_first else snnk)]
     edits += [SetModule(p.path, nn.Identity()) for p in after if p.kind == "norm"]
-    edits.append(SetModule(block.fc2.path, nn.Identity()))
+    edits.append(SetModule(block.fc2.path, _standing(block.fc2, nn.Identity(), ctx)))
     return _snnk_rewrite(block, snnk, edits, opts, ctx)
 
 
@@ -383,7 +403,7 @@ WIDTH_FREE = ("flatten", "reshape_as", "view_as", "contiguous", torch.flatten)  
 def snnk_split(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrite | Miss:
     """By module swaps: fc1 becomes the SNNKMlp, the activation, the norms between and fc2 identities (split blocks,
     and blocks in code that cannot be edited as a graph)."""
-    miss = _snnk_obstacle(block, ctx)
+    miss = _snnk_obstacle(block, ctx, _stand_ins(block))
     if miss is not None:
         return miss
     if block.gated:
@@ -398,7 +418,7 @@ def snnk_split(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewri
     if isinstance(snnk, Miss):
         return snnk
     first = ChannelsLast(snnk) if block.channels_first else snnk
-    edits: list[Edit] = [SetModule(block.fc1.path, first), drop_act(block.act)]
+    edits: list[Edit] = [SetModule(block.fc1.path, _standing(block.fc1, first, ctx)), drop_act(block.act)]
     edits += [SetModule(p.path, nn.Identity()) for p in between if p.kind == "norm"]
-    edits.append(SetModule(block.fc2.path, nn.Identity()))
+    edits.append(SetModule(block.fc2.path, _standing(block.fc2, nn.Identity(), ctx)))
     return _snnk_rewrite(block, snnk, edits, opts, ctx)

@@ -80,10 +80,11 @@ class FindResult:
     def block(self, name: str) -> MLPBlock:
         return next(b for b in self.blocks if b.name == name)
 
-    def weights_read(self, lin: Linear, values: bool = False) -> str | None:
+    def weights_read(self, lin: Linear, values: bool = False, kept: tuple[str, ...] = ()) -> str | None:
         """Where code other than the layer itself reads ``lin``'s weight or bias (in a traced graph or the recorded
         run: PyTorch's fused paths, open_clip's ``get_weight_dtype``), or None. With ``values``, only reads of the
-        values count (a read of the dtype, device or shape is no obstacle to a layer that keeps its weight)."""
+        values count (a read of the dtype, device or shape is no obstacle to a layer that keeps its weight); reads
+        of the weight's metadata named in ``kept`` never count (what a stand-in answers the same: KeepsDtype)."""
         if lin.module is None:  # an aten.linear: its parameters' other readers in the graph
             for arg in lin.node.args[1:3]:
                 others = [u for u in getattr(arg, "users", ()) if u is not lin.node]
@@ -95,7 +96,8 @@ class FindResult:
             for node in part.graph_module.graph.nodes:
                 if node.op != "get_attr" or part.absolute(str(node.target)) not in names:
                     continue
-                readers = [u for u in node.users if not (values and _harmless(lin, u))]
+                here = kept if part.absolute(str(node.target)).endswith(".weight") else ()  # a stand-in has no bias
+                readers = [u for u in node.users if not ((values and _harmless(lin, u)) or metadata_read(u) in here)]
                 if readers:
                     site = next((site for u in readers if (site := site_of(u))), None)
                     return f"{part.absolute(str(node.target))} is read at {site or part.path or ROOT}"

@@ -14,6 +14,7 @@ from kanc.errors import KancError
 from kanc.frontend.recording import record_execution
 from kanc.passes import find_mlp_blocks
 from kanc.passes.callsite import PatchedMethod
+from kanc.passes.layers import KeepsDtype
 from kanc.testing import rel_error
 
 
@@ -88,10 +89,29 @@ def test_function_attribute_is_swapped(target):
     assert report.skipped == []  # the attention's projections ran: examined, not near misses
 
 
-def test_snnk_skips_a_block_whose_weights_are_read_elsewhere():
-    model, x = zoo.ReadsWeightDtype().eval(), torch.randn(4, 8)
+def test_snnk_skips_a_block_whose_weight_values_are_read_elsewhere():
+    model, x = zoo.ReadsWeightValues().eval(), torch.randn(4, 8)
     report = kanc.report(kanc.compile(model, "snnk", example_inputs=x))
     assert report.converted == []
     (skip,) = report.skipped
     assert skip["code"] == "weights_read" and "fc1.weight is read at" in skip["message"] and "zoo.py" in skip["message"]
     assert len(kanc.report(kanc.compile(model, "grkan", example_inputs=x)).converted) == 1  # GR-KAN keeps fc1.weight
+
+
+@pytest.mark.parametrize("cls", [zoo.ReadsWeightDtype, zoo.CastsToFc2Dtype])
+def test_snnk_keeps_the_dtype_other_code_reads(cls):
+    """open_clip reads mlp.c_fc.weight.dtype, T5 casts to wo.weight.dtype: SNNK converts, a KeepsDtype standing
+    where the read layer was (its dtype follows the model's .to())."""
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(4, 8)
+    converted = kanc.compile(model, "snnk", example_inputs=x)
+    report = kanc.report(converted)
+    assert len(report.converted) == 1 and report.skipped == [] and not report.failed_checks
+    stand_ins = [m for m in converted.modules() if isinstance(m, KeepsDtype)]
+    assert len(stand_ins) == 1 and all(v.numel() for v in converted.state_dict().values())  # not saved
+    with torch.no_grad():
+        assert rel_error(converted(x), model(x)) < 1.0  # SNNK's random features: finite and in range
+        assert stand_ins[0].weight.dtype == torch.float32
+        assert converted.double()(x.double()).dtype == torch.float64 and stand_ins[0].weight.dtype == torch.float64
+    if cls is zoo.CastsToFc2Dtype:  # it traces: found symbolically too, without inputs (a traced graph's route)
+        assert len(kanc.report(kanc.compile(model, "snnk")).converted) == 1

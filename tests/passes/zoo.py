@@ -410,6 +410,17 @@ class ReadsWeightDtype(ControlFlowMlp):
         return h if scale is None else h * scale
 
 
+class CastsToFc2Dtype(nn.Module):
+    """Casts its input to fc2's weight dtype (T5's feed-forward reads ``wo.weight.dtype``); traces whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x.to(self.fc2.weight.dtype))))
+
+
 # ---- activation substitution: what lies around the activation (tests/passes/test_substitution.py) -----------------
 
 
