@@ -53,10 +53,11 @@ GATE_ACTIVATIONS = ("sigmoid", "hardsigmoid", "tanh", "softmax", "logsigmoid")
 def near_miss(code: str, activation: str) -> bool:
     """A skip about something that is not an MLP block, hidden unless asked (``near_misses=True``): an activation
     that feeds a linear layer with none in front (AdaLN modulation, ``linear(silu(emb))``), or a gate-like one that
-    feeds none (an SE gate's sigmoid, a pooler's tanh)."""
+    feeds none or multiplies something other than a linear's output (an SE gate's sigmoid, a pooler's tanh)."""
     if code == "no_fc1":
         return True
-    return code in ("no_fc2", "ends_module", "hidden_reused") and activation.split("(")[0] in GATE_ACTIVATIONS
+    gate_like = activation.split("(")[0].lower() in GATE_ACTIVATIONS  # a module class name: Hardsigmoid
+    return code in ("no_fc2", "ends_module", "hidden_reused", "gate_partner") and gate_like
 
 
 @dataclass
