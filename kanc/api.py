@@ -11,7 +11,6 @@ again = kanc.load("model_grkan.pt")            # rebuilds the architecture, re-a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,10 +20,13 @@ from torch import nn
 
 from kanc.codegen import fallbacks
 from kanc.errors import KancError, NoMLPFoundError
+from kanc.passes.builders import GRKANOptions, SNNKOptions
+from kanc.passes.calibrate import input_spec
 from kanc.passes.find import FindResult, find_mlp_blocks
+from kanc.passes.hazards import check_copy, copy_model
 from kanc.passes.pipeline import REWRITES, run_pipeline
 from kanc.passes.report import ConversionReport, build_report, count_params
-from kanc.passes.rewrites import GRKANOptions, SNNKOptions
+from kanc.passes.verify import snapshot
 
 # save / load / manifests live in kanc.saving (the writing and reading policies); kanc.api re-exports them
 from kanc.saving import (  # noqa: F401, E402
@@ -76,6 +78,7 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
     exclude: Iterable[str] | None = None,
     verify: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    near_misses: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Return ``model`` with its MLP blocks rewritten into GR-KAN (``target="grkan"``) or SNNK (``"snnk"``) layers.
@@ -90,6 +93,8 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
         example_inputs: inputs to measure the converted model's outputs against the original's (default: the
             calibration inputs, or token ids for a Hugging Face model); ``verify=False`` skips the measurement.
         include, exclude: globs over block names (the owning module's path, e.g. ``"*.mlp"``).
+        near_misses: also list, as skips, activations around things that are not MLP blocks (AdaLN modulation, SE
+            gates, poolers); they are only counted otherwise.
         options: grkan: groups=8, degrees=(5, 4), init="preserve"|"variance", group_policy="adjust"|"skip",
             fit="data"|"table". snnk: num_features=None (hidden/4), feature_ratio=0.25, kind="relu"|"exp"|"cos",
             orthogonal=True, seed=0, init="preserve"|"warm"|"variance", ridge=1e-3.
@@ -97,21 +102,26 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
     opts = check_options(target, options)
     if not isinstance(model, nn.Module):
         raise KancError(f"kanc.compile takes an nn.Module, not {type(model).__name__}")
+    inputs = _verify_inputs(model, example_inputs, calibration) if verify else None
+    reference = snapshot(model, inputs) if inputs is not None else None
     exported = model.__dict__.pop(_EXPORTED_ATTR, None)  # shared, never deep-copied
     try:
-        work = model if inplace else copy.deepcopy(model)
+        work = model if inplace else copy_model(model)
     finally:
         if exported is not None:
             model.__dict__[_EXPORTED_ATTR] = exported
-    inputs = _verify_inputs(model, example_inputs, calibration) if verify else None
+    if reference is not None and not inplace:
+        check_copy(work, inputs, reference.outputs["no_grad"])
     before = count_params(model)
     conv = run_pipeline(
         work, target, include=include, exclude=exclude, calibration=calibration,
-        reference=None if inplace else model, verify_inputs=inputs, progress=progress,
+        reference=reference, verify_inputs=inputs, progress=progress, near_misses=near_misses,
         **dataclasses.asdict(opts),
     )  # fmt: skip
     report = build_report(conv, type(model).__name__, dataclasses.asdict(opts), before)
     report.options.update(include=list(include or []), exclude=list(exclude or []))
+    if inputs is not None:  # blocks found on a run of the model are found again on inputs of the same shapes
+        report.options["discovery_inputs"] = input_spec(inputs)
     _attach(conv.model, report, _manifest_source(model))
     if exported is not None:
         conv.model.__dict__[_EXPORTED_ATTR] = exported
@@ -169,9 +179,19 @@ def report(model: nn.Module) -> ConversionReport:
     return found
 
 
-def inspect(model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> FindResult:
-    """The MLP blocks kanc would convert and everything it would skip, without changing ``model``."""
-    return find_mlp_blocks(model, include=include, exclude=exclude)
+def inspect(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    *,
+    example_inputs: Any = None,
+    near_misses: bool = False,
+) -> FindResult:
+    """The MLP blocks kanc would convert and everything it would skip (each with its file:line and reason), without
+    changing ``model``. With ``example_inputs`` (default: token ids for a Hugging Face model) the model runs once,
+    recorded, as kanc.compile does; ``near_misses`` also lists what is not an MLP block (AdaLN, SE gates, poolers)."""
+    inputs = example_inputs if example_inputs is not None else default_inputs(model)
+    return find_mlp_blocks(model, include=include, exclude=exclude, inputs=inputs, near_misses=near_misses)
 
 
 def require_blocks(report_: ConversionReport) -> None:

@@ -40,6 +40,7 @@ from kanc.writing import Output, check_outputs, write_outputs
 MANIFEST_SUFFIX = ".kanc.json"
 DIR_MANIFEST = "kanc.json"
 MANIFEST_VERSION = 1
+_NOT_OPTIONS = ("include", "exclude", "discovery_inputs")  # recorded beside the options in the manifest
 SAVE_FORMATS = ("state_dict", "safetensors", "pickle", "pt2", "hf_dir")
 MAX_DEGREE = 16  # rational degrees beyond this overflow fp32 powers and only cost memory
 _LIMITS = {"groups": (1, 1 << 16), "num_features": (1, 1 << 20), "seed": (0, 2**63 - 1)}
@@ -320,21 +321,25 @@ def _hf_model(where: Path, hf: dict) -> nn.Module:
 def reapply(model: nn.Module, manifest: dict, where: Path | None = None) -> nn.Module:
     """Re-apply a recorded conversion to the unconverted ``model`` (structure only: weights are loaded after)."""
     from kanc.api import TARGETS, check_options
+    from kanc.passes.calibrate import inputs_from_spec
     from kanc.passes.pipeline import run_pipeline
 
     where = where or Path("the manifest")
     target = manifest.get("target")
     if target not in TARGETS:
         raise KancError(f"{where} names no known target ('{printable(str(target))}')")
-    options = {k: v for k, v in (manifest.get("options") or {}).items() if k not in ("include", "exclude")}
+    recorded = manifest.get("options") or {}
+    options = {k: v for k, v in recorded.items() if k not in _NOT_OPTIONS}
+    spec = recorded.get("discovery_inputs")  # blocks found on a run are found again on inputs of those shapes
     options["init"] = "variance"  # weights are loaded afterwards: skip the fits
     if target == "grkan":
         options["fit"] = "table"
     names = list(manifest["blocks"])
     include = [glob.escape(n) for n in names] or ["\0nothing"]
     opts = dataclasses.asdict(check_options(target, options))
+    discovery = inputs_from_spec(spec, where) if spec is not None else None
     try:
-        conv = run_pipeline(model, target, include=include, **opts)
+        conv = run_pipeline(model, target, include=include, discovery_inputs=discovery, **opts)
     except KancError:
         raise
     except Exception as e:  # noqa: BLE001 - recorded options are untrusted data: any failure is one line

@@ -24,12 +24,23 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def rel_error(actual: Tensor, expected: Tensor) -> float:
-    """||a - e|| / ||e|| over finite entries, in float64 (0 when both are zero)."""
+    """||a - e|| / ||e|| in float64.
+
+    NaN and inf are never dropped: a non-finite entry of ``actual`` where ``expected`` holds something else (a finite
+    value, or another non-finite one) makes the error inf. Entries where both hold the same non-finite value agree.
+    A zero ``expected`` gives 0 only when ``actual`` is zero too (inf otherwise), never a misleading small number.
+    """
     a, e = actual.detach().double(), expected.detach().double()
+    if a.shape != e.shape:
+        return float("inf")
     finite = torch.isfinite(e) & torch.isfinite(a)
-    diff = (a - e)[finite].norm()
-    denom = e[finite].norm()
-    return float(diff / denom) if denom > 0 else float(diff)
+    same_nonfinite = (a == e) | (torch.isnan(a) & torch.isnan(e))
+    if not bool((finite | same_nonfinite).all()):
+        return float("inf")
+    diff, denom = float((a - e)[finite].norm()), float(e[finite].norm())
+    if denom > 0:
+        return diff / denom
+    return 0.0 if diff == 0 else float("inf")
 
 
 def _seeded_randn(like: Tensor) -> Tensor:

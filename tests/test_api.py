@@ -28,7 +28,8 @@ def test_compile_returns_a_copy_with_a_report():
     assert report.fidelity["outputs"]["output"] < 1e-2
     branch = "a" if float(model.norm(x).mean().detach()) > 0 else "b"  # data-dependent: only one of a, b ran
     assert set(report.fidelity["blocks"]) == {branch, "c"}
-    assert [p["name"] for p in report.passes] == ["find_mlp_blocks", "rewrite_to_grkan", "verify_equivalence"]
+    passes = ["find_mlp_blocks", "rewrite_to_grkan", "fuse_rationals", "verify_equivalence"]
+    assert [p["name"] for p in report.passes] == passes
     assert {s["code"] for s in report.skipped} == set()
     text = str(report)
     assert "3 block(s) converted" in text and "model outputs on input (2, 4, 32)" in text

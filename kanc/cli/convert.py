@@ -2,7 +2,7 @@
 
     kanc convert model.pt --target grkan [-o OUT] [--groups 8] [--json] [--force]
     kanc convert model.pt --target snnk --features 256 --calibration inputs.pt
-    kanc inspect model.pt [--json] [--graph blocks.graphml]
+    kanc inspect model.pt [--inputs x.pt] [--near-misses] [--json] [--graph blocks.graphml]
 
 convert writes OUT in the input's format plus a JSON manifest (``OUT.kanc.json``, or ``kanc.json`` inside a
 folder) through kanc.writing: together and atomically, never into, over, above or below a file it read, replacing an
@@ -30,7 +30,7 @@ from kanc.cli.common import (
     reads_of,
     vocab_option,
 )
-from kanc.errors import KancError, UsageError
+from kanc.errors import CheckFailedError, KancError, UsageError
 
 _OPTION_FLAGS = {"degrees": "--degrees", "groups": "--groups", "num_features": "--features", "seed": "--seed"}
 
@@ -154,12 +154,13 @@ def _kanc_graph(module: Any) -> str | None:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing output (once the new one is complete).")
+@click.option("--keep-failed", is_flag=True, help="Write the output even when a fidelity check fails (still reported).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert(
     model: Path, target: str, out: Path | None, include: tuple[str, ...], exclude: tuple[str, ...],
     calibration: Path | None, inputs: Path | None, shapes: tuple[str, ...], input_dtype: str | None,
     vocab: int | None, trust_pickle: bool, arch: str | None, arch_kwargs: str | None, as_json: bool, force: bool,
-    quiet: bool, **given: Any,
+    keep_failed: bool, quiet: bool, **given: Any,
 ) -> None:  # fmt: skip
     """Rewrite the MLP blocks of MODEL into GR-KAN or SNNK layers; write OUT in MODEL's format plus a manifest."""
     import kanc
@@ -192,12 +193,28 @@ def convert(
     )  # fmt: skip
     report = kanc.report(converted)
     require_blocks(report)
+    _check_fidelity(report, keep_failed)
     if not report.converted:
         _finish(as_json, report, model, None, None, loaded.format, "already converted: nothing written")
         return
     kwargs = parse_kwargs(arch_kwargs) if arch_kwargs else None
     manifest = save(converted, out, format=loaded.format, arch=arch, arch_kwargs=kwargs, force=force, protect=reads)
     _finish(as_json, report, model, out, manifest, loaded.format, f"wrote {out} ({loaded.format}) and {manifest.name}")
+
+
+def _check_fidelity(report: Any, keep_failed: bool) -> None:
+    """A failed fidelity check ends the command (exit 1, nothing written) unless --keep-failed."""
+    failures = report.failed_checks
+    if not failures:
+        return
+    if keep_failed:
+        click.echo(f"warning: {len(failures)} fidelity check(s) failed; writing anyway (--keep-failed)", err=True)
+        return
+    click.echo(str(report), err=True)
+    more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+    raise CheckFailedError(
+        f"fidelity check failed: {failures[0]}{more}; nothing written (pass --keep-failed to write the output anyway)"
+    )
 
 
 def _finish(as_json: bool, report: Any, model: Path, out: Path | None, manifest: Path | None, fmt: str | None,
@@ -224,12 +241,15 @@ def _finish(as_json: bool, report: Any, model: Path, out: Path | None, manifest:
 @click.option("--exclude", multiple=True, help="Leave out blocks whose name matches this glob (repeatable).")
 @click.option("--graph", "graph_file", type=MODEL, default=None, help="Write the dataflow graph (.graphml or .dot).")
 @click.option("--force", is_flag=True, help="Replace an existing --graph file.")
+@click.option("--inputs", type=MODEL, default=None, help="torch.save'd model inputs: find blocks on a run.")
+@click.option("--near-misses", is_flag=True, help="Also list what is not an MLP block (AdaLN, SE gates, poolers).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def inspect_cmd(
     model: Path, trust_pickle: bool, arch: str | None, arch_kwargs: str | None, include: tuple[str, ...],
-    exclude: tuple[str, ...], graph_file: Path | None, force: bool, as_json: bool,
+    exclude: tuple[str, ...], graph_file: Path | None, force: bool, inputs: Path | None, near_misses: bool,
+    as_json: bool,
 ) -> None:  # fmt: skip
-    """List the MLP blocks kanc finds in MODEL (shapes, patterns) and what it would skip, and why."""
+    """List the MLP blocks kanc finds in MODEL (shapes, patterns) and what it would skip, where and why."""
     from kanc.api import inspect
     from kanc.frontend.dataflow import write_graph
     from kanc.writing import Output, check_outputs, write_file
@@ -237,9 +257,10 @@ def inspect_cmd(
     if graph_file is not None:
         if not str(graph_file).endswith((".graphml", ".dot", ".gv")):
             raise UsageError(f"--graph must end in .graphml or .dot, got {graph_file}")
-        check_outputs([Output(graph_file)], inputs=reads_of(model, arch), force=force)
+        check_outputs([Output(graph_file)], inputs=reads_of(model, arch, inputs), force=force)
+    example = read_inputs_file(inputs, "inputs")
     loaded = load_model_file(model, trust_pickle, arch, arch_kwargs)
-    found = inspect(loaded.module, include=include, exclude=exclude)
+    found = inspect(loaded.module, include=include, exclude=exclude, example_inputs=example, near_misses=near_misses)
     if graph_file is not None:  # the temporary keeps the suffix: write_graph picks GraphML or DOT from it
         write_file(graph_file, lambda tmp: write_graph(found.graph, str(tmp)), inputs=loaded.reads, force=force)
     if as_json:
@@ -259,7 +280,7 @@ def _inspect_lines(model: Path, fmt: str, found: Any) -> list[str]:
         rows = [[b.name, b.pattern, b.shape_text(), b.act.spec.name, b.fc1.path, b.fc2.path] for b in found.blocks]
         lines += ["", *table(rows, ["block", "pattern", "shape", "act", "fc1", "fc2"])]
     if found.skipped:
-        lines += ["", "skipped:"] + [f"  {s.name}: [{s.code}] {s.message}" for s in found.skipped]
+        lines += ["", "skipped:"] + [f"  {s.line()}" for s in found.skipped]
     counts = ", ".join(f"{k}={v}" for k, v in sorted(found.counters.items()))
     lines += ["", f"counters: {counts or '-'}"]
     return lines

@@ -24,6 +24,7 @@ from kanc.frontend.leaves import (
     ELEMENTWISE_METHODS,
     hf_activation_classes,
     is_activation_module,
+    is_token_norm,
 )
 
 SHIPPED = ("identity", "gelu", "gelu_tanh", "silu", "relu", "tanh", "sigmoid")
@@ -348,25 +349,3 @@ def passthrough_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if node.op == "call_method" and node.target in _NOOP_METHODS:
         return "identity"
     return None
-
-
-def is_token_norm(module: nn.Module) -> bool:
-    """A norm over the channel dimension of each token alone (LayerNorm, RMSNorm and look-alikes, BatchNorm)."""
-    if isinstance(module, nn.LayerNorm | nn.RMSNorm):
-        return len(tuple(module.normalized_shape)) == 1
-    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
-        return True  # per channel; kanc compares and fits in eval mode, where it is an affine map
-    name = type(module).__name__
-    return name.endswith(("RMSNorm", "LayerNorm")) and not name.endswith("2d")
-
-
-def norm_width(module: nn.Module) -> int | None:
-    """The channel count a token norm acts on, when it can be read off the module."""
-    shape = getattr(module, "normalized_shape", None)
-    if shape is not None:
-        return int(tuple(shape)[-1]) if isinstance(shape, tuple | list | torch.Size) else int(shape)
-    for attr in ("num_features", "hidden_size"):
-        if isinstance(getattr(module, attr, None), int):
-            return getattr(module, attr)
-    weight = getattr(module, "weight", None)
-    return int(weight.shape[-1]) if isinstance(weight, Tensor) and weight.dim() == 1 else None

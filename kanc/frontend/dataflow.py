@@ -67,7 +67,7 @@ def _function_flows(fn: ast.FunctionDef) -> set[Flow]:
 
 
 def node_id(part: TracedPart, node: fx.Node) -> str:
-    return f"{part.path or '<root>'}::{node.name}"
+    return f"{'<recorded>' if part.recorded else part.path or '<root>'}::{node.name}"
 
 
 def _placeholders(part: TracedPart) -> list[fx.Node]:

@@ -100,24 +100,34 @@ ELEMENTWISE_METHODS = {
 
 
 def is_elementwise_module(module: nn.Module) -> bool:
-    """A childless module whose forward is one elementwise function of its single input (scalar parameters only).
+    """A module whose forward is one elementwise function of its single input (scalar parameters only), calling
+    at most activation modules of its own.
 
-    Custom activation modules (BLOOM's BloomGelu, minGPT's NewGELU, a user's QuickGELU or StarReLU) qualify;
-    anything with a reduction, a reshape, a second input or a per-channel parameter does not. Decided from the
-    module traced alone in eval mode; cached per class and parameter shapes.
+    Custom activation modules (BLOOM's BloomGelu, minGPT's NewGELU, a user's QuickGELU, timm's StarReLU
+    ``scale * self.relu(x) ** 2 + bias``) qualify; anything with a reduction, a reshape, a second input or a
+    per-channel parameter does not. Decided from the module traced alone in eval mode; cached per class, parameter
+    shapes and child classes.
     """
-    if linear_kind(module) is not None or next(module.children(), None) is not None:
+    if linear_kind(module) is not None:
         return False
-    shapes = tuple(tuple(t.shape) for t in (*module.parameters(), *module.buffers()))
+    children = tuple(module.children())
+    if not all(is_activation_module(c) for c in children):
+        return False
+    shapes = tuple(tuple(t.shape) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
     if any(math.prod(s) != 1 for s in shapes):
         return False
-    key = (type(module), shapes)
+    key = (type(module), shapes, tuple(type(c) for c in children))
     if key not in _ELEMENTWISE_CACHE:
         _ELEMENTWISE_CACHE[key] = _traces_elementwise(module)
     return _ELEMENTWISE_CACHE[key]
 
 
-_ELEMENTWISE_CACHE: dict[tuple[type, tuple], bool] = {}
+_ELEMENTWISE_CACHE: dict[tuple, bool] = {}
+
+
+class _ActivationLeaves(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_activation_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _traces_elementwise(module: nn.Module) -> bool:
@@ -127,15 +137,15 @@ def _traces_elementwise(module: nn.Module) -> bool:
     training = module.training
     module.train(False)  # trace the inference path (BLOOM's GELU calls a custom autograd function when training)
     try:
-        graph = fx.Tracer().trace(module)
+        graph = _ActivationLeaves().trace(module)
     except Exception:  # noqa: BLE001 - whatever does not trace is not a simple elementwise function
         return False
     finally:
         module.train(training)
-    return _elementwise_graph(graph)
+    return _elementwise_graph(graph, dict(module.named_children()))
 
 
-def _elementwise_graph(graph: fx.Graph) -> bool:
+def _elementwise_graph(graph: fx.Graph, children: dict[str, nn.Module]) -> bool:
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     output = nodes[-1]
@@ -146,9 +156,31 @@ def _elementwise_graph(graph: fx.Graph) -> bool:
             return False
         if n.op == "call_method" and n.target not in ELEMENTWISE_METHODS:
             return False
-        if n.op == "call_module":
+        if n.op == "call_module" and (n.target not in children or len(n.args) != 1 or n.kwargs):
             return False
     return True
+
+
+def is_token_norm(module: nn.Module) -> bool:
+    """A norm over the channel dimension of each token alone (LayerNorm, RMSNorm and look-alikes, BatchNorm)."""
+    if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+        return len(tuple(module.normalized_shape)) == 1
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+        return True  # per channel; kanc compares and fits in eval mode, where it is an affine map
+    name = type(module).__name__
+    return name.endswith(("RMSNorm", "LayerNorm")) and not name.endswith("2d")
+
+
+def norm_width(module: nn.Module) -> int | None:
+    """The channel count a token norm acts on, when it can be read off the module."""
+    shape = getattr(module, "normalized_shape", None)
+    if shape is not None:
+        return int(tuple(shape)[-1]) if isinstance(shape, tuple | list | torch.Size) else int(shape)
+    for attr in ("num_features", "hidden_size"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[-1]) if isinstance(weight, Tensor) and weight.dim() == 1 else None
 
 
 # kanc classes that are plain MLPs (the baseline kanc.nn.Mlp), not converted layers: traced and converted like any.
@@ -162,9 +194,12 @@ def is_kanc_layer(module: nn.Module) -> bool:
 
 
 def linear_kind(module: nn.Module) -> str | None:
-    """ "linear", "conv1d" (HF Conv1D), "conv1x1" (a pointwise Conv2d) or None."""
+    """ "linear", "conv1d" (HF Conv1D), "conv1x1" (a pointwise Conv2d), "lora" (a peft LoRA layer over a Linear or
+    Conv1D: a linear map too, W + scale B A, that kanc converts through but never replaces) or None."""
     if isinstance(module, nn.Linear):
         return "linear"
+    if lora_base(module) is not None:
+        return "lora"
     conv1d = hf_conv1d_class()
     # _parameters, not .weight: during tracing fx turns parameter reads into proxies
     weight = module._parameters.get("weight") if conv1d is not None and isinstance(module, conv1d) else None
@@ -173,6 +208,30 @@ def linear_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d) and _pointwise(module):
         return "conv1x1"
     return None
+
+
+def lora_base(module: nn.Module) -> nn.Module | None:
+    """The base layer of a peft ``lora.Linear`` whose adapters are plain LoRA (no DoRA or other variant)."""
+    cls = type(module)
+    if not (cls.__module__.startswith("peft.") and cls.__name__ == "Linear" and hasattr(module, "get_delta_weight")):
+        return None
+    if getattr(module, "lora_variant", None) or not hasattr(module, "base_layer"):
+        return None
+    base = module.base_layer
+    return base if linear_kind(base) in ("linear", "conv1d") else None
+
+
+def _lora_weights(module: nn.Module) -> LinearWeights:
+    """The effective (out, in) weight of a LoRA layer: its base weight plus every active adapter's delta."""
+    base = linear_weights(module.base_layer)
+    if module.merged or module.disable_adapters:
+        return base
+    weight = base.weight
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            delta = module.get_delta_weight(name)
+            weight = weight + (delta.T if module.fan_in_fan_out else delta)
+    return LinearWeights(weight, base.bias)
 
 
 def _pointwise(conv: nn.Conv2d) -> bool:
@@ -186,8 +245,10 @@ def _pointwise(conv: nn.Conv2d) -> bool:
 
 
 def is_leaf(module: nn.Module) -> bool:
-    """Kept whole by kanc's tracer."""
-    return linear_kind(module) is not None or is_activation_module(module) or is_kanc_layer(module)
+    """Kept whole by kanc's tracer: linear-like layers, activations, token norms (timm's and Hugging Face's LayerNorm
+    and RMSNorm classes too, so a norm in a block is one step) and kanc's layers."""
+    kept = linear_kind(module) is not None or is_activation_module(module) or is_token_norm(module)
+    return kept or is_kanc_layer(module)
 
 
 @dataclass(frozen=True)
@@ -207,8 +268,10 @@ class LinearWeights:
 
 
 def linear_weights(module: nn.Module) -> LinearWeights:
-    """The (out, in) weight and bias of a linear-like module (views, not copies)."""
+    """The (out, in) weight and bias of a linear-like module (views, not copies; a LoRA layer's are computed)."""
     kind = linear_kind(module)
+    if kind == "lora":
+        return _lora_weights(module)
     if kind == "linear":
         return LinearWeights(module.weight, module.bias)
     if kind == "conv1d":

@@ -32,8 +32,8 @@ from functools import lru_cache
 from torch import fx, nn
 from torch.nn import functional as F
 
-from kanc.frontend.activations import is_token_norm, module_activation
-from kanc.frontend.leaves import linear_kind
+from kanc.frontend.activations import module_activation
+from kanc.frontend.leaves import is_token_norm, linear_kind
 
 # Functional dropouts as they are written in model code: F.dropout, nn.functional.dropout, torch.dropout.
 _DROPOUT_NAMES = {("F", "dropout"), ("functional", "dropout"), ("torch", "dropout")}

@@ -24,6 +24,7 @@ class LeafTracer(fx.Tracer):
 
     def __init__(self) -> None:
         super().__init__(autowrap_modules=(math,))
+        self.record_stack_traces = True  # each node's file:line, which skips name (kanc.frontend.recording.site_of)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
@@ -42,6 +43,7 @@ class TracedPart:
 
     ``source`` parts are partial graphs read from the source of a module that did not trace
     (``kanc.frontend.source``): they hold only its inline MLP chains, are never run, and allow only module swaps.
+    A ``recorded`` part is the graph of a real execution of the whole model; it allows swaps and call-site edits.
     """
 
     path: str
@@ -49,6 +51,8 @@ class TracedPart:
     graph_module: fx.GraphModule
     aten: bool = False
     source: bool = False
+    recorded: bool = False  # the whole model's recorded execution (kanc.frontend.recording): read, never run
+    boundaries: dict = field(default_factory=dict, repr=False)  # recorded: module path -> [(input, output nodes)]
 
     def absolute(self, relative: str) -> str:
         """Model path of a path relative to this part."""
@@ -80,7 +84,7 @@ class Trace:
         return any(p.aten for p in self.parts)
 
     def part(self, path: str) -> TracedPart | None:
-        return next((p for p in self.parts if p.path == path), None)
+        return next((p for p in self.parts if p.path == path and not p.recorded), None)
 
     def reasons(self) -> dict[str, str]:
         """path -> why it did not trace (containers left out)."""
@@ -94,17 +98,20 @@ def is_aten_graph(module: nn.Module) -> bool:
     return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in module.graph.nodes)
 
 
-def trace_hierarchical(model: nn.Module) -> Trace:
-    """Trace ``model`` whole, else its children recursively; leaves and subtrees without linears are not traced."""
+def trace_hierarchical(model: nn.Module, read_source: bool = True) -> Trace:
+    """Trace ``model`` whole, else its children recursively; leaves and subtrees without linears are not traced.
+
+    ``read_source``: read inline MLP chains from the source of modules that do not trace (not needed when a
+    recorded execution sees them)."""
     trace = Trace(model)
     if is_aten_graph(model):
         trace.parts.append(TracedPart("", model, model, aten=True))
         return trace
-    _visit(trace, "", model)
+    _visit(trace, "", model, read_source)
     return trace
 
 
-def _visit(trace: Trace, path: str, module: nn.Module) -> None:
+def _visit(trace: Trace, path: str, module: nn.Module, read_source: bool) -> None:
     if is_leaf(module) or not _worth_tracing(module):
         return
     try:
@@ -113,11 +120,11 @@ def _visit(trace: Trace, path: str, module: nn.Module) -> None:
     except Exception as e:  # noqa: BLE001 - any tracing failure means: try the children
         container = isinstance(module, nn.ModuleList | nn.ModuleDict) or type(module).forward is nn.Module.forward
         trace.failures.append(TraceFailure(path, type(module).__name__, _reason(e), container))
-        chains = [] if container else inline_chains(module)
+        chains = [] if container or not read_source else inline_chains(module)
         if chains:
             trace.parts.append(TracedPart(path, module, chain_graph(module, chains), source=True))
     for name, child in module.named_children():
-        _visit(trace, f"{path}.{name}" if path else name, child)
+        _visit(trace, f"{path}.{name}" if path else name, child, read_source)
 
 
 def _worth_tracing(module: nn.Module) -> bool:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
-from kanc.errors import KancError
-from kanc.passes.patterns import MLPBlock
+from kanc.errors import KancError, one_line
+from kanc.passes.checks import MLPBlock
 
 DEFAULT_MAX_ROWS = 16384
 
@@ -150,3 +151,55 @@ def output_tensors(out: Any, root: str = "output", prefix: str | None = None) ->
     else:
         return []
     return [t for group in groups for t in group]
+
+
+def input_spec(inputs: Any) -> Any:
+    """JSON description of model inputs (shapes and dtypes, no values): enough to run the model again for
+    discovery when a saved conversion is re-applied (kanc.load)."""
+    if isinstance(inputs, Tensor):
+        return {"shape": list(inputs.shape), "dtype": str(inputs.dtype).removeprefix("torch.")}
+    if isinstance(inputs, Mapping):
+        return {"dict": {str(k): input_spec(v) for k, v in inputs.items()}}
+    if isinstance(inputs, tuple | list):
+        return {"tuple": [input_spec(v) for v in inputs]}
+    return {"value": inputs if isinstance(inputs, bool | int | float | str) or inputs is None else None}
+
+
+MAX_SPEC_ELEMENTS = 1 << 26  # a manifest is untrusted data: it may not ask for more than 256 MB of fp32 inputs
+_SPEC_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+)}  # fmt: skip
+
+
+def inputs_from_spec(spec: Any, where: Any = "the manifest") -> Any:
+    """Inputs of the described shapes: zeros for integer tensors (valid token ids), seeded N(0, 1) for floats.
+    A spec that is not one input_spec writes (unknown dtype, bad shape, too many elements) is a KancError."""
+    budget = [MAX_SPEC_ELEMENTS]
+    try:
+        return _from_spec(spec, budget, depth=0)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise KancError(f"{where}: discovery_inputs is not a valid input description ({one_line(e)})") from None
+
+
+def _from_spec(spec: Any, budget: list[int], depth: int) -> Any:
+    if depth > 8 or not isinstance(spec, Mapping):
+        raise ValueError("nested too deep" if depth > 8 else f"{type(spec).__name__} where a mapping belongs")
+    if "shape" in spec:
+        dtype, shape = _SPEC_DTYPES[spec["dtype"]], spec["shape"]
+        if not isinstance(shape, list) or len(shape) > 8 or not all(type(n) is int and 0 <= n for n in shape):
+            raise ValueError(f"bad shape {str(shape)[:40]}")
+        budget[0] -= math.prod(shape)
+        if budget[0] < 0:
+            raise ValueError(f"more than {MAX_SPEC_ELEMENTS} elements")
+        if dtype.is_floating_point:
+            return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        return torch.zeros(shape, dtype=dtype)
+    if "dict" in spec:
+        return {str(k): _from_spec(v, budget, depth + 1) for k, v in dict(spec["dict"]).items()}
+    if "tuple" in spec:
+        return tuple(_from_spec(v, budget, depth + 1) for v in list(spec["tuple"]))
+    value = spec.get("value")
+    if not (isinstance(value, bool | int | float | str) or value is None):
+        raise ValueError(f"bad value of type {type(value).__name__}")
+    return value

@@ -6,14 +6,19 @@ import fnmatch
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import networkx as nx
+import torch
 from torch import fx, nn
 
+from kanc.errors import KancError
 from kanc.frontend.dataflow import dataflow_graph, node_id
 from kanc.frontend.leaves import is_activation_module, is_kanc_layer, linear_kind
-from kanc.frontend.tracing import Trace, trace_hierarchical
-from kanc.passes.patterns import Miss, MLPBlock, View, describe, walk_to_fc2
+from kanc.frontend.recording import module_site, record_execution, site_of
+from kanc.frontend.tracing import Trace, TracedPart, is_aten_graph, trace_hierarchical
+from kanc.passes.checks import Linear, Miss, MLPBlock, View, describe, metadata_read, walk_to_fc2
 from kanc.passes.surgery import lca
 from kanc.passes.table import PATTERNS
 
@@ -28,9 +33,31 @@ class Skip:
     code: str
     message: str
     pattern: str | None = None
+    scope: str = field(default="", repr=False)  # the module whose code holds the activation
+    site: str | None = None  # file:line (function) of the code the skip is about
+    near_miss: bool = field(default=False, repr=False)  # about something that is not an MLP block (see near_miss)
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "code": self.code, "message": self.message, "pattern": self.pattern}
+        info = {"name": self.name, "code": self.code, "message": self.message, "pattern": self.pattern}
+        return {**info, "site": self.site}
+
+    def line(self) -> str:
+        """``name: [code] message (at site)``, as reports print it."""
+        return f"{self.name}: [{self.code}] {self.message}" + (f" (at {self.site})" if self.site else "")
+
+
+# Activations that gate or squash rather than act in an MLP: SE gates, poolers, GLU-style gates of other layers.
+GATE_ACTIVATIONS = ("sigmoid", "hardsigmoid", "tanh", "softmax", "logsigmoid")
+
+
+def near_miss(code: str, activation: str) -> bool:
+    """A skip about something that is not an MLP block, hidden unless asked (``near_misses=True``): an activation
+    that feeds a linear layer with none in front (AdaLN modulation, ``linear(silu(emb))``), or a gate-like one that
+    feeds none or multiplies something other than a linear's output (an SE gate's sigmoid, a pooler's tanh)."""
+    if code == "no_fc1":
+        return True
+    gate_like = activation.split("(")[0].lower() in GATE_ACTIVATIONS  # a module class name: Hardsigmoid
+    return code in ("no_fc2", "ends_module", "hidden_reused", "gate_partner") and gate_like
 
 
 @dataclass
@@ -47,10 +74,35 @@ class FindResult:
     blocks: list[MLPBlock] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     counters: Counter = field(default_factory=Counter)
+    near_misses: list[Skip] = field(default_factory=list)  # skips about things that are not MLP blocks (hidden)
     converted: Counter = field(default_factory=Counter)
+    alternates: dict = field(default_factory=dict)  # block key -> the same block found in the recorded execution
 
     def block(self, name: str) -> MLPBlock:
         return next(b for b in self.blocks if b.name == name)
+
+    def weights_read(self, lin: Linear, values: bool = False, kept: tuple[str, ...] = ()) -> str | None:
+        """Where code other than the layer itself reads ``lin``'s weight or bias (in a traced graph or the recorded
+        run: PyTorch's fused paths, open_clip's ``get_weight_dtype``), or None. With ``values``, only reads of the
+        values count (a read of the dtype, device or shape is no obstacle to a layer that keeps its weight); reads
+        of the weight's metadata named in ``kept`` never count (what a stand-in answers the same: KeepsDtype)."""
+        if lin.module is None:  # an aten.linear: its parameters' other readers in the graph
+            for arg in lin.node.args[1:3]:
+                others = [u for u in getattr(arg, "users", ()) if u is not lin.node]
+                if others:
+                    return f"{arg.target} is also read by {others[0].name}"
+            return None
+        names = {f"{lin.path}.weight", f"{lin.path}.bias"}
+        for part in self.trace.parts:
+            for node in part.graph_module.graph.nodes:
+                if node.op != "get_attr" or part.absolute(str(node.target)) not in names:
+                    continue
+                here = kept if part.absolute(str(node.target)).endswith(".weight") else ()  # a stand-in has no bias
+                readers = [u for u in node.users if not ((values and _harmless(lin, u)) or metadata_read(u) in here)]
+                if readers:
+                    site = next((site for u in readers if (site := site_of(u))), None)
+                    return f"{part.absolute(str(node.target))} is read at {site or part.path or ROOT}"
+        return None
 
     def as_dict(self) -> dict:
         return {
@@ -60,6 +112,12 @@ class FindResult:
             "already_converted": dict(self.converted),
             "not_traced": self.trace.reasons(),
         }
+
+
+def _harmless(lin: Linear, reader: fx.Node) -> bool:
+    """A read a fused layer answers the same: its weight's dtype or device (and shape, unless stored transposed)."""
+    attr = metadata_read(reader)
+    return attr is not None and not (lin.kind == "conv1d" and attr in ("shape", "size"))
 
 
 def block_info(block: MLPBlock) -> dict:
@@ -82,33 +140,98 @@ def block_info(block: MLPBlock) -> dict:
 
 
 def find_mlp_blocks(
-    model: nn.Module, *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
+    model: nn.Module,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    inputs: Any = None,
+    near_misses: bool = False,
 ) -> FindResult:
     """Find every MLP block of ``model`` (no change to the model).
 
     Before: any nn.Module (or an aten-level GraphModule from ``ExportedProgram.module()``).
     After: ``blocks`` in graph order, each named by its owner module; every near miss, every module that did not
-    trace (with linear layers of its own) and every block left out by ``include``/``exclude`` is a counted skip.
+    trace (with linear layers of its own) and every block left out by ``include``/``exclude`` is a counted skip
+    naming its file:line. Skips about things that are not MLP blocks (AdaLN modulation, SE gates, poolers: see
+    ``near_miss``) are counted as ``near_miss:<code>`` and kept in ``near_misses``; listed too with ``near_misses``.
+
+    With ``inputs`` the model also runs once on them, recorded (kanc.frontend.recording): blocks inside modules
+    that do not trace are found on what really ran; where a module traced, its symbolic graph is used.
     """
-    trace = trace_hierarchical(model)
+    trace = trace_hierarchical(model, read_source=inputs is None or is_aten_graph(model))
+    if inputs is not None and not trace.aten:
+        trace.parts.append(_recorded_part(model, inputs))
     result = FindResult(model, trace, dataflow_graph(trace))
     aliased = _aliased(model)
+    traced = [p.path for p in trace.parts if not (p.recorded or p.source)]
+    recorded = FindResult(model, trace, result.graph)
     for part in trace.parts:
         view = View(part, trace, result.graph, aliased)
+        into, hits = recorded if part.recorded else result, []
         for node in list(part.graph_module.graph.nodes):
             act = view.act(node)
             if act is not None:
-                _match(view, act, result)
+                _match(view, act, into, hits)
+        _group_calls(view, hits, into)
+    _merge_recorded(result, recorded, traced)
     _name_blocks(result)
     _skip_untraced(result)
     _skip_stacked_experts(result)
     _filter(result, include, exclude)
+    _set_near_misses(result, near_misses)
     result.converted = Counter(type(m).__name__ for m in model.modules() if is_kanc_layer(m))
     for block in result.blocks:
         result.counters[f"found:{block.pattern}"] += 1
     for skip in result.skipped:
         result.counters[f"skip:{skip.code}"] += 1
+    for skip in result.near_misses:
+        result.counters[f"near_miss:{skip.code}"] += 1
     return result
+
+
+def _set_near_misses(result: FindResult, listed: bool) -> None:
+    hidden = [s for s in result.skipped if s.near_miss]
+    result.near_misses = hidden
+    if not listed:
+        result.skipped = [s for s in result.skipped if not s.near_miss]
+
+
+def _recorded_part(model: nn.Module, inputs: Any) -> TracedPart:
+    from kanc.passes.calibrate import call_model, eval_mode
+
+    def run() -> Any:
+        with torch.no_grad(), eval_mode(model):
+            return call_model(model, inputs)
+
+    try:
+        recording = record_execution(model, run)
+    except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
+        raise KancError(f"the model does not run on the given inputs: {type(e).__name__}: {e}") from None
+    return TracedPart("", model, recording.graph_module, recorded=True, boundaries=recording.boundaries)
+
+
+def _merge_recorded(result: FindResult, recorded: FindResult, traced: list[str]) -> None:
+    """Where a module traced and its symbolic graph holds the block, that graph speaks for it (the recorded twin is
+    kept as the alternate, used when the symbolic rewrite is refused); elsewhere the recording does: a block only
+    the run shows (the symbolic graph hid it behind shape arithmetic) replaces the symbolic skip at its call site."""
+    symbolic = {lin.path: b for b in result.blocks for lin in b.linears()}
+    for block in recorded.blocks:
+        twin = next((symbolic[lin.path] for lin in block.linears() if lin.path in symbolic), None)
+        if twin is not None:
+            if twin.key[1:] == block.key[1:]:
+                result.alternates[twin.key] = block
+                if len(twin.chain) == len(block.chain):  # the symbolic graph has no shapes: the run's say
+                    twin.chain_rowwise = block.chain_rowwise
+            continue
+        result.blocks.append(block)
+        if _covered(block.owner, traced):
+            site = site_of(block.act.node)
+            result.skipped = [s for s in result.skipped if s.site is None or s.site != site]
+    result.skipped += [s for s in recorded.skipped if not _covered(s.scope, traced)]
+
+
+def _covered(scope: str, traced: list[str]) -> bool:
+    return any(p == "" or scope == p or scope.startswith(p + ".") for p in traced)
 
 
 def _aliased(model: nn.Module) -> set[int]:
@@ -116,22 +239,51 @@ def _aliased(model: nn.Module) -> set[int]:
     return {k for k, v in seen.items() if v > 1}
 
 
-def _match(view: View, act, result: FindResult) -> None:
+def _match(view: View, act, result: FindResult, hits: list[MLPBlock]) -> None:
     best: tuple[Miss, str] | None = None
     for row in PATTERNS:
         outcome = row.check(view, act)
         if isinstance(outcome, MLPBlock):
             outcome.pattern = row.name
             outcome.owner = _owner(view, outcome)
-            result.blocks.append(outcome)
+            hits.append(outcome)
             return
         if isinstance(outcome, Miss) and (best is None or outcome.depth > best[0].depth):
             best = (outcome, row.name)
     if best is None:
         best = _half_block(view, act)
     if best is not None:
-        where = act.path or f"{view.scope(act.node) or ROOT}:{act.node.name}"
-        result.skipped.append(Skip(where, best[0].code, best[0].message, best[1]))
+        scope = view.scope(act.node)
+        where = act.path or f"{scope or ROOT}:{act.node.name}"
+        miss, row = best
+        hidden = near_miss(miss.code, act.spec.name)
+        result.skipped.append(Skip(where, miss.code, miss.message, row, scope, site_of(act.node), hidden))
+
+
+def _group_calls(view: View, hits: list[MLPBlock], result: FindResult) -> None:
+    """One block per key. A block whose modules are called k times, each call matched as this same block (one MLP
+    module applied twice, DiT's timestep embedder reused for the final layer), is kept once with ``calls = k``;
+    a linear layer called more often than its block ran (its other calls do something else) is a shared_module
+    skip. An activation module called by other blocks too is marked shared: it is replaced in the graph, not swapped.
+    """
+    groups: dict[tuple, list[MLPBlock]] = {}
+    for block in hits:
+        groups.setdefault(block.key, []).append(block)
+    for group in groups.values():
+        block, k = group[0], len(group)
+        counted = [lin.node.target for lin in block.linears() if lin.module is not None]
+        other = next((t for t in counted if view.calls[t] != k), None)  # (an activation module may be shared)
+        if other is None:
+            block.calls = k
+            act = view.module(block.act.node)
+            block.act.shared = act is not None and (view.calls[block.act.node.target] != k or id(act) in view.aliased)
+            result.blocks.append(block)
+            continue
+        scope = view.scope(block.act.node)
+        message = f"{view.part.absolute(str(other))} is called {view.calls[other]} times, the block runs {k}: " \
+            "converting it would change the other uses"  # fmt: skip
+        name = block.owner or ROOT
+        result.skipped.append(Skip(name, "shared_module", message, block.pattern, scope, site_of(block.act.node)))
 
 
 def _half_block(view: View, act) -> tuple[Miss, str] | None:
@@ -172,14 +324,16 @@ def _skip_untraced(result: FindResult) -> None:
             continue
         module = model.get_submodule(failure.path) if failure.path else model
         linears = [n for n, c in module.named_children() if linear_kind(c) is not None]
-        read = _read_from_source(result.trace, failure.path)
+        read = _read_from_source(result.trace, failure.path) | _ran(result.trace, failure.path)
         unread = [n for n in linears if n not in read]
         if not unread:
             continue
         message = f"did not trace ({failure.reason}); {_unexamined(len(unread), len(linears))} not examined"
-        if read:
+        if any(p.recorded for p in result.trace.parts):
+            message += " (they did not run on the example inputs)"
+        elif read:
             message += " (its inline MLP was read from its source)"
-        result.skipped.append(Skip(failure.path or ROOT, "not_traced", message))
+        result.skipped.append(Skip(failure.path or ROOT, "not_traced", message, site=module_site(module)))
 
 
 def _skip_stacked_experts(result: FindResult) -> None:
@@ -191,7 +345,7 @@ def _skip_stacked_experts(result: FindResult) -> None:
                 f"{type(module).__name__} applies its activation to expert weights stacked as 3-D parameters "
                 "(a mixture of experts): kanc converts MLPs built from linear layers"
             )
-            result.skipped.append(Skip(path or ROOT, "stacked_experts", message))
+            result.skipped.append(Skip(path or ROOT, "stacked_experts", message, site=module_site(module)))
 
 
 def _stacked_experts(module: nn.Module) -> bool:
@@ -205,6 +359,21 @@ def _read_from_source(trace: Trace, path: str) -> set[str]:
     if part is None:
         return set()
     return {str(n.target) for n in part.graph_module.graph.nodes if n.op == "call_module"}
+
+
+def _ran(trace: Trace, path: str) -> set[str]:
+    """Children of the module at ``path`` that ran as recorded leaves."""
+    part = next((p for p in trace.parts if p.recorded), None)
+    if part is None:
+        return set()
+    prefix = f"{path}." if path else ""
+    seen = set()
+    for n in part.graph_module.graph.nodes:
+        if n.op == "call_module":
+            seen.add(str(n.target))
+        elif n.op == "get_attr":  # a linear whose weights a function read (attention's out_proj) ran too
+            seen.add(str(n.target).rpartition(".")[0])
+    return {t[len(prefix) :] for t in seen if t.startswith(prefix) and "." not in t[len(prefix) :]}
 
 
 def _unexamined(unread: int, total: int) -> str:
@@ -221,10 +390,11 @@ def _filter(result: FindResult, include: Iterable[str] | None, exclude: Iterable
     include, exclude = list(include or []), list(exclude or [])
     kept = []
     for block in result.blocks:
+        left_out = partial(Skip, block.name, pattern=block.pattern, site=site_of(block.act.node))
         if include and not matches(block.name, include):
-            result.skipped.append(Skip(block.name, "not_included", "not matched by --include", block.pattern))
+            result.skipped.append(left_out("not_included", "not matched by --include"))
         elif exclude and matches(block.name, exclude):
-            result.skipped.append(Skip(block.name, "excluded", "matched by --exclude", block.pattern))
+            result.skipped.append(left_out("excluded", "matched by --exclude"))
         else:
             kept.append(block)
     result.blocks = kept

@@ -1,6 +1,6 @@
-"""The conversion pipeline, read top to bottom: find, rewrite, lint, verify.
+"""The conversion pipeline, read top to bottom: find, rewrite, fuse, lint, verify.
 
-    find_mlp_blocks -> rewrite_to_<target> -> (lint) -> verify_equivalence
+    find_mlp_blocks -> rewrite_to_<target> -> fuse_rationals (grkan) -> (lint) -> verify_equivalence
 
 ``KANC_DEBUG=1`` prints each pass with its time and hit counters on stderr; ``KANC_DEBUG=2`` also prints the
 graph of every module the pass changed. After each pass that changes the model, every changed module's graph
@@ -15,16 +15,19 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from torch import fx, nn
 
 from kanc.errors import KancError
 from kanc.frontend.tracing import trace_module
+from kanc.passes.convert import PassResult, rewrite_to_grkan, rewrite_to_snnk
 from kanc.passes.find import FindResult, find_mlp_blocks
-from kanc.passes.rewrite import PassResult, rewrite_to_grkan, rewrite_to_snnk
+from kanc.passes.fuse import fuse_rationals
+from kanc.passes.hazards import guard_fast_paths
 from kanc.passes.surgery import get_module
-from kanc.passes.verify import Fidelity, snapshot, verify_equivalence
+from kanc.passes.verify import Fidelity, Snapshot, snapshot, verify_equivalence
 
 REWRITES: dict[str, Callable[..., PassResult]] = {"grkan": rewrite_to_grkan, "snnk": rewrite_to_snnk}
 
@@ -65,25 +68,47 @@ def run_pipeline(
     include: Any = None,
     exclude: Any = None,
     calibration: Any = None,
-    reference: nn.Module | None = None,
+    reference: nn.Module | Snapshot | None = None,
     verify_inputs: Any = None,
+    discovery_inputs: Any = None,
     progress: Callable[[str, int, int], None] | None = None,
+    near_misses: bool = False,
     **options: Any,
 ) -> Conversion:
-    """Convert ``model`` in place and, with ``verify_inputs``, measure it against ``reference`` (the original model;
-    when None, a snapshot of ``model`` is taken on those inputs before it is rewritten)."""
+    """Convert ``model`` in place and, with ``verify_inputs``, measure it against ``reference`` (the original model
+    or its Snapshot; when None, a snapshot of ``model`` is taken on those inputs before it is rewritten).
+
+    Blocks are found on a recorded run of the model on ``verify_inputs`` (or ``discovery_inputs``, which only find),
+    and on its symbolic trace."""
     if target not in REWRITES:
         raise KancError(f"unknown target {target!r}: use one of {', '.join(REWRITES)}")
     ran: list[PassRecord] = []
-    found = _run(ran, "find_mlp_blocks", lambda: find_mlp_blocks(model, include=include, exclude=exclude))
+    found = _run(
+        ran,
+        "find_mlp_blocks",
+        lambda: find_mlp_blocks(
+            model,
+            include=include,
+            exclude=exclude,
+            inputs=verify_inputs if verify_inputs is not None else discovery_inputs,
+            near_misses=near_misses,
+        ),
+    )
     if verify_inputs is not None and reference is None and found.blocks:
         reference = _run(ran, "snapshot", lambda: snapshot(model, verify_inputs, found.blocks))
     rewrite = REWRITES[target]
+    measure = verify_inputs is None
     result = _run(
         ran,
         f"rewrite_to_{target}",
-        lambda: rewrite(model, found, calibration=calibration, progress=progress, **options),
+        lambda: rewrite(model, found, calibration=calibration, progress=progress, measure=measure, **options),
     )
+    if target == "grkan":
+        reads = partial(found.weights_read, values=True)  # a fused layer keeps its weight's dtype and device
+        fused = _run(ran, "fuse_rationals", lambda: fuse_rationals(result.model, result.converted, reads))
+        result.touched = sorted({*result.touched, *fused.touched})
+    guarded = guard_fast_paths(result.model)
+    result.notes += [f"{p or '<root>'}: PyTorch's fused fast path turned off (it would bypass kanc)" for p in guarded]
     lint_model(result.model, result.touched, ran)
     _print_graphs(result.model, result.touched)
     fidelity = None
@@ -91,7 +116,16 @@ def run_pipeline(
         fidelity = _run(
             ran, "verify_equivalence", lambda: verify_equivalence(reference, result.model, verify_inputs, result)
         )
+        _record_block_errors(result, fidelity)
     return Conversion(result.model, target, found, result, fidelity, ran)
+
+
+def _record_block_errors(result: PassResult, fidelity: Fidelity) -> None:
+    for c in result.converted:
+        if c.name in fidelity.blocks:
+            c.error, c.error_inputs = fidelity.blocks[c.name], f"example inputs ({fidelity.inputs})"
+        elif c.error is None:
+            c.error_inputs = "not measured: the block did not run on the example inputs"
 
 
 def _run(ran: list[PassRecord], name: str, fn: Callable[[], Any]) -> Any:

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from kanc.passes.find import Skip
 from kanc.passes.pipeline import Conversion
 
 
@@ -32,6 +33,11 @@ class ConversionReport:
     @property
     def blocks(self) -> list[str]:
         return [c["name"] for c in self.converted]
+
+    @property
+    def failed_checks(self) -> list[str]:
+        """The fidelity checks that failed (non-finite outputs, grad modes that disagree); empty when all passed."""
+        return list((self.fidelity or {}).get("failures") or [])
 
     def as_dict(self) -> dict:
         return {
@@ -94,6 +100,10 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     return [fmt.format(*header).rstrip(), *(fmt.format(*map(str, r)).rstrip() for r in rows)]
 
 
+def _error_text(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.2e}"
+
+
 def _lines(r: ConversionReport) -> list[str]:
     head = f"kanc {r.target}: {r.model_type}, {len(r.converted)} block(s) converted, {len(r.skipped)} skipped"
     lines = [f"{head} ({r.seconds:.2f} s)"]
@@ -101,26 +111,28 @@ def _lines(r: ConversionReport) -> list[str]:
     lines.append(f"parameters: {r.params_before:,} -> {r.params_after:,} ({delta:+.1f}%)")
     lines += [f"note: {n}" for n in r.notes]
     if r.converted:
-        fid = (r.fidelity or {}).get("blocks", {})
         rows = [
             [
                 c["name"], c["pattern"], c["shape"], c["activation"], c["mode"],
-                f"{c['params_before']:,} -> {c['params_after']:,}", f"{c['error']:.2e}",
-                f"{fid[c['name']]:.2e}" if c["name"] in fid else "-",
+                f"{c['params_before']:,} -> {c['params_after']:,}", _error_text(c["error"]), c["error_inputs"] or "-",
             ]
             for c in r.converted
         ]  # fmt: skip
-        header = ["block", "pattern", "shape", "act", "mode", "params", "block err", "err on inputs"]
+        header = ["block", "pattern", "shape", "act", "mode", "params", "block err", "measured on"]
         lines += ["", *_table(rows, header)]
         lines += [f"  {c['name']}: {n}" for c in r.converted for n in c["notes"]]
-    if r.fidelity and r.fidelity.get("outputs"):
-        outs = ", ".join(f"{k} {v:.2e}" for k, v in r.fidelity["outputs"].items())
-        lines += ["", f"model outputs on {r.fidelity['inputs']}: relative error {outs}"]
+    if r.fidelity and (r.fidelity.get("outputs") or r.fidelity.get("outputs_grad")):
+        lines.append("")
+        for mode, key in (("no_grad", "outputs"), ("grad", "outputs_grad")):
+            outs = ", ".join(f"{k} {_error_text(v)}" for k, v in (r.fidelity.get(key) or {}).items()) or "-"
+            lines.append(f"model outputs on {r.fidelity['inputs']} ({mode}): relative error {outs}")
     elif r.converted:
         lines += ["", "model outputs: not measured (pass example_inputs= / --inputs to measure them)"]
+    if r.failed_checks:
+        lines += ["", "FAILED CHECKS:"] + [f"  {f}" for f in r.failed_checks]
     if r.skipped:
         lines += ["", "skipped:"]
-        lines += [f"  {s['name']}: [{s['code']}] {s['message']}" for s in r.skipped]
+        lines += [f"  {Skip(**s).line()}" for s in r.skipped]
     if r.fallbacks:
         lines += ["", "kernel fallbacks (calls so far, per layer):", *(f"  {line}" for line in r.fallbacks)]
     return lines

@@ -66,6 +66,12 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(get_module(model, parent_path), name, module)
 
 
+def swap_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at ``path`` by ``module``, which takes the old one's training flag."""
+    module.train(get_module(model, path).training)
+    set_module(model, path, module)
+
+
 def relative(path: str, owner: str) -> str:
     if not owner:
         return path
@@ -125,6 +131,12 @@ class NodeMap:
 
     def _find(self, old: fx.Node) -> fx.Node:
         candidates = None
+        if old.op == "get_attr":
+            absolute = f"{self.old_prefix}.{old.target}" if self.old_prefix else old.target
+            target = relative(absolute, self.owner)
+            found = [n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == target]
+            if found:
+                return found[0]
         if old.op == "call_module":
             absolute = f"{self.old_prefix}.{old.target}" if self.old_prefix else old.target
             candidates = self.by_target.get(relative(absolute, self.owner), [])

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from kanc.passes import rewrites
-from kanc.passes.patterns import Act, Miss, MLPBlock, View, check_gated, check_glu_chunk, check_plain, check_split
+from kanc.passes import builders
+from kanc.passes.checks import Act, Miss, MLPBlock, View, check_gated, check_glu_chunk, check_plain, check_split
 
 Check = Callable[[View, Act], "MLPBlock | Miss | None"]
 
@@ -26,27 +26,27 @@ class Pattern:
 
 PATTERNS: tuple[Pattern, ...] = (
     Pattern(
-        "gated", check_gated, rewrites.grkan_gate, rewrites.snnk_span,
+        "gated", check_gated, builders.grkan_substitute, builders.snnk_span,
         "act(gate(x)) * up(x) -> down: LLaMA SwiGLU, GeGLU, timm SwiGLU",
     ),
     Pattern(
-        "glu_chunk", check_glu_chunk, rewrites.grkan_gate, rewrites.snnk_span,
+        "glu_chunk", check_glu_chunk, builders.grkan_substitute, builders.snnk_span,
         "fc1(x).chunk(2) -> act(a) * b -> fc2: timm GluMlp",
     ),
     Pattern(
-        "plain", partial(check_plain, kinds=("linear", "aten")), rewrites.grkan_linears, rewrites.snnk_span,
+        "plain", partial(check_plain, kinds=("linear", "aten", "lora")), builders.grkan_substitute, builders.snnk_span,
         "Linear -> act -> (Dropout | Identity | norm)* -> Linear, act a module, function or method",
     ),
     Pattern(
-        "conv1d", partial(check_plain, kinds=("conv1d",)), rewrites.grkan_linears, rewrites.snnk_span,
+        "conv1d", partial(check_plain, kinds=("conv1d",)), builders.grkan_substitute, builders.snnk_span,
         "HF Conv1D -> act -> Conv1D: GPT-2's MLP, weights stored (in, out)",
     ),
     Pattern(
-        "conv1x1", partial(check_plain, kinds=("conv1x1",)), rewrites.grkan_linears, rewrites.snnk_span,
+        "conv1x1", partial(check_plain, kinds=("conv1x1",)), builders.grkan_substitute, builders.snnk_span,
         "1x1 Conv2d -> act -> 1x1 Conv2d on channels-first maps",
     ),
     Pattern(
-        "split", check_split, rewrites.grkan_linears, rewrites.snnk_split,
+        "split", check_split, builders.grkan_substitute, builders.snnk_split,
         "fc1 -> act returned by one module, fc2 first in the next: BERT intermediate/output",
     ),
 )  # fmt: skip

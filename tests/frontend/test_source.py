@@ -130,7 +130,7 @@ def test_grkan_swaps_keep_the_function_and_the_forward_code(cls):
     converted = kanc.compile(model, "grkan", example_inputs=(x,))
     report = kanc.report(converted)
     assert len(report.converted) == 2 and all(b["mode"] == "swap" for b in report.converted)
-    assert all("read from the source" in " ".join(b["notes"]) for b in report.converted)
+    assert all("recorded run" in " ".join(b["notes"]) for b in report.converted)  # inputs given: a run was seen
     assert type(converted[0]) is cls  # the layer's own forward still runs
     assert isinstance(converted[0].fc1, GRKANLinear)
     if cls is NormBetween:
@@ -163,7 +163,7 @@ def test_opt_converts_block_by_block():
     converted = kanc.compile(model, "grkan", groups=4)
     report = kanc.report(converted)
     assert [b["name"] for b in report.converted] == ["decoder.layers.0", "decoder.layers.1"]
-    assert {s["name"] for s in report.skipped} == {"decoder.layers.0.self_attn", "decoder.layers.1.self_attn"}
+    assert report.skipped == []  # the run on token ids examined the attention layers that do not trace
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         err = rel_error(converted(ids).last_hidden_state, model(ids).last_hidden_state)

@@ -59,7 +59,8 @@ def test_leaves_linear_like_activation_and_kanc_layers():
 
     for leaf in (nn.GELU(), NewGELUActivation(), GRKANLinear(8, 8), SNNKMlp(8, 8, 4), conv1d):
         assert is_leaf(leaf), type(leaf).__name__
-    assert not is_leaf(nn.Sequential(nn.Linear(2, 2))) and not is_leaf(nn.LayerNorm(4))
+    assert not is_leaf(nn.Sequential(nn.Linear(2, 2))) and not is_leaf(nn.LayerNorm((4, 4)))
+    assert is_leaf(nn.LayerNorm(4)) and is_leaf(nn.RMSNorm(4))  # a token norm is one step of a block
 
 
 def test_leaf_check_does_not_break_tracing_of_conv1d_blocks():

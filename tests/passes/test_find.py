@@ -86,9 +86,50 @@ class _Pooler(nn.Module):
         return self.act(self.dense(x))[:, 0]
 
 
+class _AdaLN(nn.Module):
+    """DiT's AdaLN modulation: linear(silu(emb)), chunked into shift and scale (not an MLP block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.silu, self.linear, self.norm = nn.SiLU(), nn.Linear(8, 16), nn.LayerNorm(8, elementwise_affine=False)
+
+    def forward(self, x, emb):
+        shift, scale = self.linear(self.silu(emb)).chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class _SqueezeExcite(nn.Module):
+    """An SE gate: x * sigmoid(fc2(relu(fc1(mean(x))))): the bottleneck is an MLP block, the gate is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.gate = nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 8), nn.Hardsigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.act(self.fc1(x.mean(1, keepdim=True)))))
+
+
 def test_other_skip_reasons():
-    assert find_mlp_blocks(_Mismatch()).counters == {"skip:no_fc2": 1}
-    assert find_mlp_blocks(nn.Sequential(_Pooler())).counters == {"skip:no_fc2": 1}
+    mismatch = find_mlp_blocks(_Mismatch())
+    assert mismatch.counters == {"skip:no_fc2": 1}
+    (skip,) = mismatch.skipped
+    assert skip.site.startswith("tests/passes/test_find.py:") and "(forward)" in skip.site  # where, and why
+    assert "test_find.py:" in skip.line() and "[no_fc2]" in skip.line()
+
+
+def test_what_is_not_an_mlp_block_is_listed_only_when_asked():
+    x, emb = torch.randn(2, 3, 8), torch.randn(2, 1, 8)
+    cases = (
+        (nn.Sequential(_Pooler()), x, "no_fc2"),
+        (_AdaLN(), (x, emb), "no_fc1"),
+        (_SqueezeExcite(), x, "gate_partner"),
+    )
+    for model, inputs, code in cases:
+        found = find_mlp_blocks(model, inputs=inputs)
+        blocks = {"found:plain": 1} if isinstance(model, _SqueezeExcite) else {}
+        assert found.skipped == [] and found.counters == {f"near_miss:{code}": 1, **blocks}
+        asked = find_mlp_blocks(model, inputs=inputs, near_misses=True)
+        assert [s.code for s in asked.skipped] == [code] and asked.skipped[0].site is not None
 
 
 def test_include_exclude_globs():

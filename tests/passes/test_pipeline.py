@@ -35,11 +35,12 @@ def test_snapshot_before_an_in_place_rewrite():
     model = zoo.build(case)
     x = case.inputs()
     found = find_mlp_blocks(model)
-    before = snapshot(model, x, found.blocks)
-    assert set(before.rows) == {b.key for b in found.blocks} and before.rows[found.blocks[0].key].shape == (40, 32)
+    before = snapshot(model, x)
+    assert set(before.outputs) == {"no_grad", "grad"}
     result = rewrite_to_grkan(model, found)
     fidelity = verify_equivalence(before, result.model, x, result)
     assert set(fidelity.blocks) == {"blocks.0.mlp", "blocks.1.mlp"} and fidelity.worst_output < 1e-2
+    assert set(fidelity.outputs_grad) == set(fidelity.outputs) and not fidelity.failures
 
 
 def test_kanc_debug_lists_passes_and_counts(monkeypatch, capsys):
@@ -51,9 +52,10 @@ def test_kanc_debug_lists_passes_and_counts(monkeypatch, capsys):
         "find_mlp_blocks",
         "snapshot",
         "rewrite_to_grkan",
+        "fuse_rationals",
         "verify_equivalence",
     ]
-    assert "found:plain=3" in err[0] and "converted:grkan=3" in err[2]
+    assert "found:plain=3" in err[0] and "converted:grkan=3" in err[2] and "fused:prologue=6" in err[3]
 
 
 def test_kanc_debug_2_prints_changed_graphs(monkeypatch, capsys):

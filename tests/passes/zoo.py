@@ -370,3 +370,215 @@ def output(c: Case, out: Any) -> Tensor:
 def run(model: nn.Module, inputs: Any) -> Any:
     with torch.no_grad():
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+class ReadsWeights(nn.Module):
+    """Uses its MLP's weights directly without grad (as PyTorch's fused paths do), its modules with grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            return self.fc2(self.act(self.fc1(x)))
+        hidden = F.gelu(F.linear(x, self.fc1.weight, self.fc1.bias))
+        return F.linear(hidden, self.fc2.weight, self.fc2.bias)
+
+
+class ControlFlowMlp(nn.Module):
+    """Data-dependent control flow and an optional argument: fx cannot trace it; a recorded run sees F.gelu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x, scale=None):
+        if x.sum() > -1e9:
+            h = self.fc2(F.gelu(self.fc1(x)))
+        else:
+            h = x
+        return h if scale is None else h * scale
+
+
+class ReadsWeightDtype(ControlFlowMlp):
+    """Reads fc1's weight outside fc1 (as open_clip's get_weight_dtype does)."""
+
+    def forward(self, x, scale=None):
+        x = x.to(self.fc1.weight.dtype)
+        h = self.fc2(F.gelu(self.fc1(x))) if x.sum() > -1e9 else x
+        return h if scale is None else h * scale
+
+
+class CastsToFc2Dtype(nn.Module):
+    """Casts its input to fc2's weight dtype (T5's feed-forward reads ``wo.weight.dtype``); traces whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x.to(self.fc2.weight.dtype))))
+
+
+# ---- activation substitution: what lies around the activation (tests/passes/test_substitution.py) -----------------
+
+
+class LinearNorm(nn.Module):
+    """LeViT's linear + BatchNorm over the flattened tokens."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class NormBeforeAct(nn.Module):
+    """fc1 -> norm -> act -> fc2: a LayerNorm module (``layer_norm``) or LeViT's LinearNorm as fc1 (a chain)."""
+
+    def __init__(self, d: int = 8, h: int = 32, layer_norm: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, h) if layer_norm else LinearNorm(d, h)
+        self.norm = nn.LayerNorm(h) if layer_norm else nn.Identity()
+        self.act, self.fc2 = nn.Hardswish() if not layer_norm else nn.GELU(), nn.Linear(h, d)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm1d):
+                    m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.norm(self.fc1(x))))
+
+
+class DWConv(nn.Module):
+    """PVTv2's / SegFormer's depthwise conv over the token grid, its size read from the input's shape."""
+
+    def __init__(self, h: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(h, h, 3, padding=1, groups=h)
+
+    def forward(self, x, size):
+        b, n, c = x.shape
+        x = x.transpose(1, 2).view(b, c, size[0], size[1])
+        return self.dwconv(x).flatten(2).transpose(1, 2)
+
+
+class DepthwiseMlp(nn.Module):
+    """PVTv2's MLP: fc1 -> depthwise 3x3 conv -> act -> fc2 (the conv mixes tokens; fx traces it symbolically)."""
+
+    def __init__(self, d: int = 8, h: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.dwconv, self.act, self.fc2 = nn.Linear(d, h), DWConv(h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x, size=(2, 3)):
+        return self.fc2(self.act(self.dwconv(self.fc1(x), size)))
+
+
+class ConcatMlp(nn.Module):
+    """Flux's single-stream block: fc2 (proj_out) reads the MLP's hidden features concatenated with attention's."""
+
+    def __init__(self, d: int = 8, h: int = 32) -> None:
+        super().__init__()
+        self.attn, self.proj_mlp = nn.Linear(d, d), nn.Linear(d, h)
+        self.act_mlp, self.proj_out = nn.GELU(approximate="tanh"), nn.Linear(d + h, d)
+
+    def forward(self, x):
+        return x + self.proj_out(torch.cat([self.attn(x), self.act_mlp(self.proj_mlp(x))], dim=-1))
+
+
+class ScaledGlu(nn.Module):
+    """x-transformers' GLU: down(up(x) * act(gate) * mult_bias), mult_bias a float or a per-channel parameter."""
+
+    def __init__(self, d: int = 8, h: int = 32, per_channel: bool = False) -> None:
+        super().__init__()
+        self.proj, self.down = nn.Linear(d, 2 * h), nn.Linear(h, d)
+        self.mult_bias = nn.Parameter(torch.rand(h) + 0.5) if per_channel else 0.5
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return self.down(x * F.silu(gate) * self.mult_bias)
+
+
+class StarReLU(nn.Module):
+    """timm's StarReLU: a child nn.ReLU, then a square, a scalar scale and a scalar bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.scale, self.bias = nn.Parameter(torch.tensor([0.8])), nn.Parameter(torch.tensor([-0.1]))
+
+    def forward(self, x):
+        return self.scale * self.relu(x) ** 2 + self.bias
+
+
+class LibLayerNorm(nn.LayerNorm):
+    """A library's LayerNorm subclass (timm's), defined outside torch.nn: fx would trace into it."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GegluFeedForward(nn.Module):
+    """diffusers' FeedForward over GEGLU, whose gelu has an ``mps`` branch (it does not trace)."""
+
+    class Geglu(nn.Module):
+        def __init__(self, d: int, h: int) -> None:
+            super().__init__()
+            self.proj = nn.Linear(d, 2 * h)
+
+        def gelu(self, gate):
+            if gate.device.type == "mps":
+                return F.gelu(gate.to(dtype=torch.float32)).to(dtype=gate.dtype)
+            return F.gelu(gate)
+
+        def forward(self, x, *args, **kwargs):
+            x, gate = self.proj(x).chunk(2, dim=-1)
+            return x * self.gelu(gate)
+
+    def __init__(self, d: int = 8, h: int = 32, norm: bool = False) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([self.Geglu(d, h), nn.Dropout(0.0), LibLayerNorm(h) if norm else nn.Identity()])
+        self.net.append(nn.Linear(h, d))
+
+    def forward(self, x):
+        for module in self.net:
+            x = module(x)
+        return x
+
+
+class CalledTwice(nn.Module):
+    """One MLP module applied twice (shared weights), and fc1 of another MLP also used outside it."""
+
+    def __init__(self, d: int = 8, h: int = 32) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
+        self.fc1, self.act, self.fc2, self.head = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d), nn.Linear(h, d)
+
+    def forward(self, x):
+        x = x + self.mlp(x)
+        x = x + self.mlp(x)
+        return x + self.fc2(self.act(self.fc1(x))) + self.head(self.fc1(x))
+
+
+class ReadsWeightValues(ControlFlowMlp):
+    """Computes with fc1's weight outside fc1 (a gate from its values): fc1 must keep computing what it did."""
+
+    def forward(self, x, scale=None):
+        gate = torch.sigmoid(self.fc1.weight.mean(dim=0))
+        h = self.fc2(F.gelu(self.fc1(x))) if x.sum() > -1e9 else x
+        return h * gate if scale is None else h * scale
+
+
+class ShapeScaledMlp(nn.Module):
+    """fc2(act(h) * h.shape[-1] ** -0.5): it traces, but fx keeps the scale as shape arithmetic, not a number."""
+
+    def __init__(self, d: int = 8, h: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(self.act(h) * h.shape[-1] ** -0.5)

@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kanc.frontend.recording import site_of
 from kanc.passes import calibrate
+from kanc.passes.builders import GRKANOptions, Rewrite, RewriteContext, SNNKOptions
+from kanc.passes.callsite import PatchCall, SetAttr, function_edit, install_patches
+from kanc.passes.checks import Miss, MLPBlock, node_scope
 from kanc.passes.find import ROOT, FindResult, Skip, find_mlp_blocks
-from kanc.passes.patterns import Miss, MLPBlock, node_scope
-from kanc.passes.rewrites import GRKANOptions, Rewrite, RewriteContext, SNNKOptions
 from kanc.passes.surgery import (
     DropNode,
     Edit,
@@ -36,11 +38,13 @@ from kanc.passes.surgery import (
     map_edit,
     retrace_owner,
     set_module,
+    swap_module,
 )
 from kanc.passes.table import pattern
 from kanc.testing import rel_error
 
 EVAL_ROWS = 512
+CODE_EDIT_MISSES = ("owner_signature", "source_edit")  # refused graph edits a recorded block may do by other means
 Progress = Callable[[str, int, int], None]
 
 
@@ -57,12 +61,16 @@ class ConvertedBlock:
     owner: str
     params_before: int
     params_after: int
-    error: float  # relative error of the block output vs the original block, on ``error_inputs``
+    error: float | None  # relative error vs the original block on ``error_inputs`` (None: not measured)
     error_inputs: str
     notes: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
     block: MLPBlock | None = field(default=None, repr=False)
     replacement: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
+    entry: nn.Module | None = field(default=None, repr=False)  # hooked on the converted model to measure the block
+    exit: nn.Module | None = field(default=None, repr=False)
+    reference: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)  # the original block on rows
+    sites: list = field(default_factory=list, repr=False)  # FusionSites for fuse_rationals (GR-KAN)
 
     def as_dict(self) -> dict:
         keys = ("name", "pattern", "target", "shape", "activation", "mode", "owner", "params_before", "params_after")
@@ -91,6 +99,7 @@ def rewrite_to_grkan(
     *,
     calibration: Any = None,
     progress: Progress | None = None,
+    measure: bool = True,
     **options: Any,
 ) -> PassResult:
     """Rewrite every found block into GR-KAN layers, in place (see GRKANOptions for ``options``).
@@ -100,7 +109,7 @@ def rewrite_to_grkan(
     blocks have their activation replaced by a fitted GroupRational; counters ``converted:grkan`` and
     ``skip:<code>`` say what happened to each block.
     """
-    return _rewrite(model, found, "grkan", GRKANOptions(**options), calibration, progress)
+    return _rewrite(model, found, "grkan", GRKANOptions(**options), calibration, progress, measure)
 
 
 def rewrite_to_snnk(
@@ -109,6 +118,7 @@ def rewrite_to_snnk(
     *,
     calibration: Any = None,
     progress: Progress | None = None,
+    measure: bool = True,
     **options: Any,
 ) -> PassResult:
     """Rewrite every found block into the bundled SNNK form, in place (see SNNKOptions for ``options``).
@@ -116,11 +126,17 @@ def rewrite_to_snnk(
     ``calibration``: model inputs; each block's preserve fit then uses the rows that block really sees (topped up
     with Gaussian rows of the same per-channel mean and std when there are few), else synthetic N(0, 1) rows.
     """
-    return _rewrite(model, found, "snnk", SNNKOptions(**options), calibration, progress)
+    return _rewrite(model, found, "snnk", SNNKOptions(**options), calibration, progress, measure)
 
 
 def _rewrite(
-    model: nn.Module, found: FindResult | None, target: str, opts: Any, calibration: Any, progress: Progress | None
+    model: nn.Module,
+    found: FindResult | None,
+    target: str,
+    opts: Any,
+    calibration: Any,
+    progress: Progress | None,
+    measure: bool,
 ) -> PassResult:
     start = time.perf_counter()
     found = found if found is not None else find_mlp_blocks(model)
@@ -131,7 +147,7 @@ def _rewrite(
             result.notes.append(f"already converted ({layers}): nothing to do, the model is unchanged")
             result.counters["already_converted"] += 1
         return result
-    ctx = RewriteContext()
+    ctx = RewriteContext(measure=measure, reads=found.weights_read)
     if calibration is not None:
         ctx.calibration, ctx.evaluation = _split_rows(calibrate.capture_block_inputs(model, found.blocks, calibration))
     with calibrate.eval_mode(model):  # fits and measurements see the eval-mode block (dropout off)
@@ -165,8 +181,13 @@ def _plan(
             progress(f"{target} {block.name}", i, len(found.blocks))
         ctx.index = i
         outcome = _build(found.model, block, target, opts, ctx)
+        alternate = found.alternates.get(block.key)
+        if isinstance(outcome, Miss) and outcome.code in CODE_EDIT_MISSES and alternate is not None:
+            alternate.name, alternate.owner = block.name, block.owner
+            outcome = _build(found.model, alternate, target, opts, ctx)  # the call-site edit of the recorded twin
         if isinstance(outcome, Miss):
-            result.skipped.append(Skip(block.name, outcome.code, outcome.message, block.pattern))
+            site = site_of(block.act.node)
+            result.skipped.append(Skip(block.name, outcome.code, outcome.message, block.pattern, site=site))
             result.counters[f"skip:{outcome.code}"] += 1
             continue
         planned.append(outcome)
@@ -186,17 +207,25 @@ def _build(
     if isinstance(normalised, Miss):
         return normalised
     edits, mode, owner = normalised
-    error, inputs = _measure(block, rewrite.replacement, ctx)
+    hooked = rewrite.entry is not None and rewrite.exit is not None
+    error, inputs = _measure(block, rewrite.replacement, ctx) if ctx.measure or not hooked else (None, "")
     notes = list(rewrite.notes)
     if block.fc1.part.source:
         notes.append(f"read from the source of {type(block.fc1.part.module).__name__}.forward (it does not trace)")
+    if block.fc1.part.recorded:
+        notes.append("found on a recorded run of the model (the module holding it does not trace)")
     if topped:
         notes.append("few calibration rows: topped up with Gaussian rows of the same mean and std")
     info = ConvertedBlock(
         block.name, block.pattern, target, block.shape_text(), block.act.spec.name, mode, owner,
         *_param_counts(block, rewrite, target), error, inputs, notes, {**rewrite.options}, block, rewrite.replacement,
+        rewrite.entry, rewrite.exit, block.reference(_reference_dtype(block)), rewrite.sites,
     )  # fmt: skip
     return info, edits
+
+
+def _reference_dtype(block: MLPBlock) -> torch.dtype:
+    return torch.promote_types(block.fc1.weights.weight.dtype, torch.float32)
 
 
 def _top_up(block: MLPBlock, target: str, opts: Any, ctx: RewriteContext) -> bool:
@@ -213,8 +242,8 @@ def _top_up(block: MLPBlock, target: str, opts: Any, ctx: RewriteContext) -> boo
 def _param_counts(block: MLPBlock, rewrite: Rewrite, target: str) -> tuple[int, int]:
     before = sum(lin.weights.weight.numel() + _numel(lin.weights.bias) for lin in block.linears())
     after = sum(p.numel() for m in rewrite.modules for p in m.parameters())
-    if block.gated and target == "grkan":
-        after += before  # the gate/up/down matmuls stay; only the rational is new
+    if target == "grkan":
+        after += before  # the linear layers stay (fused or not); the rationals are new (fc1's: see fuse_rationals)
     return before, after
 
 
@@ -234,6 +263,11 @@ def _normalise(model: nn.Module, block: MLPBlock, rewrite: Rewrite) -> tuple[lis
     node_edits = [e for e in edits if not isinstance(e, SetModule)]
     if not node_edits:
         return edits, "swap", ""
+    if block.fc1.part.recorded:
+        return _code_edits(model, block, edits)
+    if block.calls > 1:
+        return Miss("shared_module", f"the block runs {block.calls} times in one graph: its rewrite needs an edit of "
+                    "each call, and only module swaps change them all")  # fmt: skip
     if block.fc1.part.source:
         where = f"{type(block.fc1.part.module).__name__}.forward"
         return Miss("source_edit", f"the block was read from the source of {where}, which does not trace: "
@@ -249,12 +283,41 @@ def _normalise(model: nn.Module, block: MLPBlock, rewrite: Rewrite) -> tuple[lis
     return edits, "graph", owner
 
 
-def _measure(block: MLPBlock, replacement: Callable[[Tensor], Tensor], ctx: RewriteContext) -> tuple[float, str]:
+def _code_edits(model: nn.Module, block: MLPBlock, edits: list[Edit]) -> tuple[list[Edit], str, str] | Miss:
+    """A block found in a recorded execution: its function activation is swapped as an attribute, or its one call
+    site is rewritten (kanc.passes.callsite); nothing else of the model's code changes."""
+    paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+    out: list[Edit] = []
+    modes = set()
+    for edit in edits:
+        if isinstance(edit, SetModule):
+            out.append(edit)
+            continue
+        if isinstance(edit, ReplaceSpan) or edit.node.op != "call_function":
+            where = edit.node.meta.get("call_site") or "its module"
+            return Miss("source_edit", f"{where}: an activation written as arithmetic or a method call in a module "
+                        "that does not trace is not rewritten (only a function call or attribute is)")  # fmt: skip
+        module = edit.module if isinstance(edit, ReplaceNode) else None
+        found = function_edit(edit.node, module, paths)
+        if isinstance(found, str):
+            return Miss("source_edit", f"cannot rewrite the call of {edit.node.target.__name__}: {found}")
+        modes.add("attribute" if isinstance(found, SetAttr) else "call site")
+        out.append(found)
+    return out, "+".join(sorted(modes)) or "swap", ""
+
+
+def _measure(
+    block: MLPBlock, replacement: Callable[[Tensor], Tensor] | None, ctx: RewriteContext
+) -> tuple[float | None, str]:
+    if replacement is None:
+        return None, "not measured: fc2 also reads features from outside the block"
     weight = block.fc1.weights.weight
-    rows = ctx.evaluation.get(block.key)
+    rows = ctx.evaluation.get(block.key) if block.rowwise else None
     label = "held-out calibration rows" if rows is not None else f"{EVAL_ROWS} synthetic N(0,1) rows"
+    if not block.rowwise:
+        label += " at the activation's input"
     if rows is None:
-        rows = calibrate.synthetic_rows(block.in_features, EVAL_ROWS, seed=12345, device=weight.device)
+        rows = calibrate.synthetic_rows(block.reference_width, EVAL_ROWS, seed=12345, device=weight.device)
     with torch.no_grad():
         expected = block.reference()(rows.to(weight.device))
         actual = replacement(rows.to(device=weight.device, dtype=weight.dtype))
@@ -271,12 +334,18 @@ def _apply(result: PassResult, planned: list[tuple[ConvertedBlock, list[Edit]]])
             by_owner.setdefault(converted.owner, []).append((converted, edits))
     for owner in sorted(by_owner, key=lambda p: (-p.count(".") - bool(p), p)):
         _commit_owner(result, owner, by_owner[owner])
+    patches: list[PatchCall] = []
     for _, edits in planned:
         for edit in edits:
             if isinstance(edit, SetModule):
-                edit.module.train(get_module(result.model, edit.path).training)
-                set_module(result.model, edit.path, edit.module)
+                swap_module(result.model, edit.path, edit.module)
                 result.touched.append(edit.path.rpartition(".")[0])
+            elif isinstance(edit, SetAttr):
+                owner = get_module(result.model, edit.path)
+                setattr(owner, edit.attr, edit.module.train(owner.training))
+            elif isinstance(edit, PatchCall):
+                patches.append(edit)
+    install_patches(result.model, patches)
     result.touched = sorted(set(result.touched))
 
 

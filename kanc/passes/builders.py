@@ -1,9 +1,8 @@
 """The rewrites of the pattern table: from a matched MLPBlock to edits plus the new block as a function.
 
-GR-KAN (``grkan_linears``, ``grkan_gate``): fc1 becomes GRKANLinear with the identity rational (exact), fc2 a
-GRKANLinear whose rational is fitted to the activation, and the activation node goes away. With a norm
-between the activation and fc2 the rational cannot move past it, so it replaces the activation in place.
-Gated blocks keep their three matmuls; the gate activation becomes a GroupRational fitted to it.
+GR-KAN (``grkan_substitute``, every row): the activation becomes a GroupRational fitted to it, where it was; the
+rationals that may join a linear layer (the fitted one with fc2, an identity one in front of fc1) are listed as
+sites for ``kanc.passes.fuse.fuse_rationals``, which makes them GRKANLinear layers where the layer allows it.
 
 SNNK (``snnk_span``, ``snnk_split``): the block becomes the bundled SNNKMlp, Phi(x) then one Linear, fitted
 in closed form to the original block on calibration rows ("preserve"), the paper's W2 Psi(W1) ("warm", plain
@@ -17,14 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from kanc.frontend.activations import ActSpec
-from kanc.nn import GRKANLinear, GroupRational, SNNKMlp
+from kanc.nn import GroupRational, SNNKMlp
 from kanc.nn.fit import fit_rational, rational_coefficients
-from kanc.nn.init import init_grkan_linear_, variance_gain
-from kanc.passes.layers import ChannelsLast
-from kanc.passes.patterns import Act, Linear, Miss, MLPBlock, Passthrough
+from kanc.nn.init import variance_gain
+from kanc.passes.checks import Act, Linear, Miss, MLPBlock
+from kanc.passes.fuse import FusionSite
+from kanc.passes.layers import DTYPE_READS, ChannelsLast, KeepsDtype
 from kanc.passes.ratfit import fit_to_samples
 from kanc.passes.surgery import DropNode, Edit, ReplaceNode, ReplaceSpan, SetModule
 
@@ -93,6 +92,9 @@ class Rewrite:
     modules: list[nn.Module]
     notes: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    entry: nn.Module | None = None  # the converted model's module that receives the block's input
+    exit: nn.Module | None = None  # ... and the one that returns the block's output (hooked to measure the block)
+    sites: list[FusionSite] = field(default_factory=list)  # rationals fuse_rationals may join with a linear layer
 
 
 @dataclass
@@ -103,6 +105,8 @@ class RewriteContext:
     calibration: dict = field(default_factory=dict)  # block key -> rows to fit on
     evaluation: dict = field(default_factory=dict)  # block key -> held-out rows to measure on
     index: int = 0
+    measure: bool = True  # measure each block on rows here (no model inputs to measure it on later)
+    reads: Callable[..., str | None] = lambda lin, kept=(): None  # where other code reads a layer's weights
 
 
 # ---- building the new layers ---------------------------------------------------------------------------------
@@ -154,31 +158,6 @@ def make_rational(
     return rational
 
 
-@torch.no_grad()
-def make_grkan_linear(
-    lin: Linear,
-    spec: ActSpec | str,
-    groups: int,
-    opts: GRKANOptions,
-    ctx: RewriteContext,
-    samples: Tensor | None = None,
-) -> GRKANLinear:
-    """GRKANLinear(F(x)) with the weights of ``lin`` ("preserve") or KAT's variance init ("variance")."""
-    w = lin.weights
-    layer = GRKANLinear(
-        w.in_features, w.out_features, w.bias is not None, groups, "identity", opts.degrees,
-        device=w.weight.device, dtype=w.weight.dtype,
-    )  # fmt: skip
-    layer.rational = make_rational(w.in_features, groups, opts.degrees, spec, ctx, samples).to(w.weight.device)
-    if opts.init == "variance":
-        init_grkan_linear_(layer)
-    else:
-        layer.weight.copy_(w.weight)
-        if w.bias is not None:
-            layer.bias.copy_(w.bias)
-    return layer
-
-
 def drop_act(act: Act) -> Edit:
     """Remove the activation: its node, or its whole region (an activation written as arithmetic)."""
     if act.region:
@@ -201,26 +180,6 @@ def _place(lin: Linear, module: nn.Module) -> Edit:
     return ReplaceNode(lin.node, module, lin.path.replace(".", "_") or "linear")
 
 
-def _layer_fn(lin: Linear, module: nn.Module | None = None) -> Callable[[Tensor], Tensor]:
-    """Rows -> rows for the new (or, with module None, the original) linear layer, in its parameters' dtype."""
-    if module is not None:
-        return module
-    w, b = lin.weights.weight.detach(), lin.weights.bias
-    b = b.detach() if b is not None else None
-    return lambda x: F.linear(x, w, b)
-
-
-def _steps(between: list[Passthrough], channels_first: bool) -> Callable[[Tensor], Tensor]:
-    norms = [p.module for p in between if p.kind == "norm"]
-
-    def run(x: Tensor) -> Tensor:
-        for norm in norms:
-            x = norm(x[:, :, None, None])[:, :, 0, 0] if channels_first else norm(x)
-        return x
-
-    return run
-
-
 def block_rows(block: MLPBlock, ctx: RewriteContext, seed: int = 777) -> Tensor:
     """Rows to fit on: the block's calibration rows, else synthetic N(0, 1) rows of its input width."""
     rows = ctx.calibration.get(block.key)
@@ -233,14 +192,10 @@ def block_rows(block: MLPBlock, ctx: RewriteContext, seed: int = 777) -> Tensor:
 @torch.no_grad()
 def _preacts(block: MLPBlock, opts: GRKANOptions, ctx: RewriteContext) -> Tensor | None:
     """The activation's inputs on the block's rows (what the rational must get right), for fit="data"."""
-    if opts.fit != "data" or opts.init != "preserve":
+    pre_activation = block.pre_activation()
+    if opts.fit != "data" or opts.init != "preserve" or pre_activation is None:
         return None
-    w = block.fc1.weights
-    rows = block_rows(block, ctx).to(w.weight.device, torch.float64)
-    pre = F.linear(rows, w.weight.double(), w.bias.double() if w.bias is not None else None)
-    if block.chunk is not None:
-        pre = pre.split(block.hidden, dim=-1)[block.gate_index]
-    return pre
+    return pre_activation(block_rows(block, ctx).to(block.fc1.weights.weight.device, torch.float64))
 
 
 # ---- GR-KAN --------------------------------------------------------------------------------------------------
@@ -260,30 +215,49 @@ def _group_notes(widths: list[int], picked: list[int], opts: GRKANOptions) -> li
     ]
 
 
-def grkan_linears(block: MLPBlock, opts: GRKANOptions, ctx: RewriteContext) -> Rewrite | Miss:
-    """Plain and split blocks: fc1 -> GRKANLinear(identity), fc2 -> GRKANLinear(fit to act), act removed."""
-    widths = [block.in_features, block.hidden]
+def grkan_substitute(block: MLPBlock, opts: GRKANOptions, ctx: RewriteContext) -> Rewrite | Miss:
+    """Every row: the activation becomes a GroupRational fitted to it, where it was (a module swap, an attribute swap,
+    a call-site or graph edit); nothing else of the block changes here.
+
+    The rationals that may join a linear layer are listed as sites for ``kanc.passes.fuse.fuse_rationals``: the
+    fitted one with fc2 when only dropout or identities lie between them, and, for ungated blocks, an identity
+    rational in front of fc1 (KAT's layout; exact). Gated blocks keep their three matmuls.
+    """
+    widths = [block.hidden] if block.gated else [block.hidden, block.in_features]
     picked = _groups_or_miss(block, widths, opts)
     if isinstance(picked, Miss):
         return picked
-    g_in, g_hidden = picked
-    fc1 = make_grkan_linear(block.fc1, "identity", g_in, opts, ctx)
-    edits: list[Edit] = [_place(block.fc1, fc1)]
-    steps = _steps(block.between, block.channels_first)
-    if not block.norms:
-        fc2 = make_grkan_linear(block.fc2, block.act.spec, g_hidden, opts, ctx, _preacts(block, opts, ctx))
-        edits += [_place(block.fc2, fc2), drop_act(block.act)]
-        return Rewrite(edits, lambda x: fc2(steps(fc1(x))), [fc1, fc2], _group_notes(widths, picked, opts))
+    device = block.fc1.weights.weight.device
     samples = _preacts(block, opts, ctx)
-    rational = make_rational(block.hidden, g_hidden, opts.degrees, block.act.spec, ctx, samples).to(fc1.weight.device)
-    edits.append(replace_act(block.act, rational))
-    fc2 = _layer_fn(block.fc2)
-    if opts.init == "variance":
-        fc2_new = _variance_linear(block.fc2, variance_gain(rational))
-        edits.append(_place(block.fc2, fc2_new))
-        fc2 = fc2_new
-    notes = _group_notes(widths, picked, opts) + ["a norm sits between the activation and fc2: rational kept in place"]
-    return Rewrite(edits, lambda x: fc2(steps(rational(fc1(x)))), [fc1, rational], notes)
+    rational = make_rational(block.hidden, picked[0], opts.degrees, block.act.spec, ctx, samples).to(device)
+    placed = ChannelsLast(rational) if block.channels_first else rational
+    edits: list[Edit] = [replace_act(block.act, placed)]
+    notes = _group_notes(widths, picked, opts)
+    variance = opts.init == "variance"
+    sites = [] if block.gated else [FusionSite("identity", block.fc1, None, picked[1], opts.degrees, variance)]
+    if block.norms or block.scales:
+        notes.append("a norm or scale sits between the activation and fc2: the rational stays where the activation was")
+        if opts.init == "variance" and not block.gated and block.fc2.module is not None and not block.scales:
+            edits.append(_place(block.fc2, _variance_linear(block.fc2, variance_gain(rational))))
+    elif not block.gated and block.fc2 is not None and not block.concat:
+        sites.append(FusionSite("fitted", block.fc2, placed, picked[0], opts.degrees, variance))
+    if opts.init == "variance" and block.gated:
+        notes.append("variance init: gated blocks keep their linear weights; only the rational is new")
+    if samples is None and block.chain and opts.fit == "data":
+        notes.append("rational fitted over the shipped range: the ops between fc1 and the activation are not per row")
+    replacement = _substituted(block, rational)
+    entry = block.fc1.module if block.rowwise else rational
+    if block.concat is not None:  # fc2 also reads other features: the block has no function of its own to measure
+        entry = None
+        notes.append("fc2 reads the activation concatenated with other features: the block is not measured alone")
+    return Rewrite(edits, replacement, [rational], notes, entry=entry, exit=block.fc2.module, sites=sites)
+
+
+def _substituted(block: MLPBlock, rational: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The converted block on rows (from its input, or from the activation's input when it is not per row)."""
+    if block.concat:
+        return None
+    return block.reference(block.fc1.weights.weight.dtype, act=rational)
 
 
 @torch.no_grad()
@@ -296,32 +270,6 @@ def _variance_linear(lin: Linear, gain: float) -> nn.Linear:
     return layer
 
 
-def grkan_gate(block: MLPBlock, opts: GRKANOptions, ctx: RewriteContext) -> Rewrite | Miss:
-    """Gated blocks: the gate activation becomes a GroupRational fitted to it; the matmuls stay."""
-    picked = _groups_or_miss(block, [block.hidden], opts)
-    if isinstance(picked, Miss):
-        return picked
-    device = block.fc1.weights.weight.device
-    samples = _preacts(block, opts, ctx)
-    rational = make_rational(block.hidden, picked[0], opts.degrees, block.act.spec, ctx, samples).to(device)
-    gate, down = _layer_fn(block.fc1), _layer_fn(block.fc2)
-    up = _layer_fn(block.up) if block.up is not None else None
-    steps, half, index = _steps(block.between, block.channels_first), block.hidden, block.gate_index
-
-    def replacement(x: Tensor) -> Tensor:
-        if up is not None:
-            h = rational(gate(x)) * up(x)
-        else:
-            a, b = gate(x).split(half, dim=-1)
-            h = rational(a) * b if index == 0 else a * rational(b)
-        return down(steps(h))
-
-    notes = _group_notes([block.hidden], picked, opts)
-    if opts.init == "variance":
-        notes.append("variance init: gated blocks keep their linear weights; only the rational is new")
-    return Rewrite([replace_act(block.act, rational)], replacement, [rational], notes)
-
-
 # ---- SNNK ----------------------------------------------------------------------------------------------------
 
 
@@ -330,7 +278,7 @@ def _snnk_module(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> SNN
     seed = int(opts.seed) + ctx.index
     device, dtype = block.fc1.weights.weight.device, block.fc1.weights.weight.dtype
     if opts.init == "warm":
-        if block.gated or block.norms:
+        if block.gated or block.norms or block.scales or block.chain or any(p.kind == "norm" for p in block.pre):
             return Miss("warm_unsupported", "init='warm' (W2 Psi(W1)) exists only for plain blocks without a norm")
         w1, w2 = block.fc1.weights, block.fc2.weights
         snnk = SNNKMlp.from_mlp(
@@ -348,23 +296,51 @@ def _snnk_module(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> SNN
     return snnk.to(device)
 
 
+def weights_read_elsewhere(block: MLPBlock, ctx: RewriteContext, stand_ins: tuple[Linear, ...] = ()) -> str | None:
+    """Where code outside the block's layers reads their parameters, or None; a read of the dtype or device of a
+    layer in ``stand_ins`` (replaced by a KeepsDtype) does not count."""
+    for lin in block.linears():
+        read = ctx.reads(lin, kept=DTYPE_READS) if any(lin is s for s in stand_ins) else ctx.reads(lin)
+        if read is not None:
+            return read
+    return None
+
+
+def _stand_ins(block: MLPBlock) -> tuple[Linear, ...]:
+    """The layers a swap-based SNNK rewrite replaces one for one (a KeepsDtype may stand there): fc1 and fc2, or a
+    gated block's fc2 (its gate and up layers vanish inside the module that becomes the SNNKMlp)."""
+    layers = (block.fc2,) if block.gated else (block.fc1, block.fc2)
+    return tuple(lin for lin in layers if isinstance(getattr(lin.module, "weight", None), Tensor))
+
+
+def _standing(lin: Linear, module: nn.Module, ctx: RewriteContext) -> nn.Module:
+    """``module`` where ``lin`` was: inside a KeepsDtype when other code reads ``lin``'s weight (its dtype only, as
+    weights_read_elsewhere checked)."""
+    return KeepsDtype(module, lin.module.weight) if ctx.reads(lin) is not None else module
+
+
 def _snnk_rewrite(block: MLPBlock, snnk: SNNKMlp, edits: list[Edit], opts: SNNKOptions, ctx: RewriteContext) -> Rewrite:
     rows = ctx.calibration.get(block.key)
     info = {"num_features": snnk.features.num_features, "kind": snnk.features.kind, "seed": snnk.features.seed}
     info["init"] = opts.init
     if opts.init == "preserve":
         info["fitted_on"] = f"{rows.shape[0]} calibration rows" if rows is not None else "synthetic N(0,1) rows"
-    return Rewrite(edits, snnk, [snnk], [], info)
+    return Rewrite(edits, snnk, [snnk], [], info, entry=snnk, exit=snnk)
 
 
 def snnk_span(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrite | Miss:
     """The whole block (x -> ... -> fc2) becomes one SNNKMlp call.
 
-    A block read from the source of a module that does not trace cannot be replaced as a span of its graph:
-    it is rewritten by swaps, as a split block is.
+    A block read from the source of a module that does not trace, or found on a recorded run, cannot be replaced
+    as a span of its graph: it is rewritten by swaps, as a split block is.
     """
-    if block.fc1.part.source:
+    if block.fc1.part.source or block.fc1.part.recorded or block.calls > 1:
         return snnk_split(block, opts, ctx)
+    miss = _snnk_obstacle(block, ctx)
+    if miss is not None:
+        if miss.code == "weights_read" and _snnk_obstacle(block, ctx, _stand_ins(block)) is None:
+            return snnk_split(block, opts, ctx)  # only dtype reads: swaps keep a KeepsDtype where they are read
+        return miss
     snnk = _snnk_module(block, opts, ctx)
     if isinstance(snnk, Miss):
         return snnk
@@ -374,14 +350,75 @@ def snnk_span(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrit
     return _snnk_rewrite(block, snnk, [span], opts, ctx)
 
 
+def _snnk_obstacle(block: MLPBlock, ctx: RewriteContext, stand_ins: tuple[Linear, ...] = ()) -> Miss | None:
+    """Why SNNK, which replaces fc1 .. fc2 by one function of each token, cannot replace this block."""
+    lora = next((lin.path for lin in block.linears() if lin.kind == "lora"), None)
+    if lora is not None:
+        return Miss("lora", f"{lora} is a peft LoRA layer: SNNK would replace its adapters; merge them into the base "
+                    "weights first (model.merge_and_unload()) to convert this block")  # fmt: skip
+    if block.concat is not None:
+        return Miss("concat", f"{block.fc2.path} also reads other features (concatenated): SNNK replaces a whole block")
+    if not block.rowwise:
+        ops = ", ".join(n.name for n in block.chain[:4])
+        return Miss("not_per_token", f"between {block.fc1.path} and the activation ({ops}) the block mixes tokens or "
+                    "reshapes them: SNNK replaces fc1 .. fc2 by one function of each token")  # fmt: skip
+    read = weights_read_elsewhere(block, ctx, stand_ins)
+    if read is not None:
+        return Miss("weights_read", f"{read}: SNNK replaces that layer, whose weights this code reads")
+    return None
+
+
+def _snnk_holder(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrite | Miss:
+    """A gated block in code that does not trace: the module that takes the block's input and returns its gated
+    product (diffusers' GEGLU) becomes the SNNKMlp, the norms after it and fc2 identities."""
+    holder = _holder(block)
+    after = block.between if holder is not None else []
+    if holder is None or any(p.kind in ("norm", "scale") and p.path is None for p in after):
+        return Miss("gated_code", "a gated block in code that does not trace, whose gated product no module of its "
+                    "own returns: SNNK replaces that product, which module swaps alone cannot remove")  # fmt: skip
+    snnk = _snnk_module(block, opts, ctx)
+    if isinstance(snnk, Miss):
+        return snnk
+    edits: list[Edit] = [SetModule(holder, ChannelsLast(snnk) if block.channels_first else snnk)]
+    edits += [SetModule(p.path, nn.Identity()) for p in after if p.kind == "norm"]
+    edits.append(SetModule(block.fc2.path, _standing(block.fc2, nn.Identity(), ctx)))
+    return _snnk_rewrite(block, snnk, edits, opts, ctx)
+
+
+def _holder(block: MLPBlock) -> str | None:
+    """The innermost module whose every recorded call takes the block's input and returns its gated product."""
+    part, source = block.fc1.part, block.fc1.input
+    found = [
+        path
+        for path, calls in part.boundaries.items()
+        if len(calls) == block.calls and all(ins[:1] == [source] and outs == [block.mul] for ins, outs in calls)
+    ]
+    inside = [p for p in found if not (block.fc2.path == p or block.fc2.path.startswith(p + "."))]
+    return max(inside, key=lambda p: p.count("."), default=None)
+
+
+WIDTH_FREE = ("flatten", "reshape_as", "view_as", "contiguous", torch.flatten)  # reshapes that take any width
+
+
 def snnk_split(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> Rewrite | Miss:
-    """Split blocks: the first module's fc1 becomes the SNNKMlp, its activation and the second's fc2 identities."""
-    if block.norms:
-        return Miss("split_norm", "a norm between the two halves of a split block would act on the SNNK output")
+    """By module swaps: fc1 becomes the SNNKMlp, the activation, the norms between and fc2 identities (split blocks,
+    and blocks in code that cannot be edited as a graph)."""
+    miss = _snnk_obstacle(block, ctx, _stand_ins(block))
+    if miss is not None:
+        return miss
+    if block.gated:
+        return _snnk_holder(block, opts, ctx)
+    between = [*block.pre, *block.between]
+    if any(p.kind in ("norm", "scale") and (p.path is None or p.module is None) for p in between):
+        return Miss("split_norm", "a norm or scale that is not a module sits in the block: swaps cannot remove it")
+    fixed = [n.name for n in block.chain if n.op != "call_module" and n.target not in WIDTH_FREE]
+    if fixed:
+        return Miss("split_norm", f"{', '.join(fixed)} between fc1 and the activation would reshape SNNK's output")
     snnk = _snnk_module(block, opts, ctx)
     if isinstance(snnk, Miss):
         return snnk
     first = ChannelsLast(snnk) if block.channels_first else snnk
-    edits: list[Edit] = [SetModule(block.fc1.path, first), drop_act(block.act)]
-    edits.append(SetModule(block.fc2.path, nn.Identity()))
+    edits: list[Edit] = [SetModule(block.fc1.path, _standing(block.fc1, first, ctx)), drop_act(block.act)]
+    edits += [SetModule(p.path, nn.Identity()) for p in between if p.kind == "norm"]
+    edits.append(SetModule(block.fc2.path, _standing(block.fc2, nn.Identity(), ctx)))
     return _snnk_rewrite(block, snnk, edits, opts, ctx)

@@ -8,10 +8,12 @@ pairing each check with its rewrites, is ``kanc.passes.table.PATTERNS``.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import networkx as nx
 import torch
@@ -24,12 +26,11 @@ from kanc.frontend.activations import (
     function_activation,
     is_mul,
     module_activation,
-    norm_width,
     passthrough_kind,
     region_activation,
 )
 from kanc.frontend.dataflow import node_id, sole_consumer
-from kanc.frontend.leaves import LinearWeights, linear_kind, linear_weights
+from kanc.frontend.leaves import LinearWeights, linear_kind, linear_weights, norm_width
 from kanc.frontend.tracing import Trace, TracedPart
 
 _ATEN_LINEAR = torch.ops.aten.linear.default
@@ -110,10 +111,14 @@ class Act:
 
 @dataclass(eq=False)
 class Passthrough:
+    """A step that keeps each token's channels apart: dropout and identities (no-ops in eval), a token norm, or a
+    scale (a product with a constant, a scalar or a per-channel parameter: x-transformers' ``mult_bias``)."""
+
     node: fx.Node
-    kind: str  # dropout | identity | norm
+    kind: str  # dropout | identity | norm | scale
     module: nn.Module | None = field(repr=False)
     path: str | None
+    factor: Tensor | float | None = field(default=None, repr=False)  # scale: what the value is multiplied by
 
 
 @dataclass(eq=False)
@@ -130,12 +135,17 @@ class MLPBlock:
     act: Act
     fc2: Linear
     between: list[Passthrough] = field(default_factory=list)
-    pre: list[Passthrough] = field(default_factory=list)  # identities between fc1 and the activation
+    pre: list[Passthrough] = field(default_factory=list)  # passthroughs (identity, dropout, norm) fc1 -> activation
+    chain: tuple[fx.Node, ...] = ()  # other ops between fc1 and the activation (reshapes, a depthwise conv)
+    chain_rowwise: bool = False  # the chain keeps every token's channels apart (recorded shapes say so); ``pre``
+    # then holds its norms in order
+    concat: fx.Node | None = None  # fc2 reads the hidden features concatenated with others (Flux's single blocks)
     up: Linear | None = None
     mul: fx.Node | None = None
     chunk: fx.Node | None = None
     gate_index: int = 0
     split: tuple[str, str] | None = None  # (producer part, consumer part)
+    calls: int = 1  # times the block runs in its graph (one module called twice: every call is this block)
     owner: str = ""
     name: str = ""
 
@@ -167,7 +177,23 @@ class MLPBlock:
 
     @property
     def norms(self) -> list[Passthrough]:
+        """Norms between the activation and fc2."""
         return [p for p in self.between if p.kind == "norm"]
+
+    @property
+    def scales(self) -> list[Passthrough]:
+        """Scales between the activation and fc2."""
+        return [p for p in self.between if p.kind == "scale"]
+
+    @property
+    def rowwise(self) -> bool:
+        """fc1 -> ... -> fc2 is a function of each token's features alone (what SNNK and the block reference need)."""
+        return self.concat is None and (not self.chain or self.chain_rowwise)
+
+    @property
+    def reference_width(self) -> int:
+        """Width of the rows ``reference`` takes: the block's input, or the activation's input when not rowwise."""
+        return self.in_features if self.rowwise else self.hidden
 
     def linears(self) -> list[Linear]:
         return [lin for lin in (self.fc1, self.up, self.fc2) if lin is not None]
@@ -177,7 +203,7 @@ class MLPBlock:
         if self.split is not None:
             return []
         found = {self.fc1.node, *self.act.nodes, self.fc2.node, *(p.node for p in self.between + self.pre)}
-        found |= {n for n in (self.mul, self.chunk) if n is not None}
+        found |= {n for n in (self.mul, self.chunk, self.concat) if n is not None} | set(self.chain)
         if self.up is not None:
             found.add(self.up.node)
         if self.chunk is not None:
@@ -188,9 +214,19 @@ class MLPBlock:
         mid = f"2x{self.hidden}" if self.gated else str(self.hidden)
         return f"{self.in_features} -> {mid} -> {self.out_features}"
 
-    def reference(self) -> Callable[[Tensor], Tensor]:
-        """The original block on rows (N, in_features), in float64 and eval mode (dropout off)."""
-        return _reference(self)
+    def reference(
+        self, dtype: torch.dtype = torch.float64, act: Callable[[Tensor], Tensor] | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """The original block on rows (N, ``reference_width``), in ``dtype`` and eval mode (dropout off): from its
+        input, or from the activation's input when the block is not rowwise. ``act`` replaces the activation.
+
+        Its weights are read from the original layers (the rewrites swap modules, they never change them); only a
+        dtype other than theirs makes copies."""
+        return _reference(self, dtype, act)
+
+    def pre_activation(self, dtype: torch.dtype = torch.float64) -> Callable[[Tensor], Tensor] | None:
+        """Rows of the block's input -> what the activation receives; None when the block is not rowwise."""
+        return _pre_activation(self, dtype) if self.rowwise else None
 
 
 @dataclass(frozen=True)
@@ -251,28 +287,159 @@ class View:
             return None
         return Passthrough(node, kind, module, self.part.absolute(node.target) if module is not None else None)
 
-    def shared(self, lin: Linear) -> bool:
-        """Called more than once in this graph, or reachable under two model paths (tied/shared weights)."""
+    def scale(self, node: fx.Node, value: fx.Node) -> Passthrough | None:
+        """``value * c`` (or ``c * value``, ``value / c``) with c a number or a scalar or per-channel parameter."""
+        if node.op not in ("call_function", "call_method") or node.kwargs or len(node.args) != 2:
+            return None
+        div = node.target in (operator.truediv, torch.div, "div")
+        if not (is_mul(node) or div):
+            return None
+        if node.args[0] is value:
+            other = node.args[1]
+        elif node.args[1] is value and not div:
+            other = node.args[0]
+        else:
+            return None
+        factor = self._constant(other)
+        if factor is None:
+            return None
+        return Passthrough(node, "scale", None, None, 1 / factor if div else factor)
+
+    def _constant(self, value: object) -> Tensor | float | None:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if not (isinstance(value, fx.Node) and value.op == "get_attr"):
+            return None
+        tensor = _fetch(self.part.graph_module, str(value.target))
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            return None
+        return tensor if tensor.dim() <= 1 or all(d == 1 for d in tensor.shape[:-1]) else None
+
+    def shared(self, lin: Linear, calls: bool = False) -> bool:
+        """Reachable under two model paths (tied/shared weights), or with ``calls`` called more than once in this
+        graph (a block called k times is told apart later: find_mlp_blocks keeps it when its k calls match)."""
         if lin.module is None:
             return False
-        return self.calls[lin.node.target] > 1 or id(lin.module) in self.aliased
+        return (calls and self.calls[lin.node.target] > 1) or id(lin.module) in self.aliased
 
-    def linear_before(self, node: object) -> tuple[Linear, list[Passthrough]] | None:
-        """The linear layer feeding ``node``, possibly through Identity modules (timm's ConvMlp without a norm)."""
+    def linear_before(self, node: object) -> Before | None:
+        """The linear layer feeding ``node``: through passthroughs (identity, dropout, norm; each read once), else
+        through a short chain of reshapes, norms and a depthwise conv that only fc1 feeds (LeViT's BatchNorm over
+        flattened tokens, PVTv2's depthwise conv)."""
         pre: list[Passthrough] = []
-        while isinstance(node, fx.Node):
-            lin = self.linear(node)
+        cur = node
+        while isinstance(cur, fx.Node):
+            lin = self.linear(cur)
             if lin is not None:
-                return lin, pre[::-1]
-            step = self.passthrough(node)
-            if step is None or step.kind != "identity" or len(node.users) != 1 or not node.args:
-                return None
+                return Before(lin, pre[::-1])
+            step = self.passthrough(cur)
+            if step is None or len(cur.users) != 1 or not cur.args or not isinstance(cur.args[0], fx.Node):
+                break
             pre.append(step)
-            node = node.args[0]
-        return None
+            cur = cur.args[0]
+        return self._chain_before(node) if isinstance(node, fx.Node) else None
+
+    def _chain_before(self, node: fx.Node) -> Before | None:
+        region: list[fx.Node] = []
+        linears: list[Linear] = []
+        stack = [node]
+        while stack:
+            cur = stack.pop()
+            lin = self.linear(cur)
+            if lin is not None:
+                linears += [lin] if all(lin.node is not other.node for other in linears) else []
+                continue
+            if cur in region:
+                continue
+            if len(region) >= MAX_CHAIN or not self._chain_op(cur):
+                return None
+            region.append(cur)
+            data = cur.args[0] if cur.args else None  # the other arguments are shapes, weights, dims
+            if not isinstance(data, fx.Node) or data.op in ("get_attr", "placeholder"):
+                return None
+            stack.append(data)
+        if len(linears) != 1 or not region:
+            return None
+        fc1, inside = linears[0], set(region)
+        outside = lambda n: {u for u in n.users if u not in inside and not metadata_read(u)}
+        if outside(fc1.node) or any(outside(n) for n in region if n is not node):
+            return None  # something outside the chain reads into it: not fc1's private path to the activation
+        chain = tuple(n for n in node.graph.nodes if n in inside)
+        pre = [p for n in chain if (p := self.passthrough(n)) is not None]  # its norms, in order
+        return Before(fc1, pre, chain, _rowwise(self, fc1, chain))
+
+    def _chain_op(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            module = self.module(node)
+            return module is not None and (passthrough_kind(node, module) is not None or _depthwise(module))
+        if node.op == "call_method":
+            return node.target in CHAIN_METHODS
+        return node.op == "call_function" and node.target in CHAIN_FUNCTIONS
 
     def scope(self, node: fx.Node) -> str:
         return node_scope(self.part, node)
+
+
+MAX_CHAIN = 12  # ops between fc1 and the activation: enough for a reshape, a norm or a conv and the way back
+CHAIN_METHODS = {
+    "view", "reshape", "reshape_as", "view_as", "flatten", "unflatten", "transpose", "permute", "contiguous",
+    "movedim", "squeeze", "unsqueeze",
+}  # fmt: skip
+CHAIN_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.movedim, torch.squeeze, torch.unsqueeze,
+    F.layer_norm, F.batch_norm, F.group_norm, F.rms_norm,
+}  # fmt: skip
+
+
+@dataclass
+class Before:
+    """What feeds an activation: fc1, the passthroughs between, and any other chain of ops (see linear_before)."""
+
+    fc1: Linear
+    pre: list[Passthrough]
+    chain: tuple[fx.Node, ...] = ()
+    rowwise: bool = True
+
+
+METADATA = ("shape", "size", "dim", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad")
+
+
+def metadata_read(node: fx.Node) -> str | None:
+    """The attribute a read of a tensor's metadata takes (``x.shape``, ``x.size()``, ``x.dtype``; a recorded run writes
+    each as ``getattr(x, name)``), or None for anything that reads values."""
+    if node.op == "call_method":
+        return str(node.target) if node.target in METADATA else None
+    attr = node.args[1] if node.op == "call_function" and node.target is getattr and len(node.args) > 1 else None
+    return attr if attr in METADATA else None
+
+
+def _depthwise(module: nn.Module) -> bool:
+    conv = isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    return conv and module.groups == module.in_channels == module.out_channels
+
+
+def _rowwise(view: View, fc1: Linear, chain: tuple[fx.Node, ...]) -> bool:
+    """Every op of the chain is a reshape or a token norm module that keeps the last dimension and the element count
+    (the recording's shapes say so): LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``."""
+    shape = fc1.node.meta.get("shape")
+    if shape is None or fc1.channels_first:
+        return False
+    for node in chain:
+        out = node.meta.get("shape")
+        if out is None or out[-1] != shape[-1] or math.prod(out) != math.prod(shape):
+            return False
+        if node.op == "call_module" and view.passthrough(node) is None:
+            return False
+        if node.op == "call_function" and node.target not in (torch.flatten, torch.reshape):
+            return False
+    return True
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> object:
+    value: object = gm
+    for name in target.split("."):
+        value = getattr(value, name, None)
+    return value
 
 
 def node_scope(part: TracedPart, node: fx.Node) -> str:
@@ -293,10 +460,19 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def walk_to_fc2(view: View, start: fx.Node, depth: int) -> tuple[Linear, list[Passthrough]] | Miss:
-    """From the hidden activation ``start`` through dropout/identity/norm to the linear that consumes it."""
+class ToFc2(NamedTuple):
+    """Where a hidden value goes: fc2, the passthroughs on the way, and the concatenation fc2 reads it through."""
+
+    fc2: Linear
+    between: list[Passthrough]
+    concat: fx.Node | None = None
+
+
+def walk_to_fc2(view: View, start: fx.Node, depth: int) -> ToFc2 | Miss:
+    """From the hidden activation ``start`` through dropout/identity/norm/scale steps to the linear that consumes it,
+    possibly concatenated with other features along the channels first (Flux's single-stream blocks)."""
     between: list[Passthrough] = []
-    cur = start
+    cur, concat = start, None
     while True:
         user = _single_user(cur)
         if user is None:
@@ -304,15 +480,41 @@ def walk_to_fc2(view: View, start: fx.Node, depth: int) -> tuple[Linear, list[Pa
             return Miss("hidden_reused", f"{cur.name} is used by {names}: not a single path to fc2", depth)
         lin = view.linear(user)
         if lin is not None and lin.input is cur:
-            return lin, between
+            return ToFc2(lin, between, concat)
         step = view.passthrough(user)
         if step is not None and user.args and user.args[0] is cur:
             between.append(step)
             cur = user
             continue
+        step = view.scale(user, cur) if concat is None else None
+        if step is not None:
+            between.append(step)
+            cur = user
+            continue
+        if concat is None and _channel_concat(user, cur):
+            cur = concat = user
+            continue
         if user.op == "output":
             return Miss("ends_module", f"{cur.name} is returned by {view.part.path or '<root>'}", depth)
         return Miss("no_fc2", f"{cur.name} goes to {user.name} ({describe(view, user)}), not to a linear layer", depth)
+
+
+def _walk_no_concat(view: View, start: fx.Node, depth: int) -> ToFc2 | Miss:
+    walked = walk_to_fc2(view, start, depth)
+    if isinstance(walked, ToFc2) and walked.concat is not None:
+        return Miss("concat", f"{walked.fc2.path} reads {start.name} concatenated with other features", depth)
+    return walked
+
+
+def _channel_concat(node: fx.Node, value: fx.Node) -> bool:
+    """``torch.cat([..., value, ...], dim=<last>)``, the last dimension known from a recorded shape or dim=-1."""
+    if node.op != "call_function" or node.target not in (torch.cat, torch.concat, torch.concatenate):
+        return False
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    shape = value.meta.get("shape")
+    last = dim == -1 or (shape is not None and isinstance(dim, int) and dim == len(shape) - 1)
+    return isinstance(parts, list | tuple) and sum(p is value for p in parts) == 1 and last
 
 
 def describe(view: View, node: fx.Node) -> str:
@@ -322,25 +524,28 @@ def describe(view: View, node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _check_fc2(block_fc1_hidden: int, fc1: Linear, fc2: Linear, between: list[Passthrough], depth: int) -> Miss | None:
+def _check_fc2(
+    hidden: int, fc1: Linear, fc2: Linear, between: list[Passthrough], depth: int, fc2_width: int | None = None
+) -> Miss | None:
     if fc2.channels_first != fc1.channels_first:
         return Miss(
             "mixed_layout", f"{fc1.path} and {fc2.path} are not both channels-first or both channels-last", depth
         )
-    if fc2.in_features != block_fc1_hidden:
-        return Miss(
-            "width", f"{fc2.path} takes {fc2.in_features} features but the activation has {block_fc1_hidden}", depth
-        )
+    if (fc2.in_features if fc2_width is None else fc2_width) != hidden:
+        return Miss("width", f"{fc2.path} takes {fc2.in_features} features but the activation has {hidden}", depth)
     for step in between:
         width = norm_width(step.module) if step.kind == "norm" else None
-        if width is not None and width != block_fc1_hidden:
-            return Miss("width", f"norm {step.path} has width {width}, not {block_fc1_hidden}", depth)
+        if width is not None and width != hidden:
+            return Miss("width", f"norm {step.path} has width {width}, not {hidden}", depth)
+        factor = step.factor if step.kind == "scale" else None
+        if isinstance(factor, Tensor) and factor.numel() not in (1, hidden):
+            return Miss("width", f"{step.node.name} scales by {tuple(factor.shape)}, not per channel", depth)
     return None
 
 
-def _shared_miss(view: View, parts: list, depth: int) -> Miss | None:
+def _shared_miss(view: View, parts: list, depth: int, calls: bool = False) -> Miss | None:
     for p in parts:
-        if view.shared(p):
+        if view.shared(p, calls):
             label = getattr(p, "path", None) or p.node.name
             return Miss(
                 "shared_module",
@@ -354,27 +559,36 @@ def _shared_miss(view: View, parts: list, depth: int) -> Miss | None:
 
 
 def check_plain(view: View, act: Act, kinds: tuple[str, ...]) -> MLPBlock | Miss | None:
-    """fc1 -> (identity)* -> act -> (dropout | identity | norm)* -> fc2, both layers of one of ``kinds``."""
+    """fc1 -> (passthroughs | a chain) -> act -> (dropout | identity | norm | scale)* -> [concat ->] fc2, both
+    layers of one of ``kinds``."""
     before = view.linear_before(act.input)
-    if before is None or before[0].kind not in kinds or _is_gate(act):
+    if before is None or before.fc1.kind not in kinds or _is_gate(view, act):
         return None
-    fc1, pre = before
-    if len(fc1.node.users) != 1 and not act.reads_all_of(fc1.node):
+    fc1 = before.fc1
+    if before.chain and not act.reads_all_of(act.input):
+        return Miss("fc1_reused", f"the value {act.node.name} reads is also used elsewhere", 1)
+    if not before.chain and len(fc1.node.users) != 1 and not act.reads_all_of(fc1.node):
         others = ", ".join(u.name for u in fc1.node.users if u not in act.nodes)
         return Miss("fc1_reused", f"{fc1.path}'s output is also used by {others}: a residual would be crossed", 1)
     walked = walk_to_fc2(view, act.node, 2)
     if isinstance(walked, Miss):
         return walked
-    fc2, between = walked
+    fc2, between, concat = walked
     if fc2.kind not in kinds:
         return Miss("mixed_layout", f"{fc1.path} is {fc1.kind} but {fc2.path} is {fc2.kind}", 3)
-    miss = _check_fc2(fc1.out_features, fc1, fc2, between, 3) or _shared_miss(view, [fc1, fc2], 3)
-    return miss or MLPBlock("", fc1, act, fc2, between, pre)
+    if concat is not None and before.chain:
+        return Miss("concat", f"{fc2.path} reads {act.node.name} concatenated with other features", 3)
+    width = fc2.in_features if concat is None else fc1.out_features
+    miss = _check_fc2(fc1.out_features, fc1, fc2, between, 3, width) or _shared_miss(view, [fc1, fc2], 3)
+    if miss:
+        return miss
+    return MLPBlock("", fc1, act, fc2, between, before.pre, before.chain, before.rowwise and bool(before.chain), concat)
 
 
-def _is_gate(act: Act) -> bool:
+def _is_gate(view: View, act: Act) -> bool:
+    """The activation is multiplied by another value (a gated block), not scaled by a constant."""
     user = _single_user(act.node)
-    return user is not None and is_mul(user)
+    return user is not None and is_mul(user) and view.scale(user, act.node) is None
 
 
 def check_gated(view: View, act: Act) -> MLPBlock | Miss | None:
@@ -393,12 +607,12 @@ def check_gated(view: View, act: Act) -> MLPBlock | Miss | None:
         return Miss("gate_inputs", f"{gate.path} and {up.path} read different inputs", 2)
     if not act.reads_all_of(gate.node) or len(up.node.users) != 1:
         return Miss("fc1_reused", f"{gate.path} or {up.path} feeds more than the gated product", 2)
-    if up.out_features != gate.out_features or up.kind != gate.kind:
+    if up.out_features != gate.out_features or up.channels_first != gate.channels_first:
         return Miss("width", f"{gate.path} and {up.path} differ in width or kind", 2)
-    walked = walk_to_fc2(view, mul, 3)
+    walked = _walk_no_concat(view, mul, 3)
     if isinstance(walked, Miss):
         return walked
-    down, between = walked
+    down, between, _ = walked
     miss = _check_fc2(gate.out_features, gate, down, between, 4) or _shared_miss(view, [gate, up, down], 4)
     return miss or MLPBlock("", gate, act, down, between, up=up, mul=mul)
 
@@ -438,10 +652,10 @@ def check_glu_chunk(view: View, act: Act) -> MLPBlock | Miss | None:
         return Miss("fc1_reused", f"{fc1.path}'s halves are used outside the gated product", 2)
     if fc1.out_features % 2:
         return Miss("width", f"{fc1.path} has an odd width {fc1.out_features}", 2)
-    walked = walk_to_fc2(view, mul, 3)
+    walked = _walk_no_concat(view, mul, 3)
     if isinstance(walked, Miss):
         return walked
-    fc2, between = walked
+    fc2, between, _ = walked
     miss = _check_fc2(fc1.out_features // 2, fc1, fc2, between, 4) or _shared_miss(view, [fc1, fc2], 4)
     return miss or MLPBlock("", fc1, act, fc2, between, mul=mul, chunk=chunk, gate_index=index)
 
@@ -449,9 +663,9 @@ def check_glu_chunk(view: View, act: Act) -> MLPBlock | Miss | None:
 def check_split(view: View, act: Act) -> MLPBlock | Miss | None:
     """fc1 -> act returned by one module, whose output feeds only fc2 at the start of the next (BERT)."""
     before = view.linear_before(act.input)
-    if before is None or view.part.aten or _is_gate(act):
+    if before is None or before.chain or view.part.aten or _is_gate(view, act):
         return None
-    fc1, pre = before
+    fc1, pre = before.fc1, before.pre
     tail = _walk_to_output(view, act.node)
     if tail is None:
         return None
@@ -466,13 +680,13 @@ def check_split(view: View, act: Act) -> MLPBlock | Miss | None:
     part = view.trace.part(consumer)
     placeholder = next(n for n in part.graph_module.graph.nodes if node_id(part, n) == target)
     other = View(part, view.trace, view.graph, view.aliased)
-    walked = walk_to_fc2(other, placeholder, 4)
+    walked = _walk_no_concat(other, placeholder, 4)
     if isinstance(walked, Miss):
         return Miss("split_residual", f"in {consumer}: {walked.message}", 4)
-    fc2, between = walked
+    fc2, between, _ = walked
     between = tail + between
     miss = _check_fc2(fc1.out_features, fc1, fc2, between, 5)
-    miss = miss or _shared_miss(view, [fc1], 5) or _shared_miss(other, [fc2], 5)
+    miss = miss or _shared_miss(view, [fc1], 5, calls=True) or _shared_miss(other, [fc2], 5, calls=True)
     if miss:
         return miss
     return MLPBlock("", fc1, act, fc2, between, pre, split=(view.part.path, consumer))
@@ -497,37 +711,64 @@ def _walk_to_output(view: View, start: fx.Node) -> list[Passthrough] | None:
 # ---- the original block as a function (fidelity, SNNK targets) -----------------------------------------------
 
 
-def _row_linear(lin: Linear) -> Callable[[Tensor], Tensor]:
-    w = lin.weights.weight.detach().double()
-    b = lin.weights.bias.detach().double() if lin.weights.bias is not None else None
+def _row_linear(lin: Linear, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    w = lin.weights.weight.detach().to(dtype)
+    b = lin.weights.bias.detach().to(dtype) if lin.weights.bias is not None else None
     return lambda x: F.linear(x, w, b)
 
 
-def _row_norm(step: Passthrough, channels_first: bool) -> Callable[[Tensor], Tensor]:
+def _row_step(step: Passthrough, channels_first: bool, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    if step.kind == "scale":
+        factor = step.factor.detach().to(dtype).reshape(-1) if isinstance(step.factor, Tensor) else step.factor
+        return lambda x: x * factor
     if step.kind != "norm":
         return lambda x: x
-    twin = copy.deepcopy(step.module).double().eval()
+    params = [*step.module.parameters(), *step.module.buffers()]
+    same = all(t.dtype == dtype for t in params if t.is_floating_point())
+    twin = step.module if same else copy.deepcopy(step.module).to(dtype).eval()
     if channels_first:
         return lambda x: twin(x[:, :, None, None])[:, :, 0, 0] if x.dim() == 2 else twin(x)
     return twin
 
 
-def _reference(block: MLPBlock) -> Callable[[Tensor], Tensor]:
-    fc1, fc2 = _row_linear(block.fc1), _row_linear(block.fc2)
-    up = _row_linear(block.up) if block.up is not None else None
-    steps = [_row_norm(s, block.channels_first) for s in block.between]
-    act = block.act.spec.fn
+def _pre_activation(block: MLPBlock, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """Rows of the block's input -> what its activation receives (the gate half of a chunked fc1)."""
+    fc1 = _row_linear(block.fc1, dtype)
+    pre = [_row_step(s, block.channels_first, dtype) for s in block.pre]
     half, index = block.hidden, block.gate_index
 
     def fn(x: Tensor) -> Tensor:
-        x = x.double()
-        if up is not None:
+        h = fc1(x.to(dtype))
+        if block.chunk is not None:
+            return h.split(half, dim=-1)[index]
+        for step in pre:
+            h = step(h)
+        return h
+
+    return fn
+
+
+def _reference(
+    block: MLPBlock, dtype: torch.dtype = torch.float64, act: Callable[[Tensor], Tensor] | None = None
+) -> Callable[[Tensor], Tensor]:
+    fc1, fc2 = _row_linear(block.fc1, dtype), _row_linear(block.fc2, dtype)
+    up = _row_linear(block.up, dtype) if block.up is not None else None
+    pre_activation = _pre_activation(block, dtype)
+    steps = [_row_step(s, block.channels_first, dtype) for s in block.between]
+    act = act if act is not None else block.act.spec.fn
+    half, index, rowwise = block.hidden, block.gate_index, block.rowwise
+
+    def fn(x: Tensor) -> Tensor:
+        x = x.to(dtype)
+        if not rowwise:  # rows of the activation's input: what lies between fc1 and it is not per row
+            h = act(x)
+        elif up is not None:
             h = act(fc1(x)) * up(x)
         elif block.chunk is not None:
             a, b = fc1(x).split(half, dim=-1)
             h = act(a) * b if index == 0 else a * act(b)
         else:
-            h = act(fc1(x))
+            h = act(pre_activation(x))
         for step in steps:
             h = step(h)
         return fc2(h)
