@@ -10,8 +10,9 @@ rational stays where it is and fc1 keeps no identity rational: a LoRA or quantiz
 the activation, code that reads ``fc1.weight`` are no obstacle to the conversion, only to the fusion.
 
 Placement: ``PLACEMENTS`` maps a placement name to the function that builds the fused layer; ``choose_placement``
-picks one per site. Only "prologue" (the rational in front of the next linear) exists today; the rational in the
-previous linear's epilogue is another entry there, chosen by measurement.
+picks one per site. This pass builds only "prologue" (the rational in front of the next linear). The other placement,
+the rational in fc1's epilogue, exists as a layer (``kanc.nn.GRKANMlp(placement=...)``, the custom op
+``kanc::grkan_mlp_epilogue``) but is not chosen here yet: it would be a second entry, picked by measurement.
 """
 
 from __future__ import annotations

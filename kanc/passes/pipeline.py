@@ -9,7 +9,6 @@ is linted; a failure names the pass and the passes before it.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -20,6 +19,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from kanc.env import debug_level
 from kanc.errors import KancError
 from kanc.frontend.tracing import trace_module
 from kanc.passes.convert import PassResult, rewrite_to_grkan, rewrite_to_snnk
@@ -33,13 +33,6 @@ REWRITES: dict[str, Callable[..., PassResult]] = {"grkan": rewrite_to_grkan, "sn
 
 # Inductor-style global counters: counters["find_mlp_blocks"]["found:plain"] += 1, summed over every run.
 counters: defaultdict[str, Counter] = defaultdict(Counter)
-
-
-def debug_level() -> int:
-    try:
-        return int(os.environ.get("KANC_DEBUG", "0") or 0)
-    except ValueError:
-        return 1
 
 
 @dataclass

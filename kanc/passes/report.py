@@ -9,6 +9,7 @@ from torch import nn
 
 from kanc.passes.find import Skip
 from kanc.passes.pipeline import Conversion
+from kanc.text import table
 
 
 @dataclass
@@ -94,12 +95,6 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def _table(rows: list[list[str]], header: list[str]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*header).rstrip(), *(fmt.format(*map(str, r)).rstrip() for r in rows)]
-
-
 def _error_text(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.2e}"
 
@@ -119,7 +114,7 @@ def _lines(r: ConversionReport) -> list[str]:
             for c in r.converted
         ]  # fmt: skip
         header = ["block", "pattern", "shape", "act", "mode", "params", "block err", "measured on"]
-        lines += ["", *_table(rows, header)]
+        lines += ["", *table(rows, header)]
         lines += [f"  {c['name']}: {n}" for c in r.converted for n in c["notes"]]
     if r.fidelity and (r.fidelity.get("outputs") or r.fidelity.get("outputs_grad")):
         lines.append("")
