@@ -245,10 +245,20 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def convert(model: nn.Module, target: str, calibration: Tensor, seed: int, snnk_features: int) -> nn.Module:
-    """A converted copy of ``model``: kanc.compile with the function-preserving init, fitted on ``calibration``."""
+def convert(
+    model: nn.Module, target: str, calibration: Tensor, seed: int, snnk_features: int, blocks: int
+) -> nn.Module:
+    """A converted copy of ``model``: kanc.compile with the function-preserving init, fitted on ``calibration``.
+
+    Raises RuntimeError unless exactly ``blocks`` MLP blocks were converted (a silent miss would make every later
+    comparison one of the MLP against itself).
+    """
     options = {"num_features": snnk_features, "seed": seed} if target == "snnk" else {}
-    return kanc.compile(model, target=target, calibration=calibration, **options)
+    converted = kanc.compile(model, target=target, calibration=calibration, **options)
+    done = kanc.report(converted).blocks
+    if len(done) != blocks:
+        raise RuntimeError(f"kanc.compile converted {len(done)} MLP blocks to {target}, expected {blocks}: {done}")
+    return converted
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -109,8 +109,9 @@ def train(model: nn.Module, corpus: Corpus, val, steps: int, peak: float, seed: 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     curve: dict = {"step": [0], "val_loss": [val_loss(model, val)], "train_loss": [None]}
-    wall, cpu, running = time.perf_counter(), time.process_time(), []
+    timing, running = {"wall_s": 0.0, "cpu_s": 0.0, "steps": steps}, []
     for step in range(steps):
+        wall, cpu = time.perf_counter(), time.process_time()
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, peak, args.warmup)
         x, y = random_windows(corpus.train, args.batch, args.context, gen)
@@ -120,12 +121,14 @@ def train(model: nn.Module, corpus: Corpus, val, steps: int, peak: float, seed: 
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         running.append(loss.item())
+        timing["wall_s"] += time.perf_counter() - wall  # training steps only, not the evaluations
+        timing["cpu_s"] += time.process_time() - cpu
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
             curve["step"].append(step + 1)
             curve["val_loss"].append(val_loss(model, val))
             curve["train_loss"].append(sum(running) / len(running))
             running = []
-    curve["timing"] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "steps": steps}
+    curve["timing"] = timing
     return curve
 
 
@@ -143,7 +146,10 @@ def conversion_run(base: nn.Module, corpus: Corpus, val, seed: int, args) -> dic
     calib = calibration(corpus, seed, args)
     out: dict = {"after_conversion": {}, "after_finetune": {}, "finetune": {}, "params": {}}
     for target in TARGETS:
-        model = copy.deepcopy(base) if target == "mlp" else convert(base, target, calib, seed, args.snnk_features)
+        if target == "mlp":
+            model = copy.deepcopy(base)
+        else:
+            model = convert(base, target, calib, seed, args.snnk_features, blocks=len(base.blocks))
         out["after_conversion"][target] = val_loss(model, val)
         out["params"][target] = n_params(model)
         before = rational_snapshot(model)
@@ -165,8 +171,9 @@ def seed_run(corpus: Corpus, val, seed: int, args) -> dict:
     conversion = conversion_run(base, corpus, val, seed, args)
     conversion["pretrain"] = pretrain
     conversion["before"] = pretrain["val_loss"][-1]
+    matched = matched_grkan_config(config)
     torch.manual_seed(seed)
-    model = CharGPT(matched_grkan_config(config), "grkan")
+    model = CharGPT(matched, "grkan")
     grkan = train(model, corpus, val, args.steps, args.lr, seed, args)
     log(f"seed {seed}: GR-KAN from scratch, val loss {grkan['val_loss'][-1]:.4f}")
     conversion["params"]["scratch_grkan"] = n_params(model)

@@ -136,7 +136,9 @@ def conversion_run(base: nn.Module, data: Data, seed: int, args) -> dict:
         if target == "mlp":
             model = copy.deepcopy(base)
         else:
-            model = convert(base, target, data[0][: args.calibration], seed, args.snnk_features)
+            model = convert(
+                base, target, data[0][: args.calibration], seed, args.snnk_features, blocks=len(base.blocks)
+            )
         after = evaluate(model, data[2], data[3])
         snapshot = rational_snapshot(model)
         hist = train(model, data, args.finetune_epochs, 1000 + seed, f"finetune {target} s{seed}", lr=1e-3)

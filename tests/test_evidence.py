@@ -165,3 +165,11 @@ def test_param_groups_leave_rationals_biases_and_norms_undecayed():
     assert all(p.ndim >= 2 and id(p) not in rational_ids for p in decay["params"])
     assert rational_ids <= {id(p) for p in rest["params"]}
     assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+def test_convert_counts_the_converted_blocks():
+    calibration = torch.randn(16, 16)
+    snnk = evidence.convert(TwoBlocks(), "snnk", calibration, seed=3, snnk_features=8, blocks=2)
+    assert kanc.report(snnk).options["seed"] == 3 and kanc.report(snnk).options["num_features"] == 8
+    with pytest.raises(RuntimeError, match=r"converted 2 MLP blocks to grkan, expected 3"):
+        evidence.convert(TwoBlocks(), "grkan", calibration, seed=0, snnk_features=8, blocks=3)
