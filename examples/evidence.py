@@ -218,6 +218,12 @@ def verdict(diff: dict, a: str, b: str, metric: str, higher_is_better: bool) -> 
     return f"{head}: {span}, {direction} beyond noise"
 
 
+def timing_line(timing: dict) -> str:
+    """Wall and CPU minutes of a run and the machine's 1-minute load average at its start and end."""
+    load = f"{timing['loadavg_start'][0]:.1f} -> {timing['loadavg_end'][0]:.1f}"
+    return f"wall {timing['wall_s'] / 60:.1f} min, CPU {timing['cpu_s'] / 60:.1f} min, 1-min load average {load}"
+
+
 def table(rows: list[list[str]], header: list[str]) -> list[str]:
     """Left-aligned text columns, two spaces apart."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

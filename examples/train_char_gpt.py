@@ -51,6 +51,7 @@ from evidence import (  # noqa: E402
     save_figure,
     summarize,
     table,
+    timing_line,
     verdict,
     write_json,
 )
@@ -229,7 +230,7 @@ def format_report(results: dict) -> str:
     lines += ["", f"rationals of the GR-KAN-converted GPT, change over fine-tuning (seed {first['seed']}):"]
     lines += motion_lines(first["conversion"]["rational_motion"])
     smallest = ", ".join(f"{k} {v:.2e}" for k, v in results["rational_motion_min"].items())
-    return "\n".join([*lines, f"smallest change over all seeds and blocks: {smallest}"])
+    return "\n".join([*lines, f"smallest change over all seeds and blocks: {smallest}", timing_line(results["timing"])])
 
 
 # ---- plots ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ from evidence import (  # noqa: E402
     save_figure,
     summarize,
     table,
+    timing_line,
     verdict,
     write_json,
 )
@@ -256,7 +258,7 @@ def format_table(results: dict) -> str:
     lines += ["", f"rationals of the GR-KAN-converted ViT, change over fine-tuning (seed {first['seed']}):"]
     lines += motion_lines(first["conversion"]["rational_motion"])
     smallest = ", ".join(f"{k} {v:.2e}" for k, v in results["rational_motion_min"].items())
-    return "\n".join([*lines, f"smallest change over all seeds and blocks: {smallest}"])
+    return "\n".join([*lines, f"smallest change over all seeds and blocks: {smallest}", timing_line(results["timing"])])
 
 
 # ---- figures -------------------------------------------------------------------------------------------------
@@ -295,7 +297,7 @@ def plot(results: dict, out: Path) -> list[Path]:
 
 def run(args, argv: list[str]) -> dict:
     """Every seed, the summary, the JSON (written first), then the figures."""
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()
     seeds = list(range(args.seed, args.seed + args.seeds))
     results = {
         "experiment": "ViT on scikit-learn digits: MLP vs GR-KAN vs SNNK",
@@ -306,7 +308,12 @@ def run(args, argv: list[str]) -> dict:
     results["summary"] = summarize_seeds(results["seeds"])
     motion = [row for r in results["seeds"] for row in r["conversion"]["rational_motion"]]
     results["rational_motion_min"] = motion_minimum(motion)
-    results["timing"] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    results["timing"] = {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "loadavg_start": list(load),
+        "loadavg_end": list(os.getloadavg()),
+    }
     write_json(args.out / RESULTS, results)
     if not args.no_plot:
         plot(results, args.out)
