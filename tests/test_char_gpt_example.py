@@ -100,6 +100,16 @@ def test_same_command_same_numbers(tiny_run, tmp_path):
     assert results["seeds"][0]["conversion"]["before"] != results["seeds"][1]["conversion"]["before"]
 
 
+def test_the_same_command_twice_gives_the_same_json(tiny_run):
+    """The fixture's command run again: every number of the JSON (all but timings and dates) equal bit for bit."""
+    out, argv, results = tiny_run
+    again = train_char_gpt.main(argv)
+    saved = json.loads((out / "char_gpt.json").read_text())
+    first, second = (json.dumps(evidence.deterministic_part(r)) for r in (results, saved))
+    assert first == second and saved == json.loads(json.dumps(again))
+    assert saved["timing"] != results["timing"]  # the file is the second run's, not the first one's
+
+
 def test_a_frozen_rational_stops_the_run(monkeypatch, tmp_path):
     """Optimiser groups that leave the rationals out (a parameter that cannot learn): the run fails, saves nothing."""
 
