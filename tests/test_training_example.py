@@ -1,7 +1,8 @@
-"""examples/train_digits.py end to end on a tiny config: records, statistics, fidelity, rationals, reproducibility (the same command twice, and a seed on its own).
+"""examples/train_digits.py end to end on a tiny config: records, statistics, fidelity, rationals, reproducibility.
 
 The tiny config (2 epochs on 256 training images) is too short to learn digits; learning itself is the committed
-full run's job (examples/results/digits.json). Here: the machinery, and that the same command gives the same numbers.
+full run's job (examples/results/digits.json). Here: the machinery, and that the same command
+gives the same numbers (run twice, and one seed on its own).
 """
 
 import json
