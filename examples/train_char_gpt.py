@@ -11,7 +11,7 @@ Per seed (the seed sets the initialisation, the batch order and SNNK's random fe
     parameter count is closest to the MLP GPT's, trained for the same steps on the same batches as the MLP of (a).
 
 Results are mean, standard deviation and 95% t-interval over seeds, with paired differences (runs that share a
-seed). results JSON first, then the figures. The committed results come from (1 thread, ~12 min idle):
+seed). results JSON first, then the figures. The committed results come from (1 thread, ~7 CPU-minutes):
 
     python examples/train_char_gpt.py --out examples/results
 """
