@@ -13,19 +13,21 @@ from kanc.nn import GRKANMlp, Mlp
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm layout)."""
+    """Multi-head self-attention with a fused qkv projection (timm layout); ``causal`` masks future tokens."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, causal: bool = False) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        scores = q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5
+        if self.causal:
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        return self.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d))
 
 
 class Block(nn.Module):
