@@ -125,6 +125,7 @@ class _Stream(LayerWalk):
         self.calibration_text = ""
         self.report: ConversionReport | None = None
         self._current: dict[str, Any] = {}
+        self.seconds: dict[str, float] = {}  # where the time went, summed over the layers
 
     def execute(self, writer: ShardWriter, calibration: Any) -> None:
         self.writer = writer
@@ -136,6 +137,7 @@ class _Stream(LayerWalk):
 
     def _pass_through(self) -> None:
         """Read the tensors outside the layer stacks, give them to the model and write them out unchanged."""
+        start = time.perf_counter()
         prefixes = tuple(f"{s}." for s in self.stacks)
         names = [k for k in self.reader.keys() if not k.startswith(prefixes) and k not in self.ignored]
         tensors = self.reader.read(names)
@@ -143,11 +145,13 @@ class _Stream(LayerWalk):
         for name in names:
             self.writer.add(name, tensors[name])
         self.params_outside = sum(p.numel() for n, p in self.model.named_parameters() if not n.startswith(prefixes))
+        self._tick("pass_through", start)
 
     def before(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> None:
         """Fill the layer from the checkpoint and convert it in place; the original output comes from the fit."""
         start = time.perf_counter()
         meta.fill(layer, self._read(name), name)
+        mark = self._tick("read", start)
         seen: list[Any] = []
         catch = layer.register_forward_hook(lambda m, a, out: seen.append(out) if not seen else None)
         try:
@@ -155,22 +159,32 @@ class _Stream(LayerWalk):
         finally:
             catch.remove()
         original = seen[0] if seen else self._run_original(name, inputs)
-        self._current = {"converted": converted, "original": original, "start": start}
+        self._tick("convert", mark)
+        self._current = {"converted": converted, "original": original, "start": start, "ran": time.perf_counter()}
 
     def after(self, name: str, layer: nn.Module, inputs: dict[str, Any], output: Any) -> Any:
         """Check the converted layer's output, write its tensors, drop the layer; the next layer's input out."""
         cur, self._current = self._current, {}
+        self._tick("forward", cur["ran"])
         converted = cur["converted"]
         if converted is not layer:  # the conversion replaced the layer's root: run the new one
             output = converted(**inputs)
         error = output_error(output, cur["original"], f"layer {name}")
+        mark = time.perf_counter()
         for key, tensor in converted.state_dict().items():
             self.writer.add(f"{name}.{key}", tensor)
+        self._tick("write", mark)
         report = conversion_report(converted)
         meta.release(converted)
         meta.release(layer)
         self.records.append(LayerRecord(name, report.blocks, error, time.perf_counter() - cur["start"], report))
         return output if self.propagate == "converted" else cur["original"]
+
+    def _tick(self, what: str, since: float) -> float:
+        """Add the time since ``since`` to ``what`` (reading, converting, ... summed over the layers)."""
+        now = time.perf_counter()
+        self.seconds[what] = self.seconds.get(what, 0.0) + now - since
+        return now
 
     def _opts(self) -> dict:
         """The target options; SNNK's seed counts on over the blocks of the layers before (as kanc.compile does)."""
@@ -225,6 +239,7 @@ class _Stream(LayerWalk):
             "max_shard_size": max_shard_size,
             "source_bytes": self.reader.nbytes(),
             "largest_source_shard": self.reader.largest_shard(),
+            "seconds": self.seconds,
             "layers": [r.as_dict() for r in self.records],
         }
         (tmp / DIR_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -3,8 +3,9 @@
 ``LayerWalk`` runs a model whose layers are still on the meta device forward on a few calibration sequences. A
 hook on each layer of its layer stacks calls ``before`` when the forward reaches the layer (fill it, convert it)
 and ``after`` once it ran (check it, write it, drop it); what ``after`` returns is what the next layer sees. The
-forward stops after the last layer. Everything the model computes between layers (masks, positions, rotary
-embeddings) comes from the model's own code, so each layer gets exactly the arguments it gets in real use.
+forward runs to its end, so a layer called twice (shared weights, as in ALBERT) is caught, never half-handled.
+Everything the model computes between layers (masks, positions, rotary embeddings) comes from the model's own
+code, so each layer gets exactly the arguments it gets in real use.
 """
 
 from __future__ import annotations
@@ -24,10 +25,6 @@ from kanc.passes import calibrate
 from kanc.testing import rel_error
 
 Progress = Callable[[str, int, int], None]
-
-
-class _Finished(Exception):
-    """Raised after the last layer: nothing after the layers needs to run."""
 
 
 class LayerWalk:
@@ -58,8 +55,6 @@ class LayerWalk:
         try:
             with torch.no_grad():
                 call(self.model, inputs)
-        except _Finished:
-            pass
         except KancError:
             raise
         except Exception as e:  # noqa: BLE001 - the model's own code on the calibration inputs
@@ -88,8 +83,6 @@ class LayerWalk:
         name = self._names[id(layer)]
         output = self._quietly(self.after, name, layer, bind_inputs(layer, args, kwargs), output)
         self.done.append(name)
-        if len(self.done) == len(self.layers):
-            raise _Finished
         return output
 
     def _quietly(self, fn: Callable[..., Any], *args: Any) -> Any:

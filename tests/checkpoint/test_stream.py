@@ -1,0 +1,260 @@
+"""kanc.convert_checkpoint: a save_pretrained folder converted layer by layer, checked against the original."""
+
+import json
+
+import pytest
+import torch
+from conftest import ids, save, zoo
+
+import kanc
+from kanc.checkpoint import compare_checkpoints, meta, stream
+from kanc.checkpoint.shards import INDEX_FILE, CheckpointReader
+from kanc.errors import KancError
+
+
+def _logits(model, x):
+    return model(input_ids=x).logits
+
+
+def test_llama_streams_into_shards_and_reloads_converted(llama_dir, tmp_path):
+    src, original = llama_dir
+    out = tmp_path / "out"
+    report = kanc.convert_checkpoint(src, out, "grkan", max_shard_size="40KB")
+    assert report.blocks == [f"model.layers.{i}.mlp" for i in range(3)]
+    assert set(report.fidelity["layers"]) == {f"model.layers.{i}" for i in range(3)}
+    index = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+    assert len(set(index.values())) > 1 and all((out / f).is_file() for f in index.values())
+    assert {"config.json", "generation_config.json", "kanc.json"} <= {p.name for p in out.iterdir()}
+    back = kanc.load(out)
+    assert type(back.model.layers[0].mlp.act_fn).__name__ == "GroupRational"
+    x = ids(5)
+    with torch.no_grad():
+        expected, got = _logits(original, x), _logits(back, x)
+    assert torch.isfinite(got).all() and kanc.testing.rel_error(got, expected) < 1e-3
+    back.train()
+    loss = _logits(back, x).float().square().mean()
+    loss.backward()
+    grads = [p.grad for n, p in back.named_parameters() if "act_fn" in n]
+    assert len(grads) == 6 and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_recorded_layer_errors_match_a_check_of_the_written_files(llama_dir, tmp_path):
+    src, _ = llama_dir
+    out = tmp_path / "out"
+    report = kanc.convert_checkpoint(src, out, "grkan")
+    checked = compare_checkpoints(src, out)
+    recorded = json.loads((out / "kanc.json").read_text())["stream"]["layers"]
+    assert [r["name"] for r in recorded] == [c["name"] for c in checked["layers"]]
+    for rec, chk in zip(recorded, checked["layers"]):
+        assert rec["error"] == pytest.approx(chk["layer_error"], rel=1e-6) and 0 < chk["layer_error"] < 1e-3
+        assert 0 < chk["drift"] < 1e-3
+    assert report.fidelity["layers"]["model.layers.0"] == recorded[0]["error"]
+    assert checked["outside_tensors"] == 3 and checked["outside_different"] == []
+
+
+@pytest.mark.parametrize("target", ["grkan", "snnk"])
+def test_propagating_the_original_equals_converting_the_whole_model(gpt2_dir, tmp_path, target):
+    """Layer by layer on the original hidden states gives kanc.compile's result on the whole model, bit for bit."""
+    src, original = gpt2_dir
+    kanc.convert_checkpoint(src, tmp_path / "out", target, propagate="original")
+    streamed = kanc.load(tmp_path / "out")
+    whole = kanc.compile(original, target, calibration={"input_ids": ids(), "use_cache": False}, verify=False)
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert streamed.lm_head.weight is streamed.transformer.wte.weight  # the tie survives
+
+
+def test_propagating_the_converted_outputs_changes_later_layers_only(gpt2_dir, tmp_path):
+    src, _ = gpt2_dir
+    kanc.convert_checkpoint(src, tmp_path / "orig", "grkan", propagate="original")
+    kanc.convert_checkpoint(src, tmp_path / "conv", "grkan")
+    a, b = kanc.load(tmp_path / "orig").state_dict(), kanc.load(tmp_path / "conv").state_dict()
+    rational = [k for k in a if k.endswith("rational.numerator")]
+    first = [k for k in rational if ".h.0." in k]
+    assert first and all(torch.equal(a[k], b[k]) for k in first)
+    assert any(not torch.equal(a[k], b[k]) for k in rational if ".h.1." in k)
+
+
+def test_untouched_tensors_are_copied_bit_for_bit(gpt2_dir, tmp_path):
+    src, _ = gpt2_dir
+    kanc.convert_checkpoint(src, tmp_path / "out", "snnk")
+    before, after = CheckpointReader(src), CheckpointReader(tmp_path / "out")
+    outside = [k for k in before.keys() if not k.startswith("transformer.h.")]
+    assert sorted(outside) == [
+        "transformer.ln_f.bias",
+        "transformer.ln_f.weight",
+        "transformer.wpe.weight",
+        "transformer.wte.weight",
+    ]
+    a, b = before.read(outside), after.read(outside)
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in outside)
+    assert "lm_head.weight" not in after.keys()  # tied: saved once, as save_pretrained does
+
+
+def test_bf16_checkpoints_keep_their_dtypes(tmp_path):
+    torch.manual_seed(2)
+    model = zoo.llama(layers=2).to(torch.bfloat16).eval()
+    src = save(model, tmp_path / "src")
+    report = kanc.convert_checkpoint(src, tmp_path / "out", "grkan")
+    assert all(0 < e < 3e-2 for e in report.fidelity["layers"].values())
+    reader = CheckpointReader(tmp_path / "out")
+    dtypes = {k: reader.dtypes[k] for k in reader.keys()}
+    assert {d for k, d in dtypes.items() if "act_fn" not in k} == {"BF16"}
+    assert {d for k, d in dtypes.items() if "act_fn" in k} == {"F32"}  # rationals are stored in fp32, as compile does
+
+
+def test_one_layer_is_held_at_a_time_and_reads_never_span_layers(llama_dir, tmp_path, monkeypatch):
+    src, _ = llama_dir
+    built, reads, held = [], [], []
+    empty_model, read, compile_ = meta.empty_model, CheckpointReader.read, stream.kanc_compile
+    monkeypatch.setattr(meta, "empty_model", lambda *a: built.append(empty_model(*a)) or built[-1])
+    monkeypatch.setattr(CheckpointReader, "read", lambda self, names: reads.append(list(names)) or read(self, names))
+
+    def counting_compile(layer, *args, **kwargs):
+        layers = built[0].model.layers
+        held.append(sum(any(not p.is_meta for p in m.parameters()) for m in layers))
+        return compile_(layer, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "kanc_compile", counting_compile)
+    kanc.convert_checkpoint(src, tmp_path / "out", "grkan")
+    assert held == [1, 1, 1]
+    layer_reads = [names for names in reads if names[0].startswith("model.layers.")]
+    assert len(layer_reads) == 3
+    for i, names in enumerate(layer_reads):
+        assert all(n.startswith(f"model.layers.{i}.") for n in names) and len(names) == 9
+    assert sorted(reads[0]) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+
+
+# ---- refusals: one line, nothing written --------------------------------------------------------------------
+
+
+def _left(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_an_existing_output_is_kept_unless_overwrite(llama_dir, tmp_path):
+    src, _ = llama_dir
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(KancError, match="already exists: pass overwrite=True"):
+        kanc.convert_checkpoint(src, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    kanc.convert_checkpoint(src, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "kanc.json").is_file()
+    assert _left(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_the_input_folder_is_never_the_output(llama_dir, tmp_path, where):
+    src, _ = llama_dir
+    copy = tmp_path / "a" / "src"
+    copy.mkdir(parents=True)
+    for f in src.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    out = {"same": copy, "inside": copy / "out", "parent": tmp_path / "a"}[where]
+    before = sorted(p.name for p in copy.iterdir())
+    with pytest.raises(KancError, match="must not be the input folder"):
+        kanc.convert_checkpoint(copy, out, overwrite=True)
+    assert sorted(p.name for p in copy.iterdir()) == before
+
+
+def _copy_src(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_truncated_shard_fails_and_leaves_nothing(llama_dir, tmp_path):
+    src = _copy_src(llama_dir[0], tmp_path / "src")
+    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(KancError, match="truncated or corrupt|not a safetensors"):
+        kanc.convert_checkpoint(src, tmp_path / "out")
+    assert _left(tmp_path) == ["src"]
+
+
+def test_an_index_pointing_outside_the_folder_is_refused(llama_dir, tmp_path):
+    src = _copy_src(llama_dir[0], tmp_path / "src")
+    index = json.loads((src / INDEX_FILE).read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = "../secret.safetensors"
+    (src / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(KancError, match="names a shard outside the folder"):
+        kanc.convert_checkpoint(src, tmp_path / "out")
+    assert _left(tmp_path) == ["src"]
+
+
+def test_a_missing_tensor_is_named_before_anything_is_written(llama_dir, tmp_path):
+    src = _copy_src(llama_dir[0], tmp_path / "src")
+    index = json.loads((src / INDEX_FILE).read_text())
+    del index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
+    (src / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(KancError, match=r"no tensor for model.layers.2.mlp.up_proj.weight"):
+        kanc.convert_checkpoint(src, tmp_path / "out")
+    assert _left(tmp_path) == ["src"]
+
+
+def test_non_finite_weights_fail_the_layer_check(tmp_path):
+    torch.manual_seed(3)
+    model = zoo.llama(layers=2).eval()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    src = save(model, tmp_path / "src")
+    with pytest.raises(KancError, match="layer model.layers.1 gives non-finite outputs"):
+        kanc.convert_checkpoint(src, tmp_path / "out")
+    assert _left(tmp_path) == ["src"]
+
+
+def test_a_failure_in_a_later_layer_leaves_nothing(llama_dir, tmp_path, monkeypatch):
+    src, _ = llama_dir
+    calls = []
+
+    def failing(layer, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KancError("boom")
+        return stream.__dict__["_real_compile"](layer, *args, **kwargs)
+
+    monkeypatch.setitem(stream.__dict__, "_real_compile", stream.kanc_compile)
+    monkeypatch.setattr(stream, "kanc_compile", failing)
+    with pytest.raises(KancError, match="boom"):
+        kanc.convert_checkpoint(src, tmp_path / "out")
+    assert _left(tmp_path) == []
+
+
+def test_bad_options_fail_before_any_work(llama_dir, tmp_path):
+    src, _ = llama_dir
+    with pytest.raises(KancError, match="unknown option 'colour'"):
+        kanc.convert_checkpoint(src, tmp_path / "out", colour=1)
+    with pytest.raises(KancError, match="propagate must be one of"):
+        kanc.convert_checkpoint(src, tmp_path / "out", propagate="both")
+    with pytest.raises(KancError, match="bad size"):
+        kanc.convert_checkpoint(src, tmp_path / "out", max_shard_size="lots")
+    assert _left(tmp_path) == []
+
+
+def test_folders_without_safetensors_weights_are_refused(tmp_path):
+    model = zoo.llama(layers=1)
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(KancError, match="re-save the model with save_pretrained"):
+        kanc.convert_checkpoint(tmp_path / "bin", tmp_path / "out")
+    with pytest.raises(KancError, match="not a save_pretrained folder"):
+        kanc.convert_checkpoint(tmp_path / "nothing", tmp_path / "out")
+
+
+def test_layers_that_share_weights_cannot_be_streamed(tmp_path):
+    import transformers
+
+    cfg = transformers.AlbertConfig(
+        num_hidden_layers=3, hidden_size=64, embedding_size=32, intermediate_size=128, num_attention_heads=2,
+        vocab_size=100, max_position_embeddings=64,
+    )  # fmt: skip
+    src = save(transformers.AlbertForMaskedLM(cfg).eval(), tmp_path / "src")
+    with pytest.raises(KancError, match="runs twice in one forward"):
+        kanc.convert_checkpoint(src, tmp_path / "out")
+    assert _left(tmp_path) == ["src"]
