@@ -177,12 +177,15 @@ def test_a_truncated_shard_fails_and_leaves_nothing(llama_dir, tmp_path):
     assert _left(tmp_path) == ["src"]
 
 
+def _edit_index(src, change):
+    index = json.loads((src / INDEX_FILE).read_text())
+    change(index["weight_map"])
+    (src / INDEX_FILE).write_text(json.dumps(index))
+
+
 def test_an_index_pointing_outside_the_folder_is_refused(llama_dir, tmp_path):
     src = _copy_src(llama_dir[0], tmp_path / "src")
-    index = json.loads((src / INDEX_FILE).read_text())
-    key = next(iter(index["weight_map"]))
-    index["weight_map"][key] = "../secret.safetensors"
-    (src / INDEX_FILE).write_text(json.dumps(index))
+    _edit_index(src, lambda weight_map: weight_map.update({"model.norm.weight": "../secret.safetensors"}))
     with pytest.raises(KancError, match="names a shard outside the folder"):
         kanc.convert_checkpoint(src, tmp_path / "out")
     assert _left(tmp_path) == ["src"]
@@ -190,9 +193,7 @@ def test_an_index_pointing_outside_the_folder_is_refused(llama_dir, tmp_path):
 
 def test_a_missing_tensor_is_named_before_anything_is_written(llama_dir, tmp_path):
     src = _copy_src(llama_dir[0], tmp_path / "src")
-    index = json.loads((src / INDEX_FILE).read_text())
-    del index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
-    (src / INDEX_FILE).write_text(json.dumps(index))
+    _edit_index(src, lambda weight_map: weight_map.pop("model.layers.2.mlp.up_proj.weight"))
     with pytest.raises(KancError, match=r"no tensor for model.layers.2.mlp.up_proj.weight"):
         kanc.convert_checkpoint(src, tmp_path / "out")
     assert _left(tmp_path) == ["src"]
