@@ -31,7 +31,14 @@ from kanc.api import DIR_MANIFEST, _attach, _manifest_source, check_options, mak
 from kanc.api import compile as kanc_compile
 from kanc.api import report as conversion_report
 from kanc.checkpoint import meta
-from kanc.checkpoint.shards import DEFAULT_SHARD_SIZE, INDEX_FILE, SINGLE_FILE, CheckpointReader, ShardWriter
+from kanc.checkpoint.shards import (
+    DEFAULT_SHARD_SIZE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointReader,
+    ShardWriter,
+    parse_size,
+)
 from kanc.checkpoint.walk import LayerWalk, calibration_inputs, describe, output_error
 from kanc.errors import KancError
 from kanc.frontend.loading import atomic_write
@@ -84,6 +91,7 @@ def convert_checkpoint(
     opts = dataclasses.asdict(check_options(target, options))
     if propagate not in PROPAGATE:
         raise KancError(f"propagate must be one of {', '.join(PROPAGATE)}, got {propagate!r}")
+    parse_size(max_shard_size)
     src, out = Path(src), Path(out)
     reader = _open_source(src)
     config = meta.read_config(src)

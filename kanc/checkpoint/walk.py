@@ -98,12 +98,13 @@ class LayerWalk:
 
 
 def calibration_inputs(model: nn.Module, calibration: Any) -> Any:
-    """The user's calibration inputs (a tensor is the model's main input), or seeded token ids; no key/value cache."""
+    """The user's calibration inputs (a tensor is a Hugging Face model's main input), or seeded token ids; no
+    key/value cache."""
     inputs = default_inputs(model) if calibration is None else calibration
     if inputs is None:
         raise KancError(f"{type(model).__name__} takes no token ids: pass calibration= model inputs")
-    if isinstance(inputs, Tensor):
-        inputs = {getattr(model, "main_input_name", "input_ids"): inputs}
+    if isinstance(inputs, Tensor) and isinstance(getattr(model, "main_input_name", None), str):
+        inputs = {model.main_input_name: inputs}  # a Hugging Face model's token ids
     inputs = calibrate.move_inputs(inputs, torch.device("cpu"))
     if isinstance(inputs, Mapping) and "use_cache" in inspect.signature(model.forward).parameters:
         inputs = {"use_cache": False, **inputs}  # a cache would grow with every extra call of a layer

@@ -259,3 +259,76 @@ def test_layers_that_share_weights_cannot_be_streamed(tmp_path):
     with pytest.raises(KancError, match="runs twice in one forward"):
         kanc.convert_checkpoint(src, tmp_path / "out")
     assert _left(tmp_path) == ["src"]
+
+
+# ---- the walk on a plain torch model: root replaced by the conversion, the fit that never runs the layer -------
+
+
+class _Layer(torch.nn.Module):
+    """A layer that traces whole, its activation a function: GR-KAN rewrites its own graph (the root is replaced)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, d: int = 16, n: int = 3) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Layer(d) for _ in range(n))
+        self.head = torch.nn.Linear(d, 4)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _stream_plain(tmp_path, monkeypatch_compile=None):
+    from kanc.checkpoint.shards import ShardWriter
+
+    torch.manual_seed(4)
+    net = _Net().eval()
+    writer = ShardWriter(tmp_path / "src", "2KB")
+    (tmp_path / "src").mkdir()
+    for k, v in net.state_dict().items():
+        writer.add(k, v)
+    writer.finish()
+    with meta.meta_parameters():
+        empty = _Net().eval()
+    run = stream._Stream(empty, CheckpointReader(tmp_path / "src"), "grkan", {}, "converted", None)
+    (tmp_path / "out").mkdir()
+    out = ShardWriter(tmp_path / "out")
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    run.execute(out, x)
+    out.finish()
+    return net, run, x
+
+
+def test_a_layer_whose_root_the_conversion_replaces_is_run_as_converted(tmp_path):
+    net, run, _ = _stream_plain(tmp_path)
+    assert {(c["mode"], c["owner"]) for c in run.report.converted} == {("graph", f"layers.{i}") for i in range(3)}
+    assert len(run.records) == 3 and all(0 < r.error < 1e-2 for r in run.records)
+    reader = CheckpointReader(tmp_path / "out")
+    converted = [kanc.compile(layer, "grkan", verify=False) for layer in net.layers]  # the same structure
+    names = {f"layers.{i}.{k}" for i, layer in enumerate(converted) for k in layer.state_dict()}
+    assert set(reader.keys()) == names | {"head.weight", "head.bias"}
+    assert torch.equal(reader.read(["head.weight"])["head.weight"], net.head.weight)
+
+
+def test_when_the_fit_never_runs_the_layer_the_original_is_read_again(tmp_path, monkeypatch):
+    """Without the fit's forward to catch, the original layer's output comes from a fresh read of the checkpoint:
+    the recorded errors are those of the converted layers against the original ones on the same inputs."""
+    real = stream.kanc_compile
+    monkeypatch.setattr(stream, "kanc_compile", lambda layer, *a, calibration, **k: real(layer, *a, **k))
+    net, run, x = _stream_plain(tmp_path)
+    h = x
+    for rec, layer in zip(run.records, net.layers):
+        converted = real(layer, "grkan", verify=False)  # synthetic rows, as in the run: the same layer
+        with torch.no_grad():
+            want, got = layer(h), converted(h)
+        assert rec.error == pytest.approx(kanc.testing.rel_error(got, want), rel=1e-6) and rec.error > 0
+        h = got
