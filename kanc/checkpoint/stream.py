@@ -185,6 +185,7 @@ class _Stream(LayerWalk):
         report = conversion_report(converted)
         meta.release(converted)
         meta.release(layer)
+        meta.return_memory()
         self.records.append(LayerRecord(name, report.blocks, error, time.perf_counter() - cur["start"], report))
         return output if self.propagate == "converted" else cur["original"]
 
