@@ -171,6 +171,7 @@ def bench_model(name: str, folder: Path, args: argparse.Namespace) -> dict[str, 
         "model": name, **info, "build_s": round(time.perf_counter() - start, 1),
         "size_gb": reader.nbytes() / 1e9, "largest_shard_gb": reader.largest_shard() / 1e9,
         "shards": len(reader.files), "layer_gb": _largest_layer(reader) / 1e9,
+        "load_average": os.getloadavg()[0],  # other users' work slows every run: say how busy the machine was
     }  # fmt: skip
     for run in RUNS:
         if run in args.skip:

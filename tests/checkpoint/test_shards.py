@@ -21,6 +21,7 @@ def _tensors():
         "f64": torch.randn(2, 2, generator=gen).double(),
         "i64": torch.arange(9).reshape(3, 3),
         "u8": torch.arange(5, dtype=torch.uint8),
+        "u32": torch.arange(5).to(torch.uint32),
         "bool": torch.tensor([True, False, True]),
         "scalar": torch.tensor(2.5),
         "empty": torch.zeros(0, 4),
