@@ -318,7 +318,8 @@ def _copy_extras(src: Path, tmp: Path) -> None:
 def write_folder(out: Path, src: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
     """The one place this module writes: ``fill`` a temporary folder, renamed onto ``out`` once complete.
 
-    Refuses ``src`` itself, a folder holding it or inside it, an existing ``out`` without ``overwrite``.
+    Refuses ``src`` itself, a folder holding it or inside it, an existing ``out`` without ``overwrite``. The folder
+    gets the mode a plain ``mkdir`` would give it (the temporary one is private while it fills).
     """
     s, o = src.resolve(), out.resolve()
     if o == s or o in s.parents or s in o.parents:
@@ -326,4 +327,11 @@ def write_folder(out: Path, src: Path, overwrite: bool, fill: Callable[[Path], N
     if out.exists() and not (overwrite and out.is_dir()):
         what = "pass overwrite=True to replace it" if out.is_dir() else "it is not a folder"
         raise KancError(f"{out} already exists: {what}")
-    return atomic_write(out, fill, directory=True)
+
+    def fill_and_open(tmp: Path) -> None:
+        fill(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
+
+    return atomic_write(out, fill_and_open, directory=True)

@@ -1,6 +1,7 @@
 """kanc.convert_checkpoint: a save_pretrained folder converted layer by layer, checked against the original."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -145,6 +146,9 @@ def test_an_existing_output_is_kept_unless_overwrite(llama_dir, tmp_path):
     kanc.convert_checkpoint(src, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "kanc.json").is_file()
     assert _left(tmp_path) == ["out"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # not the temporary folder's private 0700
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "parent"])
