@@ -3,6 +3,8 @@
 - ``kat_backward``: KAT's Triton backward (rkc ``kat_rational/rational_triton.py``, Feb 2025) as described: a 1-D
   grid of BLOCK_SIZE=256 elementwise programs, and for every element a global ``tl.atomic_add`` into each of the
   10 coefficient gradients of its group (no block-level reduction), fp32 gradient buffers.
+- ``flashkat_forward``: FlashKAT's forward, KAT's elementwise kernel with 128-element programs (one lane per element,
+  its group's 10 coefficients loaded per lane).
 - ``flashkat_backward``: FlashKAT's backward (fk ``flash_rational_triton.py``) as described: grid
   (ceil(rows / 64), G), each program owns one group and 64 rows, loops over the group's columns in 64-wide tiles,
   accumulates the 10 coefficient partial sums with ``tl.sum`` in registers and issues one atomic per coefficient
@@ -21,8 +23,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _pq_grads(x, g, a_ptr, b_ptr, grp, mask):
-    """P, Q and the derivative pieces for degrees (5, 4): (dx, g / Q, P / Q) in fp32, as in KAT's kernel."""
+def _load_coefficients(a_ptr, b_ptr, grp, mask):
+    """The 6 numerator and |4 denominator| coefficients of each element's group, in fp32 (degrees (5, 4) only)."""
     a0 = tl.load(a_ptr + grp * 6 + 0, mask=mask, other=0.0).to(tl.float32)
     a1 = tl.load(a_ptr + grp * 6 + 1, mask=mask, other=0.0).to(tl.float32)
     a2 = tl.load(a_ptr + grp * 6 + 2, mask=mask, other=0.0).to(tl.float32)
@@ -33,6 +35,13 @@ def _pq_grads(x, g, a_ptr, b_ptr, grp, mask):
     b1 = tl.abs(tl.load(b_ptr + grp * 4 + 1, mask=mask, other=0.0).to(tl.float32))
     b2 = tl.abs(tl.load(b_ptr + grp * 4 + 2, mask=mask, other=0.0).to(tl.float32))
     b3 = tl.abs(tl.load(b_ptr + grp * 4 + 3, mask=mask, other=0.0).to(tl.float32))
+    return a0, a1, a2, a3, a4, a5, b0, b1, b2, b3
+
+
+@triton.jit
+def _pq_grads(x, g, a_ptr, b_ptr, grp, mask):
+    """P, Q and the derivative pieces for degrees (5, 4): (dx, g / Q, P / Q) in fp32, as in KAT's kernel."""
+    a0, a1, a2, a3, a4, a5, b0, b1, b2, b3 = _load_coefficients(a_ptr, b_ptr, grp, mask)
     ax = tl.abs(x)
     p = ((((a5 * x + a4) * x + a3) * x + a2) * x + a1) * x + a0
     q = (((b3 * ax + b2) * ax + b1) * ax + b0) * ax + 1.0
@@ -42,6 +51,19 @@ def _pq_grads(x, g, a_ptr, b_ptr, grp, mask):
     gq = g / q
     y = p / q
     return gq * (dp - y * sign * dq), gq, y
+
+
+@triton.jit
+def _kat_fwd_kernel(x_ptr, y_ptr, a_ptr, b_ptr, n, C, D, BLOCK_SIZE: tl.constexpr):
+    """KAT's forward (FlashKAT keeps it, with BLOCK_SIZE 128): one element per lane, its group's coefficients."""
+    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a0, a1, a2, a3, a4, a5, b0, b1, b2, b3 = _load_coefficients(a_ptr, b_ptr, (offs % C) // D, mask)
+    ax = tl.abs(x)
+    p = ((((a5 * x + a4) * x + a3) * x + a2) * x + a1) * x + a0
+    q = (((b3 * ax + b2) * ax + b1) * ax + b0) * ax + 1.0
+    tl.store(y_ptr + offs, p / q, mask=mask)
 
 
 @triton.jit
@@ -111,6 +133,18 @@ def _flashkat_bwd_kernel(
 def _check(x, numerator, denominator) -> None:
     if numerator.shape[1] != 6 or denominator.shape[1] != 4:
         raise ValueError("the KAT / FlashKAT baselines implement degrees (5, 4) only, as the published kernels")
+
+
+def flashkat_forward(x, numerator, denominator):
+    """F(x) in x's dtype by FlashKAT's forward (KAT's elementwise kernel with 128-element programs)."""
+    _check(x, numerator, denominator)
+    channels, groups = x.shape[-1], denominator.shape[0]
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    _kat_fwd_kernel[(triton.cdiv(n, 128),)](x, y, numerator.contiguous(), denominator.contiguous(), n, channels,
+                                            channels // groups, BLOCK_SIZE=128)  # fmt: skip
+    return y
 
 
 def kat_backward(grad, x, numerator, denominator):

@@ -26,7 +26,8 @@ SMOKE_SHAPES = {"smoke_fc1": (37, 24, 48, "fc1"), "smoke_fc2": (37, 24, 48, "fc2
 GROUPS = 8
 
 
-def run_case(name, tokens, channels, hidden, fc, torch, device, dtype, bench, backend, groups):
+def run_case(name, tokens, channels, hidden, fc, torch, device, dtype, bench, backend, groups, keep=None):
+    """One shape: every implementation and pass (``keep(impl)`` picks a subset; default all)."""
     from kanc.codegen import grkan_linear, grkan_linear_ref, group_rational, recording
 
     k_in, n_out = (channels, hidden) if fc == "fc1" else (hidden, channels)
@@ -61,6 +62,8 @@ def run_case(name, tokens, channels, hidden, fc, torch, device, dtype, bench, ba
         got = grkan_linear(x, num, den, w, b)
     results = []
     for impl, fn in impls.items():
+        if keep is not None and not keep(impl):
+            continue
         for pass_ in ("forward", "forward+backward"):
             if pass_ == "forward":
                 run = lambda fn=fn: fn(x.detach(), num, den, w.detach(), b.detach())

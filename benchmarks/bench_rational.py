@@ -1,5 +1,6 @@
 """Group-rational activation: kanc's kernels vs the PyTorch reference (eager, torch.compile) and, for the backward,
-the KAT per-element-atomic design and the FlashKAT per-program-reduction design.
+the KAT per-element-atomic design and the FlashKAT per-program-reduction design (FlashKAT also forward and
+forward+backward: its forward is KAT's elementwise kernel).
 
     python benchmarks/bench_rational.py                      # GPU, bf16, every shape
     python benchmarks/bench_rational.py --shapes vit_b --dtype float16
@@ -38,8 +39,12 @@ def hbm_peak(device_name: str) -> float | None:
     return next((v for k, v in HBM_PEAK_GBPS.items() if k in device_name), None)
 
 
-def run_case(name, tokens, channels, groups, torch, device, dtype, bench, compile_backend):
-    from baselines import flashkat_atomics, flashkat_backward, kat_atomics, kat_backward
+KANC, FLASHKAT, KAT = "kanc kernel", "FlashKAT design (per-program sums)", "KAT design (per-element atomics)"
+
+
+def run_case(name, tokens, channels, groups, torch, device, dtype, bench, compile_backend, keep=None):
+    """One shape: every implementation and pass (``keep(impl)`` picks a subset; default all)."""
+    from baselines import flashkat_atomics, flashkat_backward, flashkat_forward, kat_atomics, kat_backward
 
     from kanc.codegen import rational_ref, recording
     from kanc.codegen.rational import group_rational
@@ -66,8 +71,11 @@ def run_case(name, tokens, channels, groups, torch, device, dtype, bench, compil
         return max(common.max_error(g, r) for g, r in zip(got, ref_grads))
 
     results = []
+    keep = keep or (lambda impl: True)
 
     def add(impl, pass_, fn, err=None, atomics=None, grad_to_none=None):
+        if not keep(impl):
+            return
         timing = bench(fn, grad_to_none=grad_to_none)
         r = {"impl": impl, "pass": pass_, **common.metrics(timing, bytes_by_pass[pass_], FLOPS[pass_] * n)}
         if err is not None:
@@ -77,25 +85,32 @@ def run_case(name, tokens, channels, groups, torch, device, dtype, bench, compil
         results.append(r)
 
     xd = x.detach()
-    add("kanc kernel", "forward", lambda: group_rational(xd, num, den), common.max_error(out, expected))
+    add(KANC, "forward", lambda: group_rational(xd, num, den), common.max_error(out, expected))
     add("reference eager", "forward", lambda: rational_ref(xd, num, den))
     add(f"reference torch.compile({compile_backend})", "forward", lambda: compiled(xd, num, den))
+    if keep(FLASHKAT):
+        fk_err = common.max_error(flashkat_forward(xd, num, den), expected)
+        add(FLASHKAT, "forward", lambda: flashkat_forward(xd, num, den), fk_err)
 
     bwd_atomics = next((launch.atomics for launch in launches if launch.extra["direction"] == "backward"), None)
     kanc_bwd = torch.ops.kanc.group_rational_backward
-    add("kanc kernel", "backward", lambda: kanc_bwd(dy, xd, num, den), grad_err(grads), bwd_atomics)
+    add(KANC, "backward", lambda: kanc_bwd(dy, xd, num, den), grad_err(grads), bwd_atomics)
     ref_out = rational_ref(x, num, den)
     params = [x, num, den]
     add("reference eager", "backward", lambda: ref_out.backward(dy, retain_graph=True), grad_to_none=params)
-    add("KAT design (per-element atomics)", "backward", lambda: kat_backward(dy, xd, num, den),
-        grad_err(kat_backward(dy, xd, num, den)), kat_atomics(xd))  # fmt: skip
-    add("FlashKAT design (per-program sums)", "backward", lambda: flashkat_backward(dy, xd, num, den),
-        grad_err(flashkat_backward(dy, xd, num, den)), flashkat_atomics(xd, groups))  # fmt: skip
+    if keep(KAT):
+        kat_err = grad_err(kat_backward(dy, xd, num, den))
+        add(KAT, "backward", lambda: kat_backward(dy, xd, num, den), kat_err, kat_atomics(xd))
+    if keep(FLASHKAT):
+        fk_err = grad_err(flashkat_backward(dy, xd, num, den))
+        add(FLASHKAT, "backward", lambda: flashkat_backward(dy, xd, num, den), fk_err, flashkat_atomics(xd, groups))
+        # a training step of the design: its forward, then its backward
+        add(FLASHKAT, "forward+backward", lambda: (flashkat_forward(xd, num, den), flashkat_backward(dy, xd, num, den)))
 
     def fwd_bwd(fn):
         return lambda: fn(x, num, den).backward(dy)
 
-    add("kanc kernel", "forward+backward", fwd_bwd(group_rational), grad_to_none=params)
+    add(KANC, "forward+backward", fwd_bwd(group_rational), grad_to_none=params)
     add("reference eager", "forward+backward", fwd_bwd(rational_ref), grad_to_none=params)
     add(f"reference torch.compile({compile_backend})", "forward+backward", fwd_bwd(compiled), grad_to_none=params)
     shapes = {"x": [tokens, channels], "groups": groups, "numerator": [groups, 6], "denominator": [groups, 4]}

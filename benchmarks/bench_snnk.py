@@ -33,7 +33,8 @@ SMOKE_SHAPES = {"smoke_relu": (37, 24, 48, 12, "relu"), "smoke_exp": (37, 24, 48
                 "smoke_cos": (37, 24, 48, 12, "cos")}  # fmt: skip
 
 
-def run_case(name, tokens, d, hidden, feats, kind, torch, device, dtype, bench, backend):
+def run_case(name, tokens, d, hidden, feats, kind, torch, device, dtype, bench, backend, keep=None):
+    """One shape: every implementation and pass (``keep(impl)`` picks a subset; default all)."""
     from kanc.codegen import recording
     from kanc.codegen.snnk import snnk_block, snnk_block_ref, snnk_width
     from kanc.nn import Mlp
@@ -76,6 +77,8 @@ def run_case(name, tokens, d, hidden, feats, kind, torch, device, dtype, bench, 
     z_recomputed = dw_launch.extra["z_recomputed"] if dw_launch else None
     results = []
     for impl, fn in impls.items():
+        if keep is not None and not keep(impl):
+            continue
         for pass_ in ("forward", "forward+backward"):
             if pass_ == "forward":
                 run = lambda fn=fn: fn(x.detach(), w.detach(), b.detach())

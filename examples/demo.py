@@ -112,7 +112,7 @@ def run(out: Path, epochs: int, start: float) -> dict:
         kanc_cli("convert", str(weights), *flags, "--arch", ARCH, "--calibration", str(calib),
                  "--inputs", str(held_out), "-o", str(dest), "--force", "--quiet", show=i == 0)  # fmt: skip
         seconds = time.perf_counter() - t0
-        converted = kanc.load(dest)  # weights + manifest: the conversion is re-applied to the architecture
+        converted = kanc.load(dest, arch=ARCH)  # weights + manifest: the conversion re-applied to ARCH
         reports[name] = kanc.report(converted).as_dict()
         rows.append(row(name, converted, base, data, seconds))
     print("\n4. fidelity (no fine-tuning): relative logit error vs the original, prediction agreement, accuracy\n")

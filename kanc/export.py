@@ -2,7 +2,8 @@
 
 kanc's ops fall back to their pure-PyTorch reference under ``torch.onnx.is_in_onnx_export()``, so a GR-KAN
 rational becomes Abs/Add/Div/MatMul/Mul and an SNNK block MatMul/Relu/Exp/Cos: no custom ONNX domain.
-The file is written atomically: on any failure (export, onnxruntime, tolerance) nothing is left at ``path``.
+The file is written through kanc.writing: atomically (on any failure, export, onnxruntime or tolerance, nothing is
+left at ``path``), never over a file in ``protect``, and over an existing file only with ``force``.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from kanc.errors import KancError
+from kanc.errors import CheckFailedError, KancError
+from kanc.writing import Output, check_outputs, write_file
 
 DYNAMIC_AXES = ("batch", "seq")
 
@@ -53,51 +54,44 @@ def export_onnx(
     opset: int | None = None,
     verify: bool = True,
     atol: float = 1e-4,
+    force: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``path`` (torch.onnx dynamo exporter) and check it with onnxruntime.
 
     ``dynamic`` names the axes left symbolic: "batch" is dim 0 of every input, "seq" is dim 1 of token ids (B, T) and
     token embeddings (B, T, D). With ``verify``, onnxruntime (CPU) runs the file at the example shape
-    and, when axes are dynamic, at a second shape; a difference above ``atol`` raises :class:`KancError`.
+    and, when axes are dynamic, at a second shape; a difference above ``atol`` raises :class:`CheckFailedError`.
+    An existing ``path`` is replaced only with ``force``; ``protect``: paths it must never touch (the model file).
     """
     inputs = _as_tuple(example_inputs)
     axes = _check_axes(dynamic)
     path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise KancError(f"output directory does not exist: {path.parent}")
+    protect = list(protect)
+    check_outputs([Output(path)], inputs=protect, force=force)  # fail before the slow export
     model = model.eval()
     with _without_kv_cache(model):
-        return _export_checked(model, inputs, path, axes, opset, verify, atol)
+        _check_runs(model, inputs)
+        result = ExportResult(path=path, opset=opset, dynamic=axes)
+        write_file(path, lambda tmp: _export_checked(model, inputs, tmp, result, verify, atol), inputs=protect,
+                   force=force)  # fmt: skip
+        return result
 
 
 def _export_checked(
-    model: nn.Module,
-    inputs: tuple[Tensor, ...],
-    path: Path,
-    axes: tuple[str, ...],
-    opset: int | None,
-    verify: bool,
-    atol: float,
-) -> ExportResult:
-    _check_runs(model, inputs)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", prefix=f".{path.stem}.", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        _export(model, inputs, tmp, axes, opset)
-        result = ExportResult(path=path, opset=opset, dynamic=axes)
-        if verify:
-            shapes = [inputs] + ([_second_inputs(inputs, axes)] if axes else [])
-            for probe in shapes:
-                diffs = _compare(model, probe, tmp)
-                result.checks.append({"shapes": [list(t.shape) for t in probe], "max_abs_diff": diffs})
-            result.max_abs_diff = result.checks[0]["max_abs_diff"]
-            if result.worst > atol or result.worst != result.worst:
-                raise KancError(f"onnxruntime differs from PyTorch by {result.worst:.3g} (> atol {atol:g})")
-        os.replace(tmp, path)
-        return result
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    model: nn.Module, inputs: tuple[Tensor, ...], tmp: Path, result: ExportResult, verify: bool, atol: float
+) -> None:
+    """Export to ``tmp`` and check it with onnxruntime; the writer publishes it only if this returns."""
+    _export(model, inputs, str(tmp), result.dynamic, result.opset)
+    if not verify:
+        return
+    shapes = [inputs] + ([_second_inputs(inputs, result.dynamic)] if result.dynamic else [])
+    for probe in shapes:
+        diffs = _compare(model, probe, str(tmp))
+        result.checks.append({"shapes": [list(t.shape) for t in probe], "max_abs_diff": diffs})
+    result.max_abs_diff = result.checks[0]["max_abs_diff"]
+    if result.worst > atol or result.worst != result.worst:
+        raise CheckFailedError(f"onnxruntime differs from PyTorch by {result.worst:.3g} (> atol {atol:g})")
 
 
 @contextlib.contextmanager

@@ -72,7 +72,7 @@ def test_json_output(model_file, tmp_path, capsys):
     ("extra", "message"),
     [
         (["--input-shape", "2,a"], "bad --input-shape"),
-        (["--dtype", "float"], "does not run on inputs"),
+        (["--dtype", "float", "--input-shape", "2,16"], "does not run on inputs"),
         (["--dynamic", "time"], "unknown dynamic axis"),
         (["--atol", "-1"], "onnxruntime differs from PyTorch"),
     ],

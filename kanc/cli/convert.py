@@ -5,8 +5,9 @@
     kanc inspect model.pt [--json] [--graph blocks.graphml]
 
 convert writes OUT in the input's format plus a JSON manifest (``OUT.kanc.json``, or ``kanc.json`` inside a
-folder), atomically; it never overwrites the input, refuses an existing OUT without --force, and exits 3 when
-the model has no MLP block to convert. A model that is already converted is left alone (exit 0, nothing written).
+folder) through kanc.writing: together and atomically, never into, over, above or below a file it read, replacing an
+existing OUT only with --force, and exits 3 when the model has no MLP block to convert. A model that is already
+converted is left alone (exit 0, nothing written).
 """
 
 from __future__ import annotations
@@ -19,40 +20,19 @@ from typing import Any
 
 import click
 
-from kanc.cli.common import read_inputs
-from kanc.errors import KancError
+from kanc.cli.common import (
+    MODEL,
+    example_inputs,
+    input_dtype_option,
+    load_model_file,
+    model_options,
+    read_inputs_file,
+    reads_of,
+    vocab_option,
+)
+from kanc.errors import KancError, UsageError
 
-_MODEL = click.Path(path_type=Path)
-
-
-def _load_options(f):
-    f = click.option("--arch-kwargs", default=None, help="JSON object of keyword arguments for --arch.")(f)
-    f = click.option("--arch", default=None, help="package.module:Class (or file.py:Class) when MODEL holds weights.")(
-        f
-    )
-    f = click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled whole model (this runs its code).")(
-        f
-    )
-    return f
-
-
-def _load(model: Path, trust_pickle: bool, arch: str | None, arch_kwargs: str | None) -> tuple[Any, str]:
-    """(module, format of the file); a kanc output (with manifest) comes back converted."""
-    from kanc.api import load, read_manifest
-    from kanc.frontend.loading import detect_format
-
-    fmt = detect_format(model)
-    manifest = read_manifest(model)
-    module = load(model, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)
-    if manifest is not None:
-        return module, manifest.get("format") or fmt
-    if fmt == "state_dict" and arch is None:
-        fmt = "pickle"  # load() only returns a module for a weights file when --arch was given
-    return module, fmt
-
-
-def _read_inputs(path: Path | None, what: str) -> Any:
-    return None if path is None else read_inputs(path, what)
+_OPTION_FLAGS = {"degrees": "--degrees", "groups": "--groups", "num_features": "--features", "seed": "--seed"}
 
 
 class _Progress:
@@ -78,23 +58,19 @@ def _default_output(model: Path, target: str) -> Path:
     return model.with_name(f"{model.stem}_{target}{model.suffix}")
 
 
-def _check_output(model: Path, out: Path, force: bool) -> None:
-    from kanc.api import manifest_path
-
-    if out.resolve() == model.resolve() or (model.is_dir() and model.resolve() in out.resolve().parents):
-        raise KancError(f"refusing to write into the input {model}: choose another -o")
-    existing = [p for p in (out, manifest_path(out)) if p.exists()]
-    if existing and not force:
-        raise KancError(f"{existing[0]} exists: pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise KancError(f"output directory does not exist: {out.parent}")
-
-
 def _options(target: str, **given: Any) -> dict[str, Any]:
-    """Only the options the user gave; check_options says which do not apply to the target."""
+    """Only the options the user gave, parsed and bounded; a bad one is a usage error (exit 2)."""
+    from kanc.api import check_options
+    from kanc.saving import check_option_values
+
     options = {k: v for k, v in given.items() if v is not None}
     if "degrees" in options:
         options["degrees"] = _parse_degrees(options["degrees"])
+    check_option_values(options, lambda name, why: UsageError(f"bad {_OPTION_FLAGS[name]}: {why}"))
+    try:
+        check_options(target, options)
+    except KancError as e:
+        raise UsageError(str(e)) from None
     return options
 
 
@@ -102,14 +78,35 @@ def _parse_degrees(text: str) -> tuple[int, int]:
     try:
         m, n = (int(s) for s in text.replace("/", ",").split(","))
     except ValueError:
-        raise KancError(f"bad --degrees {text!r}: expected two integers like 5,4") from None
+        raise UsageError(f"bad --degrees {text!r}: expected two integers like 5,4") from None
     return m, n
 
 
+def _recorded_conversion(model: Path) -> str | None:
+    """Why MODEL is already converted, when its kanc manifest records a conversion (then it need not even load)."""
+    from kanc.saving import read_manifest
+
+    manifest = read_manifest(model)
+    if manifest and manifest.get("blocks"):
+        return f"already converted ({manifest['target']}, recorded in its manifest): nothing written"
+    return None
+
+
+def _kanc_graph(module: Any) -> str | None:
+    """Why a graph module is already converted: it calls kanc's ops (a converted model exported on a GPU)."""
+    import torch
+
+    for gm in module.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            if any(getattr(n.target, "namespace", None) == "kanc" for n in gm.graph.nodes):
+                return "already converted (kanc ops in its graph): nothing written"
+    return None
+
+
 @click.command("convert")
-@click.argument("model", type=_MODEL)
+@click.argument("model", type=MODEL)
 @click.option("--target", "-t", required=True, type=click.Choice(["grkan", "snnk"], case_sensitive=False))
-@click.option("-o", "--output", "out", type=_MODEL, default=None, help="Output path (default: MODEL_<target>).")
+@click.option("-o", "--output", "out", type=MODEL, default=None, help="Output path (default: MODEL_<target>).")
 @click.option("--groups", type=int, default=None, help="grkan: rational groups G [default: 8].")
 @click.option("--degrees", default=None, help="grkan: numerator,denominator degrees [default: 5,4].")
 @click.option(
@@ -144,87 +141,111 @@ def _parse_degrees(text: str) -> tuple[int, int]:
 @click.option("--exclude", multiple=True, help="Skip blocks whose name matches this glob (repeatable).")
 @click.option(
     "--calibration",
-    type=_MODEL,
+    type=MODEL,
     default=None,
     help="torch.save'd model inputs (tensor, tuple or dict): each block is fitted on what it sees.",
 )
-@click.option("--inputs", type=_MODEL, default=None, help="torch.save'd model inputs to measure fidelity on.")
-@_load_options
+@click.option("--inputs", type=MODEL, default=None, help="torch.save'd model inputs to measure fidelity on.")
+@click.option(
+    "--input-shape", "shapes", multiple=True, help="Measure fidelity on random inputs of this shape (repeatable)."
+)
+@input_dtype_option()
+@vocab_option
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--force", is_flag=True, help="Replace an existing output (once the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert(
     model: Path, target: str, out: Path | None, include: tuple[str, ...], exclude: tuple[str, ...],
-    calibration: Path | None, inputs: Path | None, trust_pickle: bool, arch: str | None, arch_kwargs: str | None,
-    as_json: bool, force: bool, quiet: bool, **given: Any,
+    calibration: Path | None, inputs: Path | None, shapes: tuple[str, ...], input_dtype: str | None,
+    vocab: int | None, trust_pickle: bool, arch: str | None, arch_kwargs: str | None, as_json: bool, force: bool,
+    quiet: bool, **given: Any,
 ) -> None:  # fmt: skip
     """Rewrite the MLP blocks of MODEL into GR-KAN or SNNK layers; write OUT in MODEL's format plus a manifest."""
     import kanc
-    from kanc.api import check_options, require_blocks, save
+    from kanc.api import require_blocks
+    from kanc.frontend.loading import parse_kwargs
+    from kanc.saving import check_save, save
 
     target = target.lower()
     options = _options(target, **given)
-    check_options(target, options)
+    if inputs is not None and shapes:
+        raise UsageError("give either --inputs or --input-shape, not both")
     out = out or _default_output(model, target)
-    _check_output(model, out, force)
-    calib, example = _read_inputs(calibration, "calibration"), _read_inputs(inputs, "inputs")
-    module, fmt = _load(model, trust_pickle, arch, arch_kwargs)
-    progress = _Progress(not quiet)
+    reads = reads_of(model, arch, calibration, inputs)
+    check_save(out, "hf_dir" if model.is_dir() else "state_dict", protect=reads, force=force)  # fail before the work
+    done = _recorded_conversion(model)
+    if done:
+        _finish(as_json, None, model, None, None, None, done)
+        return
+    calib, example = read_inputs_file(calibration, "calibration"), read_inputs_file(inputs, "inputs")
+    loaded = load_model_file(model, trust_pickle, arch, arch_kwargs)
+    done = _kanc_graph(loaded.module)
+    if done:
+        _finish(as_json, None, model, None, None, loaded.format, done)
+        return
+    if shapes:
+        example = example_inputs(loaded.module, shapes, input_dtype, vocab)
     converted = kanc.compile(
-        module, target, calibration=calib, example_inputs=example, include=include, exclude=exclude,
-        progress=progress, **options,
+        loaded.module, target, calibration=calib, example_inputs=example, include=include, exclude=exclude,
+        progress=_Progress(not quiet), **options,
     )  # fmt: skip
     report = kanc.report(converted)
     require_blocks(report)
     if not report.converted:
-        _finish(as_json, report, model, None, None, fmt, "already converted: nothing written")
+        _finish(as_json, report, model, None, None, loaded.format, "already converted: nothing written")
         return
-    manifest = save(converted, out, format=fmt, arch=arch, arch_kwargs=json.loads(arch_kwargs) if arch_kwargs else None)
-    _finish(as_json, report, model, out, manifest, fmt, f"wrote {out} ({fmt}) and {manifest.name}")
+    kwargs = parse_kwargs(arch_kwargs) if arch_kwargs else None
+    manifest = save(converted, out, format=loaded.format, arch=arch, arch_kwargs=kwargs, force=force, protect=reads)
+    _finish(as_json, report, model, out, manifest, loaded.format, f"wrote {out} ({loaded.format}) and {manifest.name}")
 
 
-def _finish(as_json: bool, report: Any, model: Path, out: Path | None, manifest: Path | None, fmt: str, line: str):
+def _finish(as_json: bool, report: Any, model: Path, out: Path | None, manifest: Path | None, fmt: str | None,
+            line: str):  # fmt: skip
     if as_json:
         payload = {
             "input": str(model),
             "output": str(out) if out else None,
             "manifest": str(manifest) if manifest else None,
             "format": fmt,
-            "report": report.as_dict(),
+            "report": report.as_dict() if report is not None else None,
         }
         click.echo(json.dumps(payload, indent=1))
         return
-    click.echo(str(report))
+    if report is not None:
+        click.echo(str(report))
     click.echo(line)
 
 
 @click.command("inspect")
-@click.argument("model", type=_MODEL)
-@_load_options
+@click.argument("model", type=MODEL)
+@model_options
 @click.option("--include", multiple=True, help="Only blocks whose name matches this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Leave out blocks whose name matches this glob (repeatable).")
-@click.option("--graph", "graph_file", type=_MODEL, default=None, help="Write the dataflow graph (.graphml or .dot).")
+@click.option("--graph", "graph_file", type=MODEL, default=None, help="Write the dataflow graph (.graphml or .dot).")
+@click.option("--force", is_flag=True, help="Replace an existing --graph file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def inspect_cmd(
     model: Path, trust_pickle: bool, arch: str | None, arch_kwargs: str | None, include: tuple[str, ...],
-    exclude: tuple[str, ...], graph_file: Path | None, as_json: bool,
+    exclude: tuple[str, ...], graph_file: Path | None, force: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """List the MLP blocks kanc finds in MODEL (shapes, patterns) and what it would skip, and why."""
     from kanc.api import inspect
     from kanc.frontend.dataflow import write_graph
+    from kanc.writing import Output, check_outputs, write_file
 
-    if graph_file is not None and not str(graph_file).endswith((".graphml", ".dot", ".gv")):
-        raise KancError(f"--graph must end in .graphml or .dot, got {graph_file}")
-    module, fmt = _load(model, trust_pickle, arch, arch_kwargs)
-    found = inspect(module, include=include, exclude=exclude)
     if graph_file is not None:
-        from kanc.frontend.loading import atomic_write
-
-        atomic_write(graph_file, lambda tmp: write_graph(found.graph, str(tmp)))
+        if not str(graph_file).endswith((".graphml", ".dot", ".gv")):
+            raise UsageError(f"--graph must end in .graphml or .dot, got {graph_file}")
+        check_outputs([Output(graph_file)], inputs=reads_of(model, arch), force=force)
+    loaded = load_model_file(model, trust_pickle, arch, arch_kwargs)
+    found = inspect(loaded.module, include=include, exclude=exclude)
+    if graph_file is not None:  # the temporary keeps the suffix: write_graph picks GraphML or DOT from it
+        write_file(graph_file, lambda tmp: write_graph(found.graph, str(tmp)), inputs=loaded.reads, force=force)
     if as_json:
-        click.echo(json.dumps({"model": str(model), "format": fmt, **found.as_dict()}, indent=1))
+        click.echo(json.dumps({"model": str(model), "format": loaded.format, **found.as_dict()}, indent=1))
         return
-    click.echo("\n".join(_inspect_lines(model, fmt, found)))
+    click.echo("\n".join(_inspect_lines(model, loaded.format, found)))
 
 
 def _inspect_lines(model: Path, fmt: str, found: Any) -> list[str]:

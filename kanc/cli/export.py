@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from kanc.cli.common import load_module, random_inputs
+from kanc.cli.common import (
+    MODEL,
+    example_inputs,
+    input_dtype_option,
+    load_model_file,
+    model_options,
+    reads_of,
+    vocab_option,
+)
 
 
 @click.group("export")
@@ -16,40 +24,36 @@ def export() -> None:
 
 
 @export.command("onnx")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=MODEL)
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="OUT.onnx")
-@click.option("--input-shape", "shapes", multiple=True, default=("2,16",), help="Example input shape (repeatable).")
-@click.option("--dtype", type=click.Choice(["long", "float"]), default="long", help="Example input dtype.")
-@click.option("--vocab", type=int, default=100, help="Token ids are drawn below this (with --dtype long).")
+@click.option("--force", is_flag=True, help="Replace an existing OUT (once the new file is complete and checked).")
+@click.option(
+    "--input-shape", "shapes", multiple=True, help="Example input shape (repeatable) [default: the model's own]."
+)
+@input_dtype_option("--input-dtype", "--dtype")
+@vocab_option
 @click.option("--dynamic", default="batch,seq", help="Symbolic axes: batch,seq | batch | none.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--atol", type=float, default=1e-4, help="Max abs difference onnxruntime vs PyTorch.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled full model (runs code).")
-@click.option("--arch", default=None, help="module:Class or file.py:Class when MODEL holds only weights.")
-@click.option("--arch-kwargs", default=None, help="JSON object of keyword arguments for --arch.")
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def onnx_cmd(
-    model: Path,
-    out: Path,
-    shapes: tuple[str, ...],
-    dtype: str,
-    vocab: int,
-    dynamic: str,
-    opset: int | None,
-    atol: float,
-    trust_pickle: bool,
-    arch: str | None,
-    arch_kwargs: str | None,
+    model: Path, out: Path, force: bool, shapes: tuple[str, ...], input_dtype: str | None, vocab: int | None,
+    dynamic: str, opset: int | None, atol: float, trust_pickle: bool, arch: str | None, arch_kwargs: str | None,
     as_json: bool,
-) -> None:
+) -> None:  # fmt: skip
     """Export MODEL to OUT.onnx and check it with onnxruntime at the example shape and a second shape."""
-    axes = tuple(a.strip() for a in dynamic.split(",") if a.strip() and a.strip() != "none")
-    inputs = random_inputs(shapes, dtype, vocab)
-    module = load_module(model, trust_pickle, arch, arch_kwargs)
     from kanc.export import export_onnx
+    from kanc.writing import Output, check_outputs
 
+    axes = tuple(a.strip() for a in dynamic.split(",") if a.strip() and a.strip() != "none")
+    check_outputs([Output(out)], inputs=reads_of(model, arch), force=force)  # before loading: fail fast
+    loaded = load_model_file(model, trust_pickle, arch, arch_kwargs)
+    inputs = example_inputs(loaded.module, shapes, input_dtype, vocab)
     click.echo(f"exporting {model} -> {out}", err=True)
-    result = export_onnx(module, inputs, out, dynamic=axes or None, opset=opset, atol=atol)
+    result = export_onnx(
+        loaded.module, inputs, out, dynamic=axes or None, opset=opset, atol=atol, force=force, protect=loaded.reads
+    )
     if as_json:
         payload = {"path": str(result.path), "dynamic": list(result.dynamic), "checks": result.checks}
         click.echo(json.dumps({**payload, "max_abs_diff": result.worst}))

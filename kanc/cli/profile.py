@@ -11,21 +11,31 @@ from pathlib import Path
 
 import click
 
-from kanc.cli.common import load_module, random_inputs, read_inputs
-from kanc.errors import KancError
+from kanc.cli.common import (
+    MODEL,
+    example_inputs,
+    input_dtype_option,
+    load_model_file,
+    model_options,
+    read_inputs_file,
+    reads_of,
+    vocab_option,
+)
+from kanc.errors import KancError, UsageError
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _example_inputs(shapes: tuple[str, ...], inputs_file: Path | None, input_dtype: str, vocab: int):
-
-    if inputs_file is not None and shapes:
-        raise click.UsageError("give either --input-shape or --inputs, not both")
+def _example(module, shapes: tuple[str, ...], inputs_file: Path | None, input_dtype: str | None, vocab: int | None):
+    """The inputs file, or inputs drawn for the model (floating ones are cast to --dtype with the model)."""
     if inputs_file is not None:
-        return read_inputs(inputs_file)
-    if not shapes:
-        raise click.UsageError("give the example input: --input-shape 8,197,768 (repeatable) or --inputs FILE")
-    return random_inputs(shapes, input_dtype, vocab)
+        return read_inputs_file(inputs_file, "inputs")
+    return example_inputs(module, shapes, input_dtype, vocab)
+
+
+def _check_example(shapes: tuple[str, ...], inputs_file: Path | None) -> None:
+    if inputs_file is not None and shapes:
+        raise UsageError("give either --input-shape or --inputs, not both")
 
 
 def _device(device: str | None) -> str:
@@ -47,7 +57,7 @@ def _dtype(name: str | None):
 def _common(fn):
     """The options both commands share: the model file and how to load it, the example inputs, device and dtype."""
     options = [
-        click.argument("model", type=click.Path(path_type=Path)),
+        click.argument("model", type=MODEL),
         click.option(
             "--input-shape",
             "shapes",
@@ -61,13 +71,8 @@ def _common(fn):
             default=None,
             help="A torch.save'd tensor, tuple/list (positional) or dict (keyword) of inputs.",
         ),  # fmt: skip
-        click.option(
-            "--input-dtype",
-            type=click.Choice(["float", "long"]),
-            default="float",
-            help="Random inputs from --input-shape: floats N(0, 1), or token ids below --vocab.",
-        ),  # fmt: skip
-        click.option("--vocab", type=int, default=100, help="Token ids are drawn below this (--input-dtype long)."),
+        input_dtype_option(),
+        vocab_option,
         click.option(
             "--dtype",
             type=click.Choice(DTYPES),
@@ -82,9 +87,7 @@ def _common(fn):
         ),  # fmt: skip
         click.option("--warmup", type=click.IntRange(min=0), default=3, help="Warm-up steps before measuring."),
         click.option("--iters", type=click.IntRange(min=1), default=10, help="Measured steps."),
-        click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled full model (runs code)."),
-        click.option("--arch", default=None, help="module:Class or file.py:Class when MODEL holds only weights."),
-        click.option("--arch-kwargs", default=None, help="JSON object of keyword arguments for --arch."),
+        model_options,
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
     ]
     for option in reversed(options):
@@ -100,22 +103,27 @@ def _common(fn):
 @click.option("--stalls", type=click.Choice(["auto", "ncu", "proton", "none"]), default="auto",
               help="Memory-stall counters: Nsight Compute, Triton's proton, or none (GPU only).")  # fmt: skip
 @click.option("--rows", type=click.IntRange(min=1), default=15, help="Layers shown in the terminal table.")
+@click.option("--force", is_flag=True, help="Replace an earlier kanc report in the -o directory.")
 def profile_cmd(model: Path, shapes, inputs_file, input_dtype, vocab, dtype, device, warmup, iters, trust_pickle,
-                arch, arch_kwargs, as_json, train, out, stalls, rows) -> None:  # fmt: skip
+                arch, arch_kwargs, as_json, train, out, stalls, rows, force) -> None:  # fmt: skip
     """Profile MODEL: time per layer and per kernel against the roofline, memory stalls, findings."""
     from kanc.runtime import profile
+    from kanc.runtime.report import is_report_dir
+    from kanc.writing import Output, check_outputs
 
-    example = _example_inputs(shapes, inputs_file, input_dtype, vocab)
+    _check_example(shapes, inputs_file)
     device = _device(device)
-    if out is not None and out.exists() and not out.is_dir():
-        raise KancError(f"output path {out} exists and is not a directory")
-    module = load_module(model, trust_pickle, arch, arch_kwargs)
+    reads = reads_of(model, arch, inputs_file)
+    if out is not None:
+        check_outputs([Output(out, directory=True, replaceable=is_report_dir)], inputs=reads, force=force)
+    loaded = load_model_file(model, trust_pickle, arch, arch_kwargs)
+    example = _example(loaded.module, shapes, inputs_file, input_dtype, vocab)
     click.echo(f"profiling {model} on {device} ({'train step' if train else 'forward'}, {iters} steps)", err=True)
-    report = profile(module, example, train=train, warmup=warmup, iters=iters, device=device, dtype=_dtype(dtype),
-                     stalls=stalls, name=model.stem)  # fmt: skip
+    report = profile(loaded.module, example, train=train, warmup=warmup, iters=iters, device=device,
+                     dtype=_dtype(dtype), stalls=stalls, name=model.stem)  # fmt: skip
     report.model["source"] = str(model)
     if out is not None:
-        report.write(out)
+        report.write(out, force=force, protect=reads)
         click.echo(f"wrote {out}/report.json, trace.json, report.html", err=True)
     if as_json:
         click.echo(json.dumps({"output": str(out) if out else None, "report": report.to_json()}))
@@ -131,11 +139,12 @@ def tune_cmd(model: Path, shapes, inputs_file, input_dtype, vocab, dtype, device
     """Autotune every kanc kernel at MODEL's shapes, write the per-device config cache, report before/after."""
     from kanc.runtime import tune
 
-    example = _example_inputs(shapes, inputs_file, input_dtype, vocab)
+    _check_example(shapes, inputs_file)
     device = _device(device)
-    module = load_module(model, trust_pickle, arch, arch_kwargs)
+    loaded = load_model_file(model, trust_pickle, arch, arch_kwargs)
+    example = _example(loaded.module, shapes, inputs_file, input_dtype, vocab)
     click.echo(f"tuning {model} on {device} ({'forward and backward' if train else 'forward'})", err=True)
-    result = tune(module, example, train=train, warmup=warmup, iters=iters, device=device, dtype=_dtype(dtype))
+    result = tune(loaded.module, example, train=train, warmup=warmup, iters=iters, device=device, dtype=_dtype(dtype))
     if not result.entries:
         raise KancError(result.notes[0] if result.notes else "nothing was tuned")
     if as_json:

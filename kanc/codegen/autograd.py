@@ -1,4 +1,11 @@
-"""Autograd plumbing shared by kanc's custom ops: reference gradients, and double backward through the reference.
+"""Autograd plumbing shared by kanc's custom ops: the eager path, reference gradients, double backward through the
+reference.
+
+Eager calls skip the custom op: its dispatch (the dispatcher, torch.library's autograd wrapper, dynamo's disable
+guard around the implementation) costs more host time than the launch it wraps. :func:`eager` says when a plain
+``torch.autograd.Function`` may run the kernels instead: no torch.compile / torch.export tracing, no dispatch mode
+(fake tensors, make_fx), no functorch transform, plain tensors. Everywhere else the custom op runs, so that traced
+graphs hold one op.
 
 A custom op's backward is itself an op (``kanc::*_backward``) that launches kernels. Its own derivative (needed for
 gradient penalties, and checked by ``torch.library.opcheck``) comes from the reference, the living definition: the
@@ -7,10 +14,49 @@ first-order vector-Jacobian product of the ``*_ref`` function is rebuilt with ``
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
+from torch._C._functorch import peek_interpreter_stack
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+Parameter = torch.nn.Parameter
+_kernel_modules: dict[str, ModuleType] = {}
+
+
+def eager(*tensors: Tensor | None) -> bool:
+    """Whether this call runs plain eager PyTorch, where kanc's autograd.Functions may launch kernels directly."""
+    if (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or peek_interpreter_stack() is not None
+    ):
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not Tensor and type(t) is not Parameter:
+            return False
+    return True
+
+
+def function_apply(function: type[torch.autograd.Function]) -> Callable[..., Tensor]:
+    """``function.apply`` without its Python layer (an old-style Function: ``forward(ctx, ...)``).
+
+    ``Function.apply`` binds default arguments with ``inspect.signature`` (new-style Functions) and unwraps dead
+    functorch wrappers with a pytree walk on every call before it calls the C ``apply``; :func:`eager` has already
+    ruled out functorch, so kanc's eager path calls the C ``apply`` directly.
+    """
+    return super(torch.autograd.Function, function).apply
+
+
+def triton_kernels(name: str) -> ModuleType:
+    """``kanc.codegen.kernels.<name>``, imported on first use (it imports triton)."""
+    module = _kernel_modules.get(name)
+    if module is None:
+        module = _kernel_modules[name] = importlib.import_module(f"kanc.codegen.kernels.{name}")
+    return module
 
 
 def reference_vjp(fn: Callable[..., Tensor], grad: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:

@@ -1,4 +1,8 @@
-"""Per-call choice between a Triton kernel and the pure-PyTorch reference (style item 5).
+"""Per-call choice between a kernel and the pure-PyTorch reference (style item 5).
+
+Two kernel backends: "triton" (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and "cpu" (kanc's compiled
+C kernels, ``kanc.codegen.cpu``, for the ops that have one). :func:`kernel_route` answers per call; the ops call it
+once per call (it is on the hot path: no allocation, no import, no filesystem access once warm).
 
 Nothing here imports triton at module import time; ``triton_available`` only asks whether it could be found.
 """
@@ -7,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
 
+from kanc.codegen import cpu as cpu_kernels
+from kanc.codegen.env import getenv
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON, CPU = "triton", "cpu"
 _enabled_override: bool | None = None
 
 
@@ -27,7 +34,7 @@ def kernels_enabled() -> bool:
     """Whether the global switch allows kernels (``set_kernels_enabled`` first, then ``KANC_KERNELS != "0"``)."""
     if _enabled_override is not None:
         return _enabled_override
-    return os.environ.get("KANC_KERNELS", "1") != "0"
+    return getenv("KANC_KERNELS", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -44,43 +51,92 @@ def kernels_disabled() -> Iterator[None]:
 
 def interpreting() -> bool:
     """Whether Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET", "0") == "1"
+
+
+_triton_found: bool | None = None
+_onnx_flags: tuple | None = None
 
 
 def triton_available() -> bool:
-    """Whether triton can be imported, without importing it."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton can be imported, without importing it (asked once per process)."""
+    global _triton_found
+    if _triton_found is None:
+        _triton_found = importlib.util.find_spec("triton") is not None
+    return _triton_found
+
+
+def in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()`` without its two imports per call (this is asked on every kernel call)."""
+    global _onnx_flags
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()  # what dynamo knows how to trace
+    if _onnx_flags is None:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+        except ImportError:  # another torch layout: the public function, slower but the same answer
+            _onnx_flags = ()
+        else:
+            _onnx_flags = (GLOBALS, _flags)
+    if not _onnx_flags:
+        return torch.onnx.is_in_onnx_export()
+    return _onnx_flags[0].in_onnx_export or _onnx_flags[1]._is_onnx_exporting
 
 
 def use_kernel(*tensors: Tensor | None, limits: Mapping[str, tuple[int, int]] | None = None) -> bool:
-    """Kernel or reference for one call: True only when every condition for the Triton path holds.
-
-    Conditions: switch on, not inside ONNX export (the exporter must see standard ops), triton present,
-    all tensors on one CUDA device (or CPU under the interpreter), dtype in fp32/fp16/bf16, non-empty, and every
-    shape limit ``{name: (value, maximum)}`` met (e.g. SNNK features that must fit on chip). ``None`` entries
-    (an absent bias) are skipped.
-    """
-    return fallback_reason(*tensors, limits=limits) is None
+    """Whether the Triton path can run this call (see :func:`kernel_route`; the C kernels are not asked)."""
+    return kernel_route(*tensors, limits=limits)[0] is not None
 
 
 def fallback_reason(*tensors: Tensor | None, limits: Mapping[str, tuple[int, int]] | None = None) -> str | None:
-    """Why this call runs the reference (a short phrase), or None when the kernel can run it."""
+    """Why this call runs the reference (a short phrase), or None when the Triton path can run it."""
+    return kernel_route(*tensors, limits=limits)[1]
+
+
+def kernel_route(
+    *tensors: Tensor | None, limits: Mapping[str, tuple[int, int]] | None = None, cpu: bool = False
+) -> tuple[str | None, str | None]:
+    """(backend, None) when a kernel can run this call, else (None, the reason the reference runs it).
+
+    Conditions: switch on, not inside ONNX export (the exporter must see standard ops), all tensors on one device,
+    dtype fp32/fp16/bf16, non-empty, every shape limit ``{name: (value, maximum)}`` met (e.g. SNNK features that
+    must fit on chip); then the backend: "triton" on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (triton
+    installed); "cpu" on the CPU otherwise when the op has a C kernel (``cpu=True``) and it could be built.
+    ``None`` entries (an absent bias) are skipped. Reasons: "kernels disabled", "onnx export", "device",
+    "dtype", "empty tensor", "shape limit", "triton not installed", "no cpu kernel for this op", and the C build's.
+    """
     if not kernels_enabled():
-        return "kernels disabled"
-    if torch.onnx.is_in_onnx_export():
-        return "onnx export"
-    if not triton_available():
-        return "triton not installed"
-    present = [t for t in tensors if t is not None]
-    devices = {(t.device.type, t.device.index) for t in present}
-    kinds = {kind for kind, _ in devices}
-    if not (kinds == {"cuda"} and len(devices) == 1) and not (kinds == {"cpu"} and interpreting()):
-        return "device"
-    if not all(t.dtype in KERNEL_DTYPES for t in present):
-        return "dtype"
-    if not all(t.numel() > 0 for t in present):
-        return "empty tensor"
-    for value, maximum in (limits or {}).values():
-        if value > maximum:
-            return "shape limit"
-    return None
+        return None, "kernels disabled"
+    if in_onnx_export():
+        return None, "onnx export"
+    cuda_index = None  # the CUDA device of the first tensor, or -1 for a CPU one
+    for t in tensors:
+        if t is None:
+            continue
+        index = t.get_device() if t.is_cuda else (-1 if t.is_cpu else -2)
+        if cuda_index is None:
+            cuda_index = index
+        elif index != cuda_index:
+            return None, "device"
+        if t.dtype not in KERNEL_DTYPES:
+            return None, "dtype"
+        if t.numel() == 0:
+            return None, "empty tensor"
+    if limits:
+        for value, maximum in limits.values():
+            if value > maximum:
+                return None, "shape limit"
+    return _backend(-1 if cuda_index is None else cuda_index, cpu)
+
+
+def _backend(cuda_index: int, cpu: bool) -> tuple[str | None, str | None]:
+    """The backend for tensors on CUDA device ``cuda_index`` (>= 0), the CPU (-1), or elsewhere (-2: meta, ...)."""
+    if cuda_index >= 0 or (cuda_index == -1 and interpreting()):
+        return (TRITON, None) if triton_available() else (None, "triton not installed")
+    if cuda_index != -1:
+        return None, "device"
+    if not cpu:
+        return None, "no cpu kernel for this op"
+    reason = cpu_kernels.unavailable_reason()
+    return (CPU, None) if reason is None else (None, reason)

@@ -7,9 +7,10 @@ printed once per process, each (kernel, key, config) choice once, so a training 
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from typing import Any
+
+from kanc.codegen.env import getenv
 
 _seen: set[Any] = set()
 
@@ -17,7 +18,7 @@ _seen: set[Any] = set()
 def debug_level() -> int:
     """``KANC_DEBUG`` as an int (0 when unset or not a number)."""
     try:
-        return int(os.environ.get("KANC_DEBUG", "0"))
+        return int(getenv("KANC_DEBUG", "0"))
     except ValueError:
         return 0
 

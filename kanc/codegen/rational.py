@@ -8,19 +8,34 @@ identity-initialised rational (b = 0) can start to learn its denominator. The re
 ``numerator`` is (G, m+1) and ``denominator`` is (G, n). Math runs in fp32 (x^5 overflows fp16
 past |x| = 9.19; fp64 inputs stay fp64) and the result is stored in the input's dtype.
 
-Dispatch: :func:`group_rational` asks the checker per call; on the kernel path it calls the custom op
-``kanc::group_rational`` (fake and autograd registered, so torch.compile and torch.export see one op), whose
-backward is the op ``kanc::group_rational_backward``. The kernels live in ``kanc.codegen.kernels.rational`` and are
-imported only when a kernel runs (``import kanc`` never imports triton).
+Dispatch: :func:`group_rational` asks the checker once per call. On the kernel path, eager code runs the kernels
+through a plain autograd.Function (no custom-op dispatch: ``autograd.eager``); under torch.compile, torch.export or
+a dispatch mode it calls the custom op ``kanc::group_rational`` (fake and autograd registered, so torch.compile and
+torch.export see one op), whose backward is the op ``kanc::group_rational_backward``. Kernels: Triton's in
+``kanc.codegen.kernels.rational``, imported only when one runs (``import kanc`` never imports triton), and the C
+kernels of ``kanc.codegen.cpu`` for CPU tensors. A call the reference runs is counted (``kanc.codegen.fallbacks``).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
-from kanc.codegen.autograd import reference_vjp, register_reference_double_backward, vjp_with_graph
-from kanc.codegen.checker import use_kernel
+from kanc.codegen import cpu as cpu_kernels
+from kanc.codegen import fallbacks
+from kanc.codegen.autograd import (
+    eager,
+    function_apply,
+    reference_vjp,
+    register_reference_double_backward,
+    triton_kernels,
+    vjp_with_graph,
+)
+from kanc.codegen.checker import CPU, kernel_route
+
+OP = "kanc::group_rational"
 
 
 def check_rational_args(x: Tensor, numerator: Tensor, denominator: Tensor) -> int:
@@ -70,20 +85,57 @@ def rational_ref(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
 
 
 def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
-    """F(x) with the best available implementation: a Triton kernel where the checker allows, else the reference."""
+    """F(x) with the best available implementation: a kernel (Triton, or kanc's C kernel on the CPU) where the checker
+    allows, else the reference (a fallback counted for the layer, see ``kanc.codegen.fallbacks``)."""
     check_rational_args(x, numerator, denominator)
-    if use_kernel(x, numerator, denominator):
-        return torch.ops.kanc.group_rational(x, numerator, denominator)
-    return rational_ref(x, numerator, denominator)
+    backend, reason = kernel_route(x, numerator, denominator, cpu=True)
+    if backend is None:
+        fallbacks.count(OP, denominator, reason)
+        return rational_ref(x, numerator, denominator)
+    return rational_on(backend, x, numerator, denominator)
+
+
+def rational_on(backend: str, x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
+    """F(x) by ``backend``'s kernels, already chosen by the checker: through the autograd.Function in eager code,
+    through the custom op where a tracer must see one op."""
+    if eager(x, numerator, denominator):
+        return _apply_group_rational(x, numerator, denominator, backend)
+    return torch.ops.kanc.group_rational(x, numerator, denominator)
+
+
+def kernels(backend: str) -> ModuleType:
+    """The module holding ``backend``'s launchers ``rational_forward`` and ``rational_backward``: the C kernels of
+    ``kanc.codegen.cpu`` for "cpu", ``kanc.codegen.kernels.rational`` (imports triton) for "triton"."""
+    return cpu_kernels if backend == CPU else triton_kernels("rational")
+
+
+class _GroupRational(torch.autograd.Function):
+    """The eager path: the kernels without the custom op's dispatch (``autograd.eager``); backward through the op
+    when a graph of the gradient is wanted (double backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, numerator: Tensor, denominator: Tensor, backend: str) -> Tensor:
+        ctx.kernels = launchers = kernels(backend)
+        ctx.save_for_backward(x, numerator, denominator)
+        return launchers.rational_forward(x, numerator, denominator)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():
+            return *torch.ops.kanc.group_rational_backward(grad, *ctx.saved_tensors), None
+        return *ctx.kernels.rational_backward(grad, *ctx.saved_tensors), None
+
+
+_apply_group_rational = function_apply(_GroupRational)
 
 
 @torch.library.custom_op("kanc::group_rational", mutates_args=())
 def _group_rational_op(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
-    if use_kernel(x, numerator, denominator):
-        from kanc.codegen.kernels.rational import rational_forward
-
-        return rational_forward(x, numerator, denominator)
-    return rational_ref(x, numerator, denominator).contiguous()
+    backend, reason = kernel_route(x, numerator, denominator, cpu=True)
+    if backend is None:
+        fallbacks.count(OP, denominator, reason)
+        return rational_ref(x, numerator, denominator).contiguous()
+    return kernels(backend).rational_forward(x, numerator, denominator)
 
 
 @_group_rational_op.register_fake
@@ -95,11 +147,10 @@ def _(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
 def _group_rational_backward_op(
     grad: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_kernel(grad, x, numerator, denominator):
-        from kanc.codegen.kernels.rational import rational_backward
-
-        return rational_backward(grad, x, numerator, denominator)
-    return reference_vjp(rational_ref, grad, x, numerator, denominator)
+    backend, _ = kernel_route(grad, x, numerator, denominator, cpu=True)
+    if backend is None:  # counted in the forward
+        return reference_vjp(rational_ref, grad, x, numerator, denominator)
+    return kernels(backend).rational_backward(grad, x, numerator, denominator)
 
 
 @_group_rational_backward_op.register_fake

@@ -19,8 +19,9 @@ Math runs in fp32 (fp64 inputs stay fp64) and the result is stored in the input'
 
 Dispatch: :func:`snnk_block` asks the checker per call; on the kernel path it calls the custom op ``kanc::snnk_block``
 (backward ``kanc::snnk_block_backward``), whose fused kernels keep the m-wide features on chip in both directions
-(``kanc.codegen.kernels.snnk``: the backward recomputes them from x, for dx and for dW, instead of storing them).
-The kernel path needs m <= MAX_KERNEL_FEATURES and a projection that takes no gradient (a fixed buffer in the layers).
+(``kanc.codegen.kernels.snnk``: the backward recomputes them from x, for dx and for dW, instead of storing them), at
+any m (the features are tiled). The kernel path needs a projection that takes no gradient (a fixed buffer in the
+layers).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ import math
 import torch
 from torch import Tensor
 
+from kanc.codegen import fallbacks
 from kanc.codegen.autograd import reference_vjp, register_reference_double_backward, vjp_with_graph
-from kanc.codegen.checker import use_kernel
+from kanc.codegen.checker import kernel_route
+
+OP = "kanc::snnk_block"
 
 SNNK_KINDS = ("relu", "exp", "cos")
-MAX_KERNEL_FEATURES = 512  # m of the fused kernel: the (rows, m) feature tiles must fit in registers
 
 
 def snnk_width(num_features: int, kind: str) -> int:
@@ -112,9 +115,12 @@ def snnk_block(
 ) -> Tensor:
     """The SNNK block with the fused kernel where the checker allows, else the reference."""
     check_block_args(x, projection, weight, bias, kind)
-    limits = {"num_features": (projection.shape[0], MAX_KERNEL_FEATURES)}
-    if use_kernel(x, projection, weight, bias, limits=limits) and not projection.requires_grad:
+    backend, reason = _route(x, projection, weight, bias)
+    if backend is not None and projection.requires_grad:
+        backend, reason = None, "projection requires grad"
+    if backend is not None:
         return torch.ops.kanc.snnk_block(x, projection, weight, bias, kind, float(floor), float(input_scale))
+    fallbacks.count(OP, weight, reason)
     return snnk_block_ref(x, projection, weight, bias, kind, floor, input_scale)
 
 
@@ -128,18 +134,24 @@ def check_block_args(x: Tensor, projection: Tensor, weight: Tensor, bias: Tensor
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _kernel_ok(*tensors: Tensor | None, features: int) -> bool:
-    return use_kernel(*tensors, limits={"num_features": (features, MAX_KERNEL_FEATURES)})
+def _route(*tensors: Tensor | None) -> tuple[str | None, str | None]:
+    return kernel_route(*tensors)
+
+
+def _kernel_ok(*tensors: Tensor | None) -> bool:
+    return _route(*tensors)[0] is not None
 
 
 @torch.library.custom_op("kanc::snnk_block", mutates_args=())
 def _snnk_block_op(
     x: Tensor, projection: Tensor, weight: Tensor, bias: Tensor | None, kind: str, floor: float, input_scale: float
 ) -> Tensor:
-    if _kernel_ok(x, projection, weight, bias, features=projection.shape[0]):
+    backend, reason = _route(x, projection, weight, bias)
+    if backend is not None:
         from kanc.codegen.kernels.snnk import snnk_forward
 
         return snnk_forward(x, projection, weight, bias, kind, floor, input_scale)
+    fallbacks.count(OP, weight, reason)
     return snnk_block_ref(x, projection, weight, bias, kind, floor, input_scale).contiguous()
 
 
@@ -163,7 +175,7 @@ def _snnk_block_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dW, db): dx empty unless ``input_grad``, dW unless ``weight_grad``, db unless ``has_bias``; the projection
     takes no gradient."""
-    if _kernel_ok(grad, x, projection, weight, features=projection.shape[0]):
+    if _kernel_ok(grad, x, projection, weight):
         from kanc.codegen.kernels.snnk import snnk_backward
 
         return snnk_backward(grad, x, projection, weight, has_bias, input_grad, weight_grad, kind, floor, input_scale)

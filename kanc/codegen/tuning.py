@@ -29,7 +29,6 @@ import json
 import os
 import re
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from kanc.codegen.env import getenv
 
 CACHE_VERSION = 2  # 2: backward kernels gained ROWS_PER_PROGRAM; configs cached by version 1 lack it
 MODES = ("0", "1", "force")
@@ -46,6 +47,7 @@ Key = tuple[Any, ...]
 _mode_override: str | None = None
 _forced: dict[str, Config] = {}
 _caches: dict[str, TuningCache] = {}
+_by_device: dict[tuple, TuningCache] = {}  # (device, KANC_CACHE_DIR, HOME) -> its cache: the per-launch lookup
 _lock = threading.Lock()
 
 
@@ -73,12 +75,12 @@ def autotune_mode() -> str:
     """The active mode: ``set_autotune`` / :func:`autotuning` first, then ``KANC_AUTOTUNE``, then the default."""
     if _mode_override is not None:
         return _mode_override
-    env = os.environ.get("KANC_AUTOTUNE")
+    env = getenv("KANC_AUTOTUNE")
     if env is not None:
         if env not in MODES:
             raise ValueError(f"KANC_AUTOTUNE must be one of {', '.join(MODES)}, got {env!r}")
         return env
-    return "0" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "1"
+    return "0" if getenv("TRITON_INTERPRET", "0") == "1" else "1"
 
 
 def set_autotune(mode: str | None) -> None:
@@ -121,6 +123,7 @@ class TuningCache:
     def __init__(self, path: Path, device: str) -> None:
         self.path, self.device = path, device
         self.entries: dict[str, dict[str, dict[str, Any]]] = {}
+        self._hits: dict[tuple, Config | None] = {}  # (kernel, key, fields) -> usable cached config: per-launch lookup
         self._load()
 
     def _load(self) -> None:
@@ -135,40 +138,68 @@ class TuningCache:
         entry = self.entries.get(kernel, {}).get(_key_text(key))
         return dict(entry["config"]) if entry else None
 
+    def usable(self, kernel: str, key: Key, fields: Sequence[str]) -> Config | None:
+        """The cached config of ``kernel`` at ``key`` if it has exactly ``fields`` (else it is stale: a miss);
+        memoised until the next :meth:`put`."""
+        memo = (kernel, key, tuple(fields))
+        if memo not in self._hits:
+            cached = self.get(kernel, key)
+            self._hits[memo] = cached if cached is not None and set(cached) == set(fields) else None
+        found = self._hits[memo]
+        return dict(found) if found is not None else None
+
     def put(self, kernel: str, key: Key, config: Config, timings_ms: Sequence[float] | None = None) -> None:
+        self._hits.clear()
         record: dict[str, Any] = {"config": dict(config)}
         if timings_ms is not None:
             record["timings_ms"] = [float(t) for t in timings_ms]
         self.entries.setdefault(kernel, {})[_key_text(key)] = record
 
     def save(self) -> None:
-        """Write atomically (temp file + rename) so a crash never leaves a half-written cache."""
+        """Write through kanc.writing (atomic; locked, so a concurrent tuner of the same device waits, and the entries
+        it saved meanwhile are merged in rather than lost)."""
+        from kanc.writing import write_file
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(self.path, self._write_merged, force=True, wait=30.0)
+
+    def _write_merged(self, tmp: Path) -> None:
+        saved = TuningCache(self.path, self.device)  # read under the writer's lock: saved by others since our load
+        for kernel, entries in saved.entries.items():
+            self.entries[kernel] = {**entries, **self.entries.get(kernel, {})}
         payload = {"version": CACHE_VERSION, "device": self.device, "kernels": self.entries}
-        fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".json", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True), encoding="utf-8")
 
 
 def get_cache(device: torch.device | str | None = None) -> TuningCache:
-    """The (process-wide, lazily loaded) cache of one device."""
-    path = cache_path(device)
-    with _lock:
-        cache = _caches.get(str(path))
-        if cache is None:
-            cache = _caches[str(path)] = TuningCache(path, device_name(device))
-        return cache
+    """The (process-wide, lazily loaded) cache of one device.
+
+    Looked up per launch: a dict hit keyed by the device and the environment that names the file (no path built,
+    no device query), the file path resolved on a miss only.
+    """
+    key = (_device_key(device), getenv("KANC_CACHE_DIR"), getenv("HOME"))
+    cache = _by_device.get(key)
+    if cache is None:
+        path = cache_path(device)
+        with _lock:
+            cache = _caches.get(str(path))
+            if cache is None:
+                cache = _caches[str(path)] = TuningCache(path, device_name(device))
+            _by_device[key] = cache
+    return cache
+
+
+def _device_key(device: torch.device | str | None) -> tuple:
+    if isinstance(device, torch.device):
+        return (device.type, device.index)
+    return (device,)
 
 
 def clear_memory_caches() -> None:
     """Forget the loaded caches (the next lookup reads the files again); for tests and ``kanc tune``."""
     with _lock:
         _caches.clear()
+        _by_device.clear()
 
 
 def pick_config(
@@ -189,9 +220,10 @@ def pick_config(
         raise ValueError(f"no candidate configs for kernel {kernel!r}")
     mode = autotune_mode()
     cache = get_cache(device)
-    cached = cache.get(kernel, key)
-    if cached is not None and mode != "force" and set(cached) == set(candidates[0]):
-        return cached  # a cached config with other fields is stale (the kernel's tuning dimensions changed): a miss
+    if mode != "force":
+        cached = cache.usable(kernel, key, candidates[0])  # other fields: the tuning dimensions changed, a miss
+        if cached is not None:
+            return cached
     if mode == "0" or bench is None:
         return dict(candidates[0])
     best, timings = _time_candidates(candidates, bench)

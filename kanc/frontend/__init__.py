@@ -1,7 +1,7 @@
 """kanc.frontend: read model files safely and trace models hierarchically (design.md sections 2 and 4)."""
 
 from kanc.frontend.dataflow import dataflow_graph, write_graph
-from kanc.frontend.loading import FORMATS, LoadedModel, atomic_write, build_arch, detect_format, load_model
+from kanc.frontend.loading import FORMATS, LoadedModel, build_arch, detect_format, load_model
 from kanc.frontend.tracing import LeafTracer, Trace, trace_hierarchical, trace_module
 
 __all__ = [
@@ -9,7 +9,6 @@ __all__ = [
     "LeafTracer",
     "LoadedModel",
     "Trace",
-    "atomic_write",
     "build_arch",
     "dataflow_graph",
     "detect_format",

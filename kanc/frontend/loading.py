@@ -1,16 +1,22 @@
-"""Model files in, safely: recognise the format, refuse what cannot be loaded without running code, say why.
+"""The reading policy: every file kanc reads goes through this module, and only ``trust_pickle`` lets one run code.
 
-Formats (``detect_format``):
-- ``pickle``: ``torch.save(model)``, a whole module pickled. Loading it runs code from the file, so it
-  loads only with ``trust_pickle=True`` (``--trust-pickle``).
+Model formats (``detect_format``), recognised from their contents, not their names:
+- ``pickle``: ``torch.save(model)``, a whole module pickled. Loading it runs code from the file, so it loads only
+  with ``trust_pickle=True`` (``--trust-pickle``).
 - ``state_dict``: ``torch.save(model.state_dict())`` (or a checkpoint dict holding one under a usual key such
   as ``"state_dict"`` / ``"model"``), loaded with ``weights_only=True``; the module is rebuilt from ``arch``.
 - ``safetensors``: weights only, like ``state_dict``.
-- ``pt2``: ``torch.export.save``; loads as the ExportedProgram's module (an aten-level GraphModule).
+- ``pt2``: ``torch.export.save``; read part by part without running anything (``kanc.frontend.pt2``), as the
+  ExportedProgram's module (an aten-level GraphModule). Pickled parts need ``trust_pickle``.
 - ``torchscript``: ``torch.jit.save``; refused: there is no Python module to rewrite.
-- ``hf_dir``: a directory from ``save_pretrained`` (``config.json`` + weights), rebuilt with transformers
-  from the class its config names, offline.
-Anything else (empty, truncated, foreign) is a :class:`KancError` with a one-line reason.
+- ``hf_dir``: a directory from ``save_pretrained`` (``config.json`` + weights), rebuilt with transformers from the
+  class its config names, offline, weights-only, never with the folder's own code (``auto_map`` is refused).
+Anything else (empty, truncated, foreign, unreadable) is a :class:`KancError` with a one-line reason.
+
+Other files: ``read_json`` (manifests and configs: data only), ``read_inputs`` (model inputs, weights-only),
+``read_weights`` (the weights of a model kanc wrote). Code runs only where the user names it: ``build_arch`` imports
+the ``--arch`` they give; an architecture named by a file (a manifest) is built only when the user names the same
+one or trusts the file (``arch_to_build``).
 """
 
 from __future__ import annotations
@@ -21,12 +27,10 @@ import inspect
 import json
 import os
 import pickle
-import shutil
 import struct
 import sys
-import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kanc.errors import KancError
+from kanc.errors import KancError, os_error, printable
 
 FORMATS = ("pickle", "state_dict", "pt2", "torchscript", "safetensors", "hf_dir")
 # Keys under which training checkpoints usually keep the weights (Lightning, timm, plain loops).
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 _SAFETENSORS_MAX_HEADER = 100 * 2**20
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_JSON_MAX = 64 * 2**20  # manifests and configs are small: a bigger one is not what it claims to be
 
 
 @dataclass
@@ -68,11 +73,16 @@ def detect_format(path: str | os.PathLike) -> str:
         raise KancError(f"{path} is a directory without config.json (not a save_pretrained folder)")
     if not path.exists():
         raise KancError(f"model file not found: {path}")
-    size = path.stat().st_size
+    if not path.is_file():
+        raise KancError(f"{path} is not a regular file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise os_error(e, path, "cannot read") from None
     if size == 0:
         raise KancError(f"{path} is empty")
-    with open(path, "rb") as f:
-        head = f.read(16)
     if head[:4] == b"PK\x03\x04":
         return _zip_format(path)
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -82,12 +92,17 @@ def detect_format(path: str | os.PathLike) -> str:
     raise KancError(f"{path} is not a PyTorch model file ({_describe_foreign(path, head)})")
 
 
-def _zip_format(path: Path) -> str:
+def zip_names(path: Path) -> list[str]:
+    """The entry names of the zip archive at ``path`` (nothing extracted); KancError when it is not one."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError) as e:
-        raise KancError(f"{path} is truncated or corrupt (bad zip archive: {e})") from None
+        raise KancError(f"{path} is truncated or corrupt (bad zip archive: {printable(str(e))})") from None
+
+
+def _zip_format(path: Path) -> str:
+    names = zip_names(path)
     tails = {n.split("/", 1)[1] if "/" in n else n for n in names}
     if "archive_format" in tails or any(t.startswith("models/") for t in tails):
         return "pt2"
@@ -127,16 +142,16 @@ def load_model(
     """
     path = Path(path)
     fmt = detect_format(path)
-    kwargs = _parse_kwargs(arch_kwargs)
+    kwargs = parse_kwargs(arch_kwargs)
     if fmt == "torchscript":
         raise KancError(
             f"{path} is TorchScript (torch.jit.save): it has no Python module to rewrite; save the model with "
             "torch.save(model) or torch.save(model.state_dict()) and pass --arch"
         )
     if fmt == "pt2":
-        return _load_pt2(path)
+        return _load_pt2(path, trust_pickle)
     if fmt == "hf_dir":
-        return LoadedModel(_load_hf_dir(path, arch, kwargs), fmt, path, arch, kwargs)
+        return LoadedModel(_load_hf_dir(path, arch, kwargs, trust_pickle), fmt, path, arch, kwargs)
     if fmt == "safetensors":
         weights = _load_safetensors(path)
         return LoadedModel(_with_weights(weights, path, arch, kwargs), fmt, path, arch, kwargs)
@@ -149,7 +164,7 @@ def load_model(
     return LoadedModel(_with_weights(weights, path, arch, kwargs), "state_dict", path, arch, kwargs)
 
 
-def _parse_kwargs(arch_kwargs: Mapping[str, Any] | str | None) -> dict[str, Any]:
+def parse_kwargs(arch_kwargs: Mapping[str, Any] | str | None) -> dict[str, Any]:
     if arch_kwargs is None or arch_kwargs == "":
         return {}
     if isinstance(arch_kwargs, str):
@@ -167,9 +182,11 @@ def _torch_load(path: Path, trust_pickle: bool) -> tuple[Any, str]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True), "state_dict"
     except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower() and "weights_only" not in str(e).lower():
+        if not _needs_full_unpickler(e):
             raise KancError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except OSError as e:
+        raise os_error(e, path, "cannot read") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise KancError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
     if not trust_pickle:
         raise KancError(
@@ -185,6 +202,11 @@ def _torch_load(path: Path, trust_pickle: bool) -> tuple[Any, str]:
         ) from None
     except Exception as e:  # noqa: BLE001 - a trusted pickle can fail in any way its code does
         raise KancError(f"cannot unpickle {path}: {_first_line(e)}") from None
+
+
+def _needs_full_unpickler(e: pickle.UnpicklingError) -> bool:
+    """torch.load(weights_only=True) refused a global (a class or function): only the full unpickler would load it."""
+    return "weights only" in str(e).lower() or "weights_only" in str(e).lower()
 
 
 def _find_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -215,16 +237,24 @@ def _with_weights(weights: dict[str, Tensor], path: Path, arch: str | None, kwar
             "(and --arch-kwargs JSON) to rebuild the model"
         )
     module = build_arch(arch, kwargs)
+    load_weights(module, weights, path, arch)
+    return module
+
+
+def load_weights(module: nn.Module, weights: Mapping[str, Tensor], path: Any, what: str, ignore=()) -> None:
+    """``module.load_state_dict(weights)``, every mismatch named in one line (torch's message puts them on the lines
+    after a header); missing keys listed in ``ignore`` (tied weights saved once) are not mismatches."""
     try:
         result = module.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # size mismatches: torch lists them one per line after a header line
         detail = [s.strip() for s in str(e).splitlines()[1:] if s.strip()] or [_first_line(e)]
-        raise KancError(f"the weights in {path} do not fit {arch}: {detail[0]}") from None
-    problems = [f"missing {_names(result.missing_keys)}"] if result.missing_keys else []
+        more = f" (+{len(detail) - 1} more)" if len(detail) > 1 else ""
+        raise KancError(f"the weights in {path} do not fit {what}: {detail[0]}{more}") from None
+    missing = [k for k in result.missing_keys if k not in set(ignore)]
+    problems = [f"missing {_names(missing)}"] if missing else []
     problems += [f"unexpected {_names(result.unexpected_keys)}"] if result.unexpected_keys else []
     if problems:
-        raise KancError(f"the weights in {path} do not fit {arch}: {'; '.join(problems)}")
-    return module
+        raise KancError(f"the weights in {path} do not fit {what}: {'; '.join(problems)}")
 
 
 def _names(keys: list[str], shown: int = 4) -> str:
@@ -298,12 +328,24 @@ def _kwargs_text(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
-def _load_pt2(path: Path) -> LoadedModel:
+def _load_pt2(path: Path, trust_pickle: bool) -> LoadedModel:
+    from kanc.frontend.pt2 import read_exported
+
+    exported = read_exported(path, trust_pickle)
     try:
-        exported = torch.export.load(path)
-    except Exception as e:  # noqa: BLE001 - the deserializer raises many types
+        module = exported.module()
+    except Exception as e:  # noqa: BLE001 - unlifting raises many types
         raise KancError(f"{path} is a torch.export archive that does not load: {_first_line(e)}") from None
-    return LoadedModel(exported.module(), "pt2", path, exported=exported)
+    return LoadedModel(_with_mode_switch(module), "pt2", path, exported=exported)
+
+
+def _with_mode_switch(module: nn.Module) -> nn.Module:
+    """ExportedProgram.module() makes train()/eval() raise; give them back. The graph keeps the mode it was exported
+    in (dropout, batch norm), so they set the ``training`` flags only: what kanc's own layers read."""
+    for name in ("train", "eval"):
+        if name in module.__dict__:
+            delattr(module, name)  # back to nn.Module's methods
+    return module
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
@@ -313,76 +355,169 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         raise KancError(f"{path} is a safetensors file: install safetensors to read it") from None
     try:
         return load_file(str(path), device="cpu")
+    except OSError as e:
+        raise os_error(e, path, "cannot read") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise KancError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
 
 
-def _load_hf_dir(path: Path, arch: str | None, kwargs: dict[str, Any]) -> nn.Module:
+def _load_hf_dir(path: Path, arch: str | None, kwargs: dict[str, Any], trust_pickle: bool) -> nn.Module:
     """A save_pretrained folder: the class named by its config (or ``arch``), loaded offline."""
     try:
         import transformers
     except ImportError:
         raise KancError(f"{path} is a Hugging Face model folder: install transformers to read it") from None
+    check_hf_config(read_json(path / "config.json", "config"), path / "config.json")
+    if "trust_remote_code" in kwargs:
+        raise KancError("--arch-kwargs cannot set trust_remote_code: kanc never runs a model folder's own code")
     if not any((path / name).is_file() for name in _HF_WEIGHTS):
         raise KancError(f"{path} has config.json but no weights ({' or '.join(_HF_WEIGHTS[::2])})")
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise KancError(f"{path}/config.json does not load: {_first_line(e)}") from None
     cls = _import_arch(arch) if arch else _hf_class(transformers, config, path)
     try:
-        return cls.from_pretrained(path, config=config, local_files_only=True).eval()
+        model = cls.from_pretrained(
+            path, config=config, local_files_only=True, trust_remote_code=False, weights_only=not trust_pickle
+        )
     except Exception as e:  # noqa: BLE001
+        if "weights only load failed" in str(e).lower():
+            raise KancError(
+                f"{path} holds pickled weights that run code when loaded: pass --trust-pickle if you trust its "
+                "source, or save the model with safetensors"
+            ) from None
         raise KancError(f"cannot load {path} as {cls.__name__}: {_first_line(e)}") from None
+    return model.eval()
+
+
+def check_hf_config(config: Any, where: Path) -> None:
+    """A Hugging Face config kanc may build from: a JSON object that maps no class to the folder's own code."""
+    if not isinstance(config, dict):
+        raise KancError(f"{where} is not a JSON object")
+    if config.get("auto_map"):
+        raise KancError(
+            f"{where} maps the model to Python code in its folder (auto_map): kanc never runs a model folder's "
+            "code; load the model yourself, save its state_dict and pass --arch"
+        )
 
 
 def _hf_class(transformers: Any, config: Any, path: Path) -> Any:
     names = getattr(config, "architectures", None) or []
     for name in names:
-        cls = getattr(transformers, name, None)
+        cls = hf_model_class(name)
         if cls is not None:
             return cls
     if names:
-        raise KancError(f"{path}: transformers has no class {names[0]!r}; pass --arch module:Class")
+        name = printable(str(names[0]))
+        raise KancError(f"{path}: transformers has no model class '{name}'; pass --arch module:Class")
     return transformers.AutoModel
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, directory: bool = False) -> Path:
-    """Create ``path`` atomically: ``write(tmp)`` fills a temporary sibling, which is then renamed onto ``path``.
+def hf_model_class(name: Any) -> Any:
+    """transformers' model class called ``name`` (a PreTrainedModel subclass), or None."""
+    import transformers
 
-    On any failure nothing is left behind (neither ``path`` nor the temporary). ``directory=True`` makes the
-    temporary a folder (for multi-file outputs); an existing ``path`` is replaced (callers check ``--force``).
-    """
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    ok = inspect.isclass(cls) and issubclass(cls, transformers.PreTrainedModel)
+    return cls if ok else None
+
+
+# ---- data files: JSON, inputs, weights ----------------------------------------------------------------------------
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """The JSON document at ``path`` (data only: nothing in it is imported or called here)."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise KancError(f"output directory does not exist: {parent}")
-    prefix = f".{path.name}.kanc-tmp-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent) if directory else _mkstemp(prefix, path.suffix, parent))
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise KancError(f"{path} is not a regular file (expected a {what})")
     try:
-        write(tmp)
-        if directory and path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    return path
+        with open(path, "rb") as f:
+            data = f.read(_JSON_MAX + 1)
+    except OSError as e:
+        raise os_error(e, path, f"cannot read the {what}") from None
+    if len(data) > _JSON_MAX:
+        raise KancError(f"{path} is not a {what}: larger than {_JSON_MAX >> 20} MiB")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise KancError(f"{path} is not a valid {what} (bad JSON: {_first_line(e)})") from None
 
 
-def _mkstemp(prefix: str, suffix: str, parent: Path) -> str:
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
-    os.close(fd)
-    return name
+def read_inputs(path: str | os.PathLike, what: str = "inputs") -> Any:
+    """Model inputs ``torch.save``d at ``path`` (a tensor, a tuple/list or a dict holding tensors), weights-only."""
+    path = Path(path)
+    if not path.is_file():
+        raise KancError(f"{what} file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise os_error(e, path, f"cannot read the {what}") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one line for the user
+        hint = " (it holds pickled objects, which kanc never unpickles here)" if _pickled(e) else ""
+        raise KancError(
+            f"cannot read {what} from {path} (expected torch.save of tensors){hint}: {_first_line(e)}"
+        ) from None
+    if not _has_tensor(obj):
+        raise KancError(f"{path} holds no tensor: save a tensor, a tuple of tensors or a dict of tensors")
+    return obj
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+def _pickled(e: Exception) -> bool:
+    return isinstance(e, pickle.UnpicklingError) and _needs_full_unpickler(e)
+
+
+def _has_tensor(obj: Any) -> bool:
+    if isinstance(obj, Tensor):
+        return True
+    if isinstance(obj, dict):
+        return any(_has_tensor(v) for v in obj.values())
+    if isinstance(obj, tuple | list):
+        return any(_has_tensor(v) for v in obj)
+    return False
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a weights file (state_dict or safetensors) or of a save_pretrained folder's weight files."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "hf_dir":
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+        if not files:
+            raise KancError(f"{path} has no weight files")
+        weights: dict[str, Tensor] = {}
+        for f in files:
+            weights.update(read_weights(f))
+        return weights
+    if fmt == "safetensors":
+        return _load_safetensors(path)
+    if fmt == "pt2" or fmt == "torchscript":
+        raise KancError(f"{path} is a {fmt} file, not weights")
+    obj, _ = _torch_load(path, trust_pickle=False)
+    if not _is_state_dict(obj):
+        raise KancError(f"{path} does not hold a state_dict")
+    return dict(obj)
+
+
+def arch_to_build(given: str | None, named: Any, trust: bool, where: Path) -> str | None:
+    """The architecture to import: the user's (``given``), else the one a file names (``named``) only if trusted.
+
+    A manifest is exactly as untrusted as the model beside it: importing what it names runs that code.
+    """
+    if given is not None:
+        return given
+    if not named:
+        return None
+    if not isinstance(named, str):
+        raise KancError(f"{where} names an architecture that is not a string")
+    if not trust:
+        raise KancError(
+            f"{where} names the architecture '{printable(named)}'; kanc imports it only when you name it too: pass "
+            f"--arch {printable(named)} (arch=...) if you trust that code, or --trust-pickle if you trust this file"
+        )
+    return named
 
 
 def _first_line(e: BaseException) -> str:
     lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
-    return lines[0] if lines else type(e).__name__
+    return printable(lines[0]) if lines else type(e).__name__

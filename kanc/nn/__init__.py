@@ -3,12 +3,14 @@
 from kanc.nn.fit import fit_rational, rational_coefficients
 from kanc.nn.init import init_grkan_linear_, variance_gain
 from kanc.nn.mlp import GRKANMlp, Mlp
+from kanc.nn.pair import GRKANPair
 from kanc.nn.rational import GRKANLinear, GroupRational
 from kanc.nn.snnk import SNNKFeatures, SNNKLinear, SNNKMlp
 
 __all__ = [
     "GRKANLinear",
     "GRKANMlp",
+    "GRKANPair",
     "GroupRational",
     "Mlp",
     "SNNKFeatures",

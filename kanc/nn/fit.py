@@ -3,7 +3,8 @@
 KAT's published GELU coefficients were fitted with another denominator than the one its kernels
 evaluate (max error 1.47 on [-3, 3]); here the fit's objective calls ``rational_ref`` itself.
 
-Method (deterministic, bitwise across runs; float64): a linearised least-squares start
+Method (float64; deterministic on one machine, while another BLAS or SIMD width can change the last bits and with
+them which local optimum a fit ends in): a linearised least-squares start
 (P - f (Q - 1) = f, signed denominator), then L-BFGS on the exact evaluated form under an L_p loss
 with p doubling from 2 to 32, which drives the fit towards minimax.
 Named activations are shipped precomputed in ``fits.json``; regenerate it with ``python -m kanc.nn.fit --write``.
@@ -98,23 +99,45 @@ def _gauss_solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     return sol
 
 
+def minimize(
+    params: list[Tensor],
+    loss: Callable[[], Tensor],
+    *,
+    max_iter: int,
+    tolerance_grad: float = 1e-14,
+    tolerance_change: float = 1e-16,
+) -> float:
+    """L-BFGS (strong-Wolfe line search) on ``params`` in place; returns the final loss."""
+    opt = torch.optim.LBFGS(
+        params,
+        max_iter=max_iter,
+        tolerance_grad=tolerance_grad,
+        tolerance_change=tolerance_change,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(loss())
+
+
 def _refine(a: Tensor, b: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """L-BFGS on the evaluated form, L_p loss with growing p (towards minimax)."""
     a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
     for p in (2, 4, 8, 16, 32):
-        opt = torch.optim.LBFGS(
-            [a, b], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
-        )
 
-        def closure(p: int = p, opt: torch.optim.LBFGS = opt) -> Tensor:
-            opt.zero_grad()
+        def loss(p: int = p) -> Tensor:
             err = evaluate(a, b, x) - y
             scale = err.detach().abs().max() + 1e-30  # keeps |err/scale|^p in range for large p
-            loss = ((err / scale).abs() ** p).mean() ** (1.0 / p) * scale
-            loss.backward()
-            return loss
+            return ((err / scale).abs() ** p).mean() ** (1.0 / p) * scale
 
-        opt.step(closure)
+        minimize([a, b], loss, max_iter=500)
     return a.detach(), b.detach()
 
 

@@ -2,7 +2,7 @@
 
 For y = W F(x) with x ~ N(0, 1) and Var(W) = gain / fan_in, Var(y) = gain * E[F(x)^2]; the gain
 1 / E[F(x)^2] keeps unit variance through a stack. E[.] is computed by Gauss-Hermite quadrature,
-not by sampling: 1/E[GELU^2] = 2.3525, 1/E[SiLU^2] = 2.8115, identity 1.
+not by sampling: 1/E[GELU^2] = 2.351716, 1/E[SiLU^2] = 2.810761, identity 1.
 """
 
 from __future__ import annotations

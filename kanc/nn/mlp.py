@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from kanc.nn.fit import ACTIVATION_FUNCTIONS, canonical_name
 from kanc.nn.init import init_grkan_linear_
+from kanc.nn.pair import check_pair, run_pair
 from kanc.nn.rational import ActInit, GRKANLinear
 
 _ACT_MODULES = {
@@ -31,6 +32,11 @@ class GRKANMlp(nn.Module):
 
     ``init="variance"`` applies KAT's variance-preserving init (fc1 gain 1, fc2 gain 1/E[F2^2]);
     ``init="default"`` keeps nn.Linear's default.
+
+    ``placement`` is where F2 runs on the kernel path (``kanc.codegen.grkan_mlp``): "prologue" (default) in fc2's
+    matmul prologue, each layer its own op; "epilogue" once in fc1's epilogue, fc2 a plain matmul (refused with
+    ``drop > 0``: F2 would run before the dropout); "auto" the faster of the two as measured on a GPU and cached,
+    the prologue while the dropout is active and wherever the epilogue kernels cannot run (the CPU).
     """
 
     def __init__(
@@ -44,6 +50,7 @@ class GRKANMlp(nn.Module):
         bias: bool = True,
         drop: float = 0.0,
         init: str = "variance",
+        placement: str = "prologue",
     ) -> None:
         super().__init__()
         out_features = out_features or in_features
@@ -51,6 +58,8 @@ class GRKANMlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = GRKANLinear(hidden_features, out_features, bias, groups, act_init, degrees)
         self.drop2 = nn.Dropout(drop)
+        check_pair(self.fc1, self.fc2, placement, self.drop1)
+        self.placement = placement
         if init == "variance":
             self.reset_variance_()
         elif init != "default":
@@ -62,7 +71,8 @@ class GRKANMlp(nn.Module):
         init_grkan_linear_(self.fc2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.drop1(self.fc1(x))))
+        placement = getattr(self, "placement", "prologue")  # a block pickled before placements existed
+        return self.drop2(run_pair(self.fc1, self.fc2, x, placement, self.drop1))
 
 
 class Mlp(nn.Module):

@@ -27,6 +27,7 @@ class ConversionReport:
     passes: list[dict] = field(default_factory=list)
     not_traced: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    fallbacks: list[str] = field(default_factory=list)  # kernel calls that ran the reference, refreshed by kanc.report
 
     @property
     def blocks(self) -> list[str]:
@@ -47,6 +48,7 @@ class ConversionReport:
             "passes": self.passes,
             "not_traced": self.not_traced,
             "seconds": self.seconds,
+            "fallbacks": self.fallbacks,
         }
 
     def __str__(self) -> str:
@@ -119,4 +121,6 @@ def _lines(r: ConversionReport) -> list[str]:
     if r.skipped:
         lines += ["", "skipped:"]
         lines += [f"  {s['name']}: [{s['code']}] {s['message']}" for s in r.skipped]
+    if r.fallbacks:
+        lines += ["", "kernel fallbacks (calls so far, per layer):", *(f"  {line}" for line in r.fallbacks)]
     return lines

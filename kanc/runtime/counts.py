@@ -336,6 +336,20 @@ def _count_grkan_linear(module: nn.Module, call: CallShapes, direction: str) -> 
     return Counts(fused.flops, fused.bytes - saved, fused.matmul_flops)
 
 
+def _count_grkan_block(module: nn.Module, call: CallShapes, direction: str, layers_ran: bool) -> Counts | None:
+    """GRKANMlp / GRKANPair run as one op (the epilogue placement): both fused GR-KAN linears from the block's input
+    shape; when the layers ran as modules (``layers_ran``) they are counted on their own rows."""
+    if layers_ran:
+        return ZERO
+    if call.input_shape is None:
+        return None
+    fc1, fc2 = module.fc1, module.fc2
+    first = CallShapes(**{**call.__dict__, "children_ran": frozenset()})
+    hidden = CallShapes(**{**first.__dict__, "input_shape": (*call.input_shape[:-1], fc1.out_features)})
+    counts = [_count_grkan_linear(fc1, first, direction), _count_grkan_linear(fc2, hidden, direction)]
+    return None if None in counts else counts[0] + counts[1]
+
+
 def _count_snnk(module: nn.Module, call: CallShapes, direction: str, readout: nn.Module | None) -> Counts | None:
     if call.input_shape is None:
         return None
@@ -431,6 +445,8 @@ def _count_conv(module: nn.Module, call: CallShapes, direction: str) -> Counts |
 _COUNTERS: dict[str, Counter] = {
     "GroupRational": _count_group_rational,
     "GRKANLinear": _count_grkan_linear,
+    "GRKANMlp": lambda m, call, d: _count_grkan_block(m, call, d, bool(call.children_ran & {"fc1", "fc2"})),
+    "GRKANPair": lambda m, call, d: _count_grkan_block(m, call, d, bool(call.children_ran)),  # holds no children
     "SNNKMlp": _count_snnk_mlp,
     "SNNKLinear": _count_snnk_linear,
     "SNNKFeatures": _count_snnk_features,

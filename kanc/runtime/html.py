@@ -257,7 +257,8 @@ def _layer_table(report: ProfileReport) -> str:
         cls = {"reference": "ref", "kernel": "kern"}.get(r.path, "")
         rows.append(
             f'<tr><td class="l">{escape(r.label)}</td><td class="l">{escape(r.type)}</td><td>{r.dir}</td>'
-            f'<td class="{cls}">{escape(_path_label(r))}</td><td>{_cell(r.time_ms, ".4g")}</td>'
+            f'<td class="{cls}" title="{escape(r.fallback or "")}">{escape(_path_label(r))}</td>'
+            f"<td>{_cell(r.time_ms, '.4g')}</td>"
             f"<td>{_cell(r.share, '.1%')}</td><td>{_cell(r.flops, '.4g', 1e-9)}</td>"
             f"<td>{_cell(r.bytes, '.4g', 1e-6)}</td><td>{_cell(x.intensity, '.3g')}</td>"
             f"<td>{_cell(x.achieved_gbps, '.4g')}</td><td>{_cell(x.achieved_tflops, '.3g')}</td>"
@@ -285,6 +286,7 @@ def _kernel_table(report: ProfileReport) -> str:
     rows = []
     for k in report.kernels:
         config = ", ".join(f"{a}={b}" for a, b in k.config.items())
+        config += f", placement={k.placement}" if k.placement else ""
         direction = _SHORT.get(k.direction, k.direction)
         rows.append(
             f'<tr><td class="l">{escape(k.kernel)}</td><td class="l">{escape(k.layer)}</td><td>{direction}</td>'

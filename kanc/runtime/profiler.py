@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kanc.codegen import fallbacks
 from kanc.codegen.launches import Launch, recording
 from kanc.errors import KancError
 from kanc.runtime import stalls as stall_tools
@@ -102,7 +103,9 @@ def _profile(model, inputs, train, warmup, iters, device, dtype, stall_mode, pea
         step()
     synchronize(device)
     step_ms = time_steps(step, device, iters)
+    before = fallbacks.snapshot()
     hooked = _hooked_steps(model, step, device, iters, train)
+    fell_back = fallbacks.of_model(model, since=before)
     kernel_times, other_kernels = (
         _profiler_pass(step, device, hooked.step_launches) if device.type == "cuda" else ({}, [])
     )
@@ -111,6 +114,7 @@ def _profile(model, inputs, train, warmup, iters, device, dtype, stall_mode, pea
     stall_report = _collect_stalls(stall_mode, device, sorted(kernels), model, args, kwargs, train, step)
     builder = _Builder(hooked, peaks)
     layers = builder.layer_rows()
+    mark_fallbacks(layers, fell_back)
     kernel_rows = builder.kernel_rows(layers, kernel_times, stall_report)
     report = ProfileReport(
         model=_model_info(model, name),
@@ -394,6 +398,7 @@ class _Builder:
             flops=counts.flops if counts else None,
             bytes=counts.bytes if counts else None,
             stalls=stalls.get(kernel),
+            placement=first.extra.get("placement"),
         )
         dtype = getattr(torch, first.dtype.replace("torch.", ""), None) if first.dtype else None
         row.rates = rates(counts, time_ms, self.peaks, dtype if isinstance(dtype, torch.dtype) else None)
@@ -410,6 +415,17 @@ class _Builder:
         layer_launches = self.launches_of((module, layer.direction))
         total = sum(launch.programs for launch in layer_launches) or 1
         return layer.time_ms * mine / total, "layer time split by programs (CPU)"
+
+
+def mark_fallbacks(layers: list[LayerRow], rows: list[fallbacks.Fallback]) -> None:
+    """Put on each layer's rows why its calls ran the reference (the checker's reasons, counted per layer during the
+    hooked steps), e.g. "kanc::snnk_block: no CPU kernel for this op (...)"."""
+    why: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        why[row.layer].add(f"{row.op}: {row.text}")
+    for layer in layers:
+        if layer.name in why and layer.name:
+            layer.fallback = "; ".join(sorted(why[layer.name]))
 
 
 def _path(module_type: type, launched: bool, children: set[str]) -> str:
@@ -479,16 +495,20 @@ def _run_info(device, dtype, train, warmup, iters, args, kwargs, hooked: _Hooked
 
 
 def _kernel_note(device: torch.device) -> str:
-    """Why kanc layers may have run on the reference here (the checker's conditions, kanc.codegen.checker)."""
-    from kanc.codegen import checker
+    """Where kanc's kernels run here (the checker's conditions, kanc.codegen.checker); each layer's own reason for a
+    fallback is in its rows (``fallback``)."""
+    from kanc.codegen import checker, cpu
 
     if not checker.kernels_enabled():
         return "kernels are switched off (KANC_KERNELS=0 or set_kernels_enabled(False))"
+    if device.type == "cpu" and not checker.interpreting():
+        reason = cpu.unavailable_reason()
+        where = f"not available here ({reason})" if reason else "compiled for this CPU"
+        return (f"on the CPU, kanc's C kernels run the group rational and the GR-KAN linear ({where}); the SNNK block "
+                "has a kernel on CUDA GPUs (or on the CPU under TRITON_INTERPRET=1)")  # fmt: skip
     if not checker.triton_available():
         return "triton is not installed"
-    if device.type == "cpu" and not checker.interpreting():
-        return "kanc's kernels run on CUDA GPUs (or on the CPU under TRITON_INTERPRET=1)"
-    return "the checker chose the reference (dtype or shape not supported, or no kernel for this op yet)"
+    return "the checker chose the reference where a layer's dtype or shape is not supported"
 
 
 def _step_info(step_ms: list[float], hooked: _Hooked) -> dict[str, Any]:

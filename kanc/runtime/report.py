@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kanc.errors import KancError
 from kanc.runtime.counts import Counts
 from kanc.runtime.devices import DevicePeaks
 from kanc.runtime.stalls import StallReport
@@ -118,6 +117,7 @@ class LayerRow:
     input_shape: list[int] | None = None
     output_shape: list[int] | None = None
     dtype: str | None = None
+    fallback: str | None = None  # why this kanc layer's calls ran the PyTorch reference (None: they did not)
     rates: Rates = field(default_factory=Rates)
 
     @property
@@ -157,6 +157,7 @@ class KernelRow:
     bytes: float | None = None
     rates: Rates = field(default_factory=Rates)
     stalls: dict[str, Any] | None = None
+    placement: str | None = None  # where a GR-KAN block's rational ran ("prologue" / "epilogue"), from the launch
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -226,33 +227,32 @@ class ProfileReport:
     def __str__(self) -> str:
         return self.table()
 
-    def write(self, directory: str | os.PathLike) -> Path:
-        """Write report.json, trace.json and report.html into ``directory``, atomically: the files appear together
-        or not at all. An existing directory is replaced only when it is empty or holds an earlier kanc report."""
-        directory = Path(directory)
-        _check_output_dir(directory)
+    def write(
+        self, directory: str | os.PathLike, *, force: bool = False, protect: Iterable[str | os.PathLike] = ()
+    ) -> Path:
+        """Write report.json, trace.json and report.html into ``directory`` through kanc.writing: the files appear
+        together or not at all. An existing directory is replaced only with ``force``, and only when it is empty or
+        holds an earlier kanc report; ``protect``: paths it must never touch (the model file)."""
+        from kanc.writing import write_dir
+
         payloads: dict[str, Callable[[], str]] = {
             "report.json": lambda: json.dumps(self.to_json(), indent=1),
             "trace.json": lambda: json.dumps(_clean(self.trace())),
             "report.html": self.html,
         }
         texts = {name: make() for name, make in payloads.items()}  # render everything before touching the disk
-        from kanc.frontend.loading import atomic_write
 
         def fill(tmp: Path) -> None:
             for name, text in texts.items():
                 (tmp / name).write_text(text, encoding="utf-8")
 
-        return atomic_write(directory, fill, directory=True)
+        return write_dir(directory, fill, replaceable=is_report_dir, force=force, inputs=protect)
 
 
-def _check_output_dir(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise KancError(f"output path {directory} exists and is not a directory")
-    if directory.is_dir():
-        entries = {p.name for p in directory.iterdir()}
-        if entries and not (entries <= set(REPORT_FILES) and _is_kanc_report(directory / "report.json")):
-            raise KancError(f"output directory {directory} is not empty and holds no kanc report; choose another -o")
+def is_report_dir(directory: Path) -> bool:
+    """A folder holding an earlier kanc report and nothing else (``--force`` may replace it)."""
+    entries = {p.name for p in directory.iterdir()}
+    return entries <= set(REPORT_FILES) and _is_kanc_report(directory / "report.json")
 
 
 def _is_kanc_report(path: Path) -> bool:
@@ -286,21 +286,29 @@ def find(report: ProfileReport) -> list[Finding]:
 
 
 def _roofline_findings(report: ProfileReport) -> list[Finding]:
-    out = []
     stalls = {k["kernel"]: k for k in (row.stalls for row in report.kernels) if k}
-    for row in report.layers:
-        r = row.rates
-        if r.bound is None or r.roofline_ms is None or row.time_ms <= 0:
-            continue
-        if r.bound == "memory":
-            where = f"at {percent(r.bandwidth_fraction)} of {report.peaks.memory} bandwidth"
-        else:
-            where = f"at {percent(r.compute_fraction)} of the {r.compute_peak} peak"
-        kind = row.kind or row.type
-        cause = _cause(row, [stalls[k] for k in row.kernels if k in stalls])
-        text = f"{row.label}: {kind} {row.direction} {where}: {cause}"
-        out.append(Finding(text, row.label, "roofline", max(row.time_ms - r.roofline_ms, 0.0)))
-    return out
+    found = (
+        roofline_finding(row, report.peaks.memory, [stalls[k] for k in row.kernels if k in stalls])
+        for row in report.layers
+    )
+    return [f for f in found if f is not None]
+
+
+def roofline_finding(row: LayerRow, memory: str, stalls: list[dict[str, Any]]) -> Finding | None:
+    """Where one measured layer stands against its roofline and the likely cause, in words (None without a roof).
+
+    A decision on figures already measured (``row.rates`` from ``rates``, launch facts, stall counters), so it can
+    be tested on fixed figures; ``memory`` names what the bandwidth peak is of ("HBM3", "DRAM (measured copy)").
+    """
+    r = row.rates
+    if r.bound is None or r.roofline_ms is None or row.time_ms <= 0:
+        return None
+    if r.bound == "memory":
+        where = f"at {percent(r.bandwidth_fraction)} of {memory} bandwidth"
+    else:
+        where = f"at {percent(r.compute_fraction)} of the {r.compute_peak} peak"
+    text = f"{row.label}: {row.kind or row.type} {row.direction} {where}: {_cause(row, stalls)}"
+    return Finding(text, row.label, "roofline", max(row.time_ms - r.roofline_ms, 0.0))
 
 
 def percent(fraction: float | None) -> str:
@@ -333,17 +341,20 @@ def _cause(row: LayerRow, stalls: list[dict[str, Any]]) -> str:
 
 
 def _reference_findings(report: ProfileReport) -> list[Finding]:
-    rows = [row for row in report.layers if row.path == "reference"]
-    if not rows:
-        return []
-    total = sum(row.time_ms for row in rows)
-    share = sum(row.share for row in rows)
-    why = report.run.get("kernel_note", "")
-    names = sorted({row.label for row in rows})
-    text = f"{len(names)} kanc layer(s) ran on the PyTorch reference, no Triton kernel ({share:.0%} of step time)" + (
-        f": {why}" if why else ""
-    )
-    return [Finding(text, ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""), "reference", total)]
+    """One finding per reason the reference ran (a model with no kernel on this device gets one line, not one per
+    layer), naming the layers."""
+    groups: dict[str, list[LayerRow]] = {}
+    for row in report.layers:
+        if row.path == "reference":
+            groups.setdefault(row.fallback or report.run.get("kernel_note", ""), []).append(row)
+    out = []
+    for why, rows in groups.items():
+        names = list(dict.fromkeys(row.label for row in rows))
+        share = sum(row.share for row in rows)
+        text = f"{len(names)} kanc layer(s) ran on the PyTorch reference, no kanc kernel ({share:.0%} of step time)"
+        subject = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        out.append(Finding(text + (f": {why}" if why else ""), subject, "reference", sum(r.time_ms for r in rows)))
+    return out
 
 
 def _share_findings(report: ProfileReport) -> list[Finding]:

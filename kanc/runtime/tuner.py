@@ -164,8 +164,8 @@ def _tune(model, inputs, train, warmup, iters, device, dtype) -> TuneReport:
     written = {(kernel, key) for kernel, keys in tuning.get_cache(device).entries.items()
                for key, entry in keys.items() if before_ids.get((kernel, key)) != id(entry)}  # fmt: skip
     report = TuneReport(tuning.device_name(device), str(path), train, before_ms, [], [], configs_before, {})
-    if not launches:
-        report.notes.append(f"no kanc kernel ran on {device.type}: nothing to tune ({_why(device)})")
+    if not any(launch.extra.get("backend") != "cpu" for launch in launches):  # the C kernels take no config
+        report.notes.append(f"no tunable kanc kernel ran on {device.type}: nothing to tune ({_why(device)})")
         return report
     tuning.clear_memory_caches()  # read the cache back from disk, as the next process will
     report.after_ms, report.configs_after = _measure(step, device, warmup, iters)
@@ -215,5 +215,6 @@ def _why(device: torch.device) -> str:
     if not checker.kernels_enabled():
         return "kernels are switched off"
     if device.type == "cpu" and not checker.interpreting():
-        return "kanc's kernels run on CUDA GPUs, or on the CPU under TRITON_INTERPRET=1"
+        return ("kanc's Triton kernels run on CUDA GPUs, or on the CPU under TRITON_INTERPRET=1; its CPU kernels "
+                "have no configs")  # fmt: skip
     return "every layer took the reference path"

@@ -93,3 +93,46 @@ def compile_capture():
 
     yield compile_fn
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def guarded_launches(monkeypatch):
+    """Where kernels launch: the device guard (``kernels.common.device_guard``) replaced by a recorder, and every kanc
+    kernel's launch wrapped to note the device whose guard is active then (None outside any guard). Yields the list
+    of (kernel name, device) per launch."""
+    from kanc.codegen.kernels import common, grkan_linear, rational, snnk
+
+    active: list = []
+    seen: list = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(common, "device_guard", guard)
+    for module in (rational, grkan_linear, snnk):
+        for name, kernel in vars(module).items():
+            if name.endswith("_kernel") and callable(getattr(kernel, "run", None)):
+
+                def run(*args, _run=kernel.run, _name=name, **kwargs):
+                    seen.append((_name, active[-1] if active else None))
+                    return _run(*args, **kwargs)
+
+                monkeypatch.setattr(kernel, "run", run)
+    return seen
+
+
+@pytest.fixture
+def deterministic_mode():
+    """``torch.use_deterministic_algorithms(True)`` for the test, the previous mode restored after."""
+    previous, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous, warn_only=warn_only)

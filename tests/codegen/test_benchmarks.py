@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {
     "bench_rational.py": ("rational", {"kanc kernel", "KAT design (per-element atomics)"}),
     "bench_grkan_linear.py": ("grkan_linear", {"kanc fused (rational in prologue)", "reference eager"}),
-    "bench_mlp_block.py": ("mlp_block", {"kanc GR-KAN block (fused ops)", "Linear-GELU-Linear eager"}),
+    "bench_mlp_block.py": (
+        "mlp_block",
+        {f"kanc GR-KAN block, {p} placement" for p in ("prologue", "epilogue", "auto")} | {"Linear-GELU-Linear eager"},
+    ),
     "bench_snnk.py": ("snnk", {"kanc fused (features on chip)", "reference eager"}),
 }
 
@@ -60,7 +63,7 @@ def test_smoke_run_writes_the_promised_json(script, smoke_run):
         assert must_have <= impls
         assert any("torch.compile(aot_eager)" in i for i in impls)
         for r in case["results"]:
-            assert r["pass"] in ("forward", "backward", "forward+backward")
+            assert r["pass"] in ("forward", "backward", "forward+backward", "inference")
             assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
             assert r.get("gbps") or r.get("tflops"), r
             if "max_abs_err" in r:
@@ -78,6 +81,23 @@ def test_rational_baselines_report_their_atomics(smoke_run):
     assert 0 < kanc["atomics"] < rows * channels * 10 and kanc["max_abs_err"] < 1e-4
     for impl in ("KAT design (per-element atomics)", "FlashKAT design (per-program sums)"):
         assert results[(impl, "backward")]["max_abs_err"] < 1e-4  # the baselines compute the same gradients
+    flashkat = "FlashKAT design (per-program sums)"
+    assert results[(flashkat, "forward")]["max_abs_err"] < 1e-5 and results[(flashkat, "forward+backward")]["gbps"]
+
+
+def test_mlp_block_times_both_placements_and_inference(smoke_run):
+    """Each placement eager and compiled, three passes; "auto" is the prologue where nothing is measured."""
+    proc, out = smoke_run("bench_mlp_block.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert {"_linear_rational_fwd_kernel", "_grkan_linear_fwd_kernel"} <= set(case["kanc_kernels"])
+    assert case["auto_placement"] == {"forward+backward": "prologue", "inference": "prologue"}
+    rows = {(r["impl"], r["pass"]): r for r in case["results"]}
+    for placement in ("prologue", "epilogue", "auto"):
+        for backend in ("", ", torch.compile(aot_eager)"):
+            for pass_ in ("forward", "inference", "forward+backward"):
+                assert rows[(f"kanc GR-KAN block, {placement} placement{backend}", pass_)]["vs_mlp_compiled"] > 0
+    assert rows[("kanc GR-KAN block, epilogue placement", "forward")]["max_abs_err"] < 1e-4
 
 
 def test_snnk_cases_record_the_backward_kernels(smoke_run):
@@ -99,3 +119,20 @@ def test_without_gpu_or_smoke_the_scripts_refuse_and_write_nothing(tmp_path):
     assert proc.returncode != 0 and "no CUDA device" in proc.stderr and not out.exists()
     proc = _run("bench_rational.py", "--smoke", "--shapes", "nope", tmp_path=tmp_path)
     assert proc.returncode == 2 and "unknown shapes" in proc.stderr
+
+
+def test_cpu_scripts_run_and_write_their_json(tmp_path):
+    """host_overhead.py (no-op launches) and cpu_rational.py (the C kernels) run; their figures are not checked."""
+    out = tmp_path / "host.json"
+    proc = _run("host_overhead.py", "--calls", "20", "--warmup", "2", "--out", str(out), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert {"group_rational fwd+bwd", "grkan_linear fwd+bwd", "KAT backward wrapper"} <= set(results)
+    assert all(r["median_us"] > 0 for r in results.values()) and "<= 30 us" in proc.stdout
+    out = tmp_path / "cpu.json"
+    proc = _run("cpu_rational.py", "--skip-vit", "--reps", "2", "--out", str(out), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "cpu_rational" and {"rational forward / GELU", "rational fwd+bwd / GELU"} <= set(
+        data["ratios"]
+    )

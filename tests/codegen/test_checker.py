@@ -1,4 +1,5 @@
-"""Checker: kernel only when every condition holds, reference otherwise."""
+"""Checker: a kernel only when every condition holds (Triton on CUDA or under the interpreter, kanc's C kernels on the
+CPU for the ops that have one), the reference otherwise, with the reason."""
 
 import torch
 
@@ -39,4 +40,6 @@ def test_limits_bias_and_reasons(monkeypatch):
     with checker.kernels_disabled():
         assert checker.fallback_reason(x) == "kernels disabled"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert checker.fallback_reason(x) == "device"
+    assert checker.fallback_reason(x) == "no cpu kernel for this op"
+    assert checker.kernel_route(x, cpu=True) == ("cpu", None)  # ops with a C kernel run it
+    assert checker.kernel_route(x.double(), cpu=True) == (None, "dtype")  # fp64 stays on the reference

@@ -7,7 +7,7 @@ import torch
 from kanc.codegen import checker, grkan_linear, group_rational, rational_ref, recording, tuning
 from kanc.codegen.snnk import snnk_block, snnk_block_ref, snnk_width
 from kanc.nn import GRKANMlp
-from kanc.testing import assert_equivalent
+from kanc.testing import assert_equivalent, rel_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -96,13 +96,27 @@ def test_do_bench_tuning_fills_the_cache(tmp_path, monkeypatch):
     assert cache.device == tuning.device_name("cuda") and " sm" in cache.device
 
 
+def _block_grads(block, x, grad_out, fn):
+    """fn's output and the gradients of x and of every parameter of ``block`` for upstream gradient ``grad_out``."""
+    x = x.detach().clone().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    out = fn(x)
+    out.backward(grad_out)
+    return out.detach(), {"x": x.grad, **{name: p.grad for name, p in block.named_parameters()}}
+
+
 def test_inductor_around_the_ops():
     torch.manual_seed(0)
     block = GRKANMlp(768, 3072, groups=8, act_init="gelu").cuda().bfloat16()
-    x = torch.randn(2, 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    compiled = torch.compile(block, fullgraph=True)
-    out = compiled(x)
-    out.float().square().sum().backward()
+    x = torch.randn(2, 197, 768, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(2, 197, 768, device="cuda", dtype=torch.bfloat16)
+    out, grads = _block_grads(block, x, grad_out, torch.compile(block, fullgraph=True))
     with checker.kernels_disabled():
-        ref = block(x)
+        ref, expected = _block_grads(block, x, grad_out, block)
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+    assert set(grads) == {"x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"} | {
+        f"{fc}.rational.{c}" for fc in ("fc1", "fc2") for c in ("numerator", "denominator")
+    }
+    for name, grad in grads.items():  # bf16 storage, fp32 sums over 394 rows and up to 3072 products
+        assert grad is not None and torch.isfinite(grad).all(), name
+        assert rel_error(grad, expected[name]) < 2e-2, (name, rel_error(grad, expected[name]))

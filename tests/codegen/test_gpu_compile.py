@@ -1,5 +1,7 @@
-"""The GPU code path compiles without a GPU: every kernel, at ViT-B shapes with its default config, built by Triton
-ahead of time for sm_90 (an H100) and assembled by ptxas (benchmarks/compile_report.py). The interpreter runs none of
+"""The GPU code path compiles without a GPU: every kernel, at ViT-B shapes with its default config (SNNK at m = 256, one
+feature tile, and m = 768, ViT-B's default hidden / 4, in feature tiles), bound and compiled by Triton's own launch
+path for sm_90 (an H100) as a launch would be (the same specialisation: 16-byte alignment, divisibility by 16, unit
+strides as constants) and assembled by Triton's ptxas run (benchmarks/compile_report.py). The interpreter runs none of
 this (it ignores tl.dot shape rules, layouts and register limits), so this is the CPU tier's check of it."""
 
 import importlib.util
@@ -20,6 +22,7 @@ KERNELS = {
     "_grkan_linear_fwd_kernel",
     "_grkan_linear_dw_kernel",
     "_grkan_linear_dx_kernel",
+    "_linear_rational_fwd_kernel",
     "_snnk_fwd_kernel",
     "_snnk_dx_kernel",
     "_snnk_dw_kernel",
@@ -37,8 +40,16 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     report = json.loads(out.read_text())
     assert report["arch"] == 90 and report["shape"] == [128 * 197, 768, 3072, 8]
     assert {k["kernel"] for k in report["kernels"]} == KERNELS
-    snnk_kinds = {k["config"]["KIND"] for k in report["kernels"] if k["kernel"] == "_snnk_fwd_kernel"}
-    assert snnk_kinds == {0, 1, 2}  # relu, exp, cos
+    for name in ("_snnk_fwd_kernel", "_snnk_dx_kernel"):  # every kind, with one feature tile and with several
+        variants = {(k["config"]["KIND"], k["config"]["ACCUMULATE"]) for k in report["kernels"] if k["kernel"] == name}
+        assert variants == {(kind, tiled) for kind in (0, 1, 2) for tiled in (False, True)}, (name, variants)
+    for name in ("_rational_bwd_kernel", "_grkan_linear_dx_kernel"):  # coefficient sums by atomics, and without
+        assert {k["config"]["DETERMINISTIC"] for k in report["kernels"] if k["kernel"] == name} == {False, True}
+    # bound as a launch binds: the unit column strides are constants, the pointers known 16-byte aligned
+    fwd = [k["specialization"] for k in report["kernels"] if k["kernel"] == "_grkan_linear_fwd_kernel"]
+    assert all({"stride_xk", "stride_wk"} <= set(s["equal_to_1"]) for s in fwd), fwd
+    assert any("stride_b" in s["equal_to_1"] for s in fwd), fwd  # fc2, the launch with a bias
+    assert all({"x_ptr", "w_ptr", "y_ptr", "stride_xm"} <= set(s["divisible_by_16"]) for s in fwd), fwd
     for kernel in report["kernels"]:
         assert 0 < kernel["registers"] <= 255 and kernel["shared_bytes"] <= 227 * 1024, kernel
         # the default configs were chosen spill-free with this triton (and its ptxas); another may allocate differently

@@ -236,3 +236,91 @@ def test_denominator_gradient_at_zero_takes_plus_one(device):
     _check([x, num, den, w, b])
     grkan_linear(x, num, den, w, b).square().sum().backward()
     assert torch.count_nonzero(den.grad) == den.numel()
+
+
+@pytest.mark.parametrize("bias_view", ["strided", "expanded"])
+def test_strided_operands(bias_view, device):
+    """Every operand as a view the kernels must read through its strides: a column-sliced input (x[:, ::2]), a shared
+    numerator row expanded to every group (stride 0), a transposed weight, and a bias that is b[::2] or one value
+    expanded to N (stride 0), which the forward once read as contiguous (b[::2]: max error 15)."""
+    gen = torch.Generator().manual_seed(5)
+    xb = (2 * torch.randn(3, 11, 96, generator=gen)).to(device).requires_grad_()
+    num_row = (0.3 * torch.randn(1, 6, generator=gen)).to(device).requires_grad_()
+    den = torch.randn(4, 4, generator=gen).to(device).requires_grad_()
+    wt = (torch.randn(48, 20, generator=gen) / 7).to(device).requires_grad_()  # the op sees wt.t(): (20, 48)
+    if bias_view == "strided":
+        bb, bias = torch.randn(40, generator=gen).to(device).requires_grad_(), lambda b: b[::2]
+    else:
+        bb, bias = torch.randn(1, generator=gen).to(device).requires_grad_(), lambda b: b.expand(20)
+
+    def call(op):
+        return lambda x, a, b, w, c: op(x[..., ::2], a.expand(4, -1), b, w.t(), bias(c))
+
+    with recording() as launches:
+        assert_equivalent(call(grkan_linear), call(_ref), [xb, num_row, den, wt, bb])
+    assert [launch.kernel for launch in launches] == [FWD, DW, DX]
+
+
+def test_deterministic_mode_reduces_without_atomics(device, count_atomics, deterministic_mode):
+    """torch.use_deterministic_algorithms(True): the dx kernel stores each program's coefficient sums in its own slot
+    (summed after in a fixed order) instead of atomics. D = 3 with 16-wide K tiles (up to 7 groups per tile), 2 row
+    programs of 3 row tiles: no atomic executed, gradients match the reference and are bitwise equal run to run."""
+    inputs = _inputs((70, 24), 19, 8, torch.float32, device)
+    a, b, c = _tiles(16, 16, 16, rpp=3)
+    with a, b, c, count_atomics() as counted:
+        launches = _check(inputs)
+        grads = []
+        for _ in range(2):
+            leaves = [t.detach().clone().requires_grad_() for t in inputs]
+            grkan_linear(*leaves).square().sum().backward()
+            grads.append([t.grad for t in leaves])
+    dx = launches[2]
+    assert counted[0] == 0 and dx.atomics == 0 and dx.extra["deterministic"] and dx.grid == (2 * 2,)
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_launches_run_under_their_tensors_device_guard(device, guarded_launches):
+    """The forward and both backward kernels launch inside the device guard of their tensors' device."""
+    grkan_linear(*_inputs((9, 32), 16, 4, torch.float32, device)).sum().backward()
+    assert [name for name, _ in guarded_launches] == [FWD, DW, DX]
+    assert all(where == torch.device(device) for _, where in guarded_launches), guarded_launches
+
+
+def test_tuning_key_holds_the_fp32_dot_precision(device, monkeypatch):
+    """fp32 tl.dot in TF32 and in IEEE are different kernels: each is timed and cached under its own key."""
+    from kanc.codegen import tuning
+    from kanc.codegen.kernels import common
+
+    inputs = [t.detach() for t in _inputs((9, 32), 16, 4, torch.float32, device)]
+    for precision in ("ieee", "tf32"):
+        monkeypatch.setattr(common, "fp32_precision", lambda p=precision: p)
+        with tuning.autotuning("1"):
+            grkan_linear(*inputs)
+    keys = sorted(tuning.get_cache(device).entries[FWD])
+    assert keys == ["16,16,32,4,6,4,float32-ieee", "16,16,32,4,6,4,float32-tf32"]
+    assert common.dot_dtype_key(torch.bfloat16) == "bfloat16"  # 16-bit I/O feeds its own dtype to tl.dot
+
+
+def test_fp32_precision_follows_torch():
+    """The precision fp32 dots use is torch's own for fp32 matmuls, set by the new API or the legacy switches, and
+    reading it never raises (reading ``allow_tf32`` does, once a program has mixed the two APIs). In a child process:
+    the switches are process-wide."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from kanc.codegen.kernels import common
+common.interpreting = lambda: False  # the GPU's answer (the interpreter always computes in IEEE)
+m = torch.backends.cuda.matmul
+seen = [common.fp32_precision()]
+torch.set_float32_matmul_precision("high"); seen.append(common.fp32_precision())
+m.allow_tf32 = False; seen.append(common.fp32_precision())
+m.fp32_precision = "tf32"; seen.append(common.fp32_precision())
+m.fp32_precision = "ieee"; seen.append(common.fp32_precision())
+print(",".join(seen))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "ieee,tf32,ieee,tf32,ieee"

@@ -229,3 +229,97 @@ def test_denominator_gradient_at_zero_takes_plus_one(device):
     assert [launch.kernel for launch in launches] == [FWD, BWD]
     group_rational(x, num, den).sum().backward()
     assert torch.count_nonzero(den.grad) == den.numel()
+
+
+@pytest.mark.parametrize("layout", ["expanded_rows", "column_slice"])
+def test_strided_operands(layout, device):
+    """Views kernels must not read as contiguous: an input whose rows all alias one (stride 0, expand) or a
+    column-sliced input (x[:, ::2]), coefficients stored transposed, and an incoming gradient that is a transposed
+    view."""
+    num, den = _coefficients(4, device=device)
+    num_t = num.detach().t().contiguous().requires_grad_()  # (6, G): the op sees num_t.t(), strides (1, G)
+    den_t = den.detach().t().contiguous().requires_grad_()
+    gen = torch.Generator().manual_seed(3)
+    if layout == "expanded_rows":
+        base, view = 2 * torch.randn(1, 32, generator=gen), lambda x: x.expand(19, 32)
+    else:
+        base, view = 2 * torch.randn(24, 64, generator=gen), lambda x: x[:, ::2]
+    with recording() as launches:
+        assert_equivalent(
+            lambda x, a, b: group_rational(view(x), a.t(), b.t()).t(),  # .t(): the gradient arrives transposed
+            lambda x, a, b: rational_ref(view(x), a.t(), b.t()).t(),
+            [base.to(device).requires_grad_(), num_t, den_t],
+        )
+    assert [launch.kernel for launch in launches] == [FWD, BWD]
+
+
+def test_deterministic_mode_reduces_without_atomics(device, count_atomics, deterministic_mode):
+    """torch.use_deterministic_algorithms(True): the coefficient gradients leave each program by a plain store into its
+    own slot and are summed in a fixed order. D = 24 with 32-wide tiles (groups straddle tiles, G_SPAN 2) over 3 row
+    programs of 2 row tiles: no atomic is executed, the gradients match the reference and are bitwise equal run to run.
+    """
+    inputs = _inputs((70, 96), 4, torch.float32, device)
+    fwd, bwd = _tiles(16, 32, 2)
+    with fwd, bwd, count_atomics() as counted:
+        launches = _check(inputs)
+        grads = []
+        for _ in range(2):
+            x, num, den = [t.detach().clone().requires_grad_() for t in inputs]
+            group_rational(x, num, den).square().sum().backward()
+            grads.append([x.grad, num.grad, den.grad])
+    assert counted[0] == 0 and launches[1].atomics == 0 and launches[1].extra["deterministic"]
+    assert launches[1].grid == (3, 3)
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_deterministic_sum_matches_the_atomics(device):
+    """The fixed-order sum of per-program partials equals the atomics' sum (to fp32 rounding), groups straddling."""
+    x, num, den = _inputs((45, 40), 8, torch.float16, device)  # D = 5: 16-wide tiles touch up to 4 groups
+    fwd, bwd = _tiles(8, 16, 2)
+    grad = torch.randn(45, 40, device=device, dtype=torch.float16)
+    with fwd, bwd:
+        atomic = torch.ops.kanc.group_rational_backward(grad, x.detach(), num.detach(), den.detach())
+        torch.use_deterministic_algorithms(True)
+        try:
+            fixed = torch.ops.kanc.group_rational_backward(grad, x.detach(), num.detach(), den.detach())
+        finally:
+            torch.use_deterministic_algorithms(False)
+    for a, b in zip(atomic, fixed):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_launches_run_under_their_tensors_device_guard(device, guarded_launches):
+    """Every launch (forward, backward, and the tuner's timing runs) happens inside the device guard of its tensors'
+    device, so on a GPU it runs on that GPU and not on the current one (KAT's kernels fail on any GPU but cuda:0)."""
+    inputs = _inputs((20, 32), 4, torch.float32, device)
+    with tuning.autotuning("1"):
+        group_rational(*inputs).sum().backward()
+    kernels = {name for name, _ in guarded_launches}
+    assert kernels == {FWD, BWD} and len(guarded_launches) > 2  # the timing runs too
+    assert all(where == torch.device(device) for _, where in guarded_launches), guarded_launches
+
+
+def test_device_guard_enters_the_cuda_device(monkeypatch):
+    """The guard of a CUDA tensor is ``torch.cuda.device`` of its own index (checked with a stand-in: no GPU here);
+    the interpreter's CPU tensors need none."""
+    from kanc.codegen.kernels import common
+
+    entered = []
+
+    class FakeCudaDevice:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    with common.device_guard(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+    with common.device_guard(torch.device("cpu")):
+        pass
+    assert entered == [torch.device("cuda", 1), "exit"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kanc.codegen import forced_config, kernels_disabled, recording, snnk_block, snnk_block_ref
-from kanc.codegen.snnk import MAX_KERNEL_FEATURES, SNNK_KINDS, snnk_width
+from kanc.codegen.snnk import SNNK_KINDS, snnk_width
 from kanc.nn import SNNKMlp
 from kanc.testing import assert_equivalent
 
@@ -40,10 +40,10 @@ def _check(x, g, w, b, kind, kernels=(FWD, DX, DW), **tol):
     return launches
 
 
-def _tiles(bm, bd, bn, dw=(16, 16, 16, 16, 1)):
-    """Forced configs: forward and dx (BLOCK_M rows, BLOCK_D, BLOCK_N chunks); dW (BLOCK_N, BLOCK_F, BLOCK_M,
-    BLOCK_D, SPLIT_M)."""
-    cfg = {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1}
+def _tiles(bm, bd, bn, dw=(16, 16, 16, 16, 1), bf=64):
+    """Forced configs: forward and dx (BLOCK_M rows, BLOCK_D, BLOCK_N chunks, BLOCK_F features per tile); dW
+    (BLOCK_N, BLOCK_F, BLOCK_M, BLOCK_D, SPLIT_M)."""
+    cfg = {"BLOCK_M": bm, "BLOCK_F": bf, "BLOCK_D": bd, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1}
     names = ("BLOCK_N", "BLOCK_F", "BLOCK_M", "BLOCK_D", "SPLIT_M")
     dw_cfg = {**dict(zip(names, dw)), "num_warps": 4, "num_stages": 1}
     stack = contextlib.ExitStack()
@@ -55,10 +55,12 @@ def _tiles(bm, bd, bn, dw=(16, 16, 16, 16, 1)):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", SNNK_KINDS)
 def test_matches_reference_ragged(kind, dtype, device):
-    """rows 3 x 13 = 39 (16-row tiles), d_in 45 and d_out 29 (16-wide chunks), m = 21 (padded to 32 in the forward and
-    dx; two 16-wide feature tiles in dW, the second ragged); dW over 2 row splits (32 + 7 rows, fp32 partial sums)."""
-    with _tiles(16, 16, 16, dw=(16, 16, 16, 16, 2)):
+    """rows 3 x 13 = 39 (16-row tiles), d_in 45 and d_out 29 (16-wide chunks), m = 21 in two 16-wide feature tiles,
+    the second ragged (the forward and dx sum them through partials; dW gives each its programs); dW over 2 row splits
+    (32 + 7 rows, fp32 partial sums)."""
+    with _tiles(16, 16, 16, dw=(16, 16, 16, 16, 2), bf=16):
         launches = _check(*_inputs((3, 13), 45, 21, 29, kind, dtype, device), kind)
+    assert launches[0].extra["feature_tiles"] == launches[1].extra["feature_tiles"] == 2
     dw = launches[2]
     assert dw.grid == (2 * 2, 2) and dw.extra["splits"] == 2 and dw.extra["z_recomputed"] == 2
 
@@ -140,7 +142,7 @@ def test_backward_allocates_no_feature_tensor(kind, device):
             y.backward(torch.ones_like(y))
         return _allocations(prof)
 
-    with _tiles(16, 16, 16, dw=(16, 16, 32, 16, 3)), recording() as launches:
+    with _tiles(16, 16, 16, dw=(16, 16, 32, 16, 3), bf=16), recording() as launches:  # 3 feature tiles
         allocations = backward_allocations()
     assert [launch.kernel for launch in launches] == [FWD, DX, DW] and launches[2].grid[1] == 3
     assert allocations and max(size for _, size in allocations) < feature_bytes, allocations
@@ -168,15 +170,82 @@ def test_dw_defaults_fill_the_gpu(monkeypatch):
     assert tiny[0]["SPLIT_M"] <= 3 and all(c["BLOCK_F"] == 16 and c["BLOCK_N"] == 16 for c in tiny)
 
 
-def test_limits_fall_back_to_the_reference(device):
-    """More features than fit on chip, or a projection that wants a gradient: the reference runs, nothing launches."""
-    x, g, w, b = _inputs((4,), 8, MAX_KERNEL_FEATURES + 1, 6, "relu", torch.float32, device)
+def test_projection_with_grad_falls_back_to_the_reference(device):
+    """A projection that wants a gradient (the kernels do not differentiate it): the reference runs, nothing
+    launches."""
+    x, g, w, b = _inputs((4,), 8, 4, 6, "relu", torch.float32, device)
     with recording() as launches:
-        snnk_block(x, g, w, b, "relu")
-        x2, g2, w2, b2 = _inputs((4,), 8, 4, 6, "relu", torch.float32, device)
-        out = snnk_block(x2, g2.requires_grad_(), w2, b2, "relu")
+        out = snnk_block(x, g.requires_grad_(), w, b, "relu")
         out.sum().backward()
-    assert launches == [] and g2.grad is not None
+    assert launches == [] and g.grad is not None
+
+
+@pytest.mark.parametrize(
+    "feats,kind,dtype,tiles",
+    [
+        (768, "relu", torch.bfloat16, 3),  # ViT-B/BERT/GPT-2's default m = hidden / 4: three 256-wide tiles
+        (1000, "exp", torch.float32, 2),  # odd m: 512 + 488, the partials are y and dx themselves (fp32)
+        (600, "cos", torch.float16, 5),  # 2m = 1200 features, m not a multiple of the tile: 4 x 128 + 88
+    ],
+)
+def test_any_feature_count_runs_fused(feats, kind, dtype, tiles, device):
+    """No feature limit: m beyond one tile runs the fused kernels with their default configs, feature tiles summed
+    through partials, every gradient against the reference."""
+    launches = _check(*_inputs((21,), 24, feats, 13, kind, dtype, device), kind)
+    assert launches[0].extra["feature_tiles"] == launches[1].extra["feature_tiles"] == tiles
+
+
+@pytest.mark.parametrize("bias_view", ["strided", "expanded"])
+def test_strided_operands(bias_view, device):
+    """Every operand as a view read through its strides: a column-sliced input (x[:, ::2]), a transposed projection
+    and weight, and a bias that is b[::2] or one value expanded to d_out (stride 0), which the forward once read as
+    contiguous. Two feature tiles, so the partials path reads them too."""
+    gen = torch.Generator().manual_seed(6)
+    xb = torch.randn(2, 17, 40, generator=gen).to(device).requires_grad_()
+    gt = torch.randn(20, 24, generator=gen).to(device)  # the op sees gt.t(): (m = 24, d = 20)
+    wt = (torch.randn(48, 14, generator=gen) / 5).to(device).requires_grad_()  # cos: width 2m = 48; op sees wt.t()
+    if bias_view == "strided":
+        bb, bias = torch.randn(28, generator=gen).to(device).requires_grad_(), lambda b: b[::2]
+    else:
+        bb, bias = torch.randn(1, generator=gen).to(device).requires_grad_(), lambda b: b.expand(14)
+    floor, scale = _params("cos")
+
+    def call(op):
+        return lambda x, w, b: op(x[..., ::2], gt.t(), w.t(), bias(b), "cos", floor, scale)
+
+    with _tiles(16, 16, 16, bf=16), recording() as launches:
+        assert_equivalent(call(snnk_block), call(snnk_block_ref), [xb, wt, bb])
+    assert [launch.kernel for launch in launches] == [FWD, DX, DW]
+
+
+def test_launches_run_under_their_tensors_device_guard(device, guarded_launches):
+    """The forward, dx and dW kernels launch inside the device guard of their tensors' device."""
+    x, g, w, b = _inputs((9,), 16, 10, 7, "exp", torch.float32, device)
+    snnk_block(x, g, w, b, "exp").sum().backward()
+    assert [name for name, _ in guarded_launches] == [FWD, DX, DW]
+    assert all(where == torch.device(device) for _, where in guarded_launches), guarded_launches
+
+
+def test_feature_tile_defaults(monkeypatch):
+    """GPU defaults of the forward and dx kernels: up to 512 features one tile (256 for cos, whose halves double the
+    arrays), as before tiling; beyond, tiles that pad m least, then the fewest (m = 768: 3 x 256, m = 1000: 2 x 512,
+    m = 3072: 6 x 512; cos at m = 512: 2 x 256), every candidate within the register budget of its tile; dx defaults
+    to the narrower output chunk (compile_report: exp with 64-wide chunks spills at sm_90)."""
+    from kanc.codegen.kernels import snnk
+
+    monkeypatch.setattr(snnk, "interpreting", lambda: False)
+    tiles = snnk.feature_tiles
+    assert tiles(256, "relu") == [256] and tiles(300, "exp") == [512] and tiles(5, "relu") == [16]
+    assert tiles(768, "relu")[0] == 256 and tiles(1000, "exp")[0] == 512 and tiles(3072, "relu")[0] == 512
+    assert tiles(256, "cos") == [256] and tiles(512, "cos") == [256, 128] and tiles(600, "cos")[0] == 128
+    for kind in SNNK_KINDS:
+        candidates = snnk.snnk_candidates(25216, 768, kind)
+        assert candidates[0]["BLOCK_F"] == 256
+        assert {c["BLOCK_F"] for c in candidates} == ({128, 256} if kind == "cos" else {128, 256, 512})
+        per_thread = 16 if kind == "cos" else 32
+        assert all(c["BLOCK_M"] * c["BLOCK_F"] <= per_thread * 32 * c["num_warps"] for c in candidates)
+        dx = snnk.snnk_candidates(25216, 256, kind, snnk.DX_CHUNKS)[0]
+        assert (dx["BLOCK_D"], dx["BLOCK_N"], dx["num_warps"]) == (32, 32, 8)
 
 
 def test_double_backward_through_the_reference(device):
@@ -228,7 +297,7 @@ def test_launch_records(device):
     launches = _check(*_inputs((5,), 16, 10, 7, "cos", torch.float16, device), "cos")
     fwd, dx, dw = launches
     assert fwd.op == dx.op == dw.op == "kanc::snnk_block" and fwd.atomics == dx.atomics == dw.atomics == 0
-    assert fwd.extra == {"direction": "forward", "kind": "cos", "BLOCK_F": 16}
+    assert fwd.extra == {"direction": "forward", "kind": "cos", "BLOCK_F": 16, "feature_tiles": 1}
     assert dx.extra["direction"] == dw.extra["direction"] == "backward" and fwd.dtype == "float16"
     assert dx.extra["grads"] == "input" and dw.extra["grads"] == "weight,bias"
     assert {"BLOCK_N", "BLOCK_F", "BLOCK_M", "BLOCK_D", "SPLIT_M"} <= set(dw.config)

@@ -1,6 +1,5 @@
 """Model files: each format recognised from its contents, loaded or refused with a one-line reason."""
 
-import json
 import textwrap
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 from torch import nn
 
 from kanc.errors import KancError
-from kanc.frontend.loading import atomic_write, build_arch, detect_format, load_model
+from kanc.frontend.loading import build_arch, detect_format, load_model
 
 
 def _mlp() -> nn.Module:
@@ -190,32 +189,3 @@ def test_bad_arch(arch, match):
 def test_bad_arch_kwargs(files):
     with pytest.raises(KancError, match="not valid JSON"):
         load_model(files[1]["state_dict"], arch=ARCH, arch_kwargs="{width: 8")
-
-
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out.json"
-
-    def fail(tmp):
-        tmp.write_text("partial")
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        atomic_write(target, fail)
-    assert list(tmp_path.iterdir()) == []
-    atomic_write(target, lambda tmp: tmp.write_text(json.dumps({"ok": 1})))
-    assert json.loads(target.read_text()) == {"ok": 1} and list(tmp_path.iterdir()) == [target]
-
-
-def test_atomic_directory_write(tmp_path):
-    target = tmp_path / "out_dir"
-
-    def write(tmp):
-        (tmp / "a.txt").write_text("a")
-
-    atomic_write(target, write, directory=True)
-    assert (target / "a.txt").read_text() == "a"
-    with pytest.raises(ZeroDivisionError):
-        atomic_write(target, lambda tmp: 1 / 0, directory=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out_dir"]
-    with pytest.raises(KancError, match="output directory does not exist"):
-        atomic_write(tmp_path / "nope" / "x.json", write)

@@ -1,11 +1,14 @@
 """find_mlp_blocks: exact hit and skip counts per model, block shapes, skip reasons, include/exclude."""
 
+import dataclasses
+
 import pytest
 import torch
 import zoo
 from torch import nn
 
 from kanc.passes import PATTERNS, find_mlp_blocks
+from kanc.passes.table import pattern
 
 
 @pytest.mark.parametrize("case", zoo.CASES, ids=lambda c: c.name)
@@ -114,9 +117,19 @@ def test_aten_graph_from_export():
     assert (block.fc1.kind, block.fc1.path, block.fc2.path, block.act.spec.name) == ("aten", "fc1", "fc2", "gelu_tanh")
 
 
-def test_table_rows_are_data():
-    assert [p.name for p in PATTERNS] == ["gated", "glu_chunk", "plain", "conv1d", "conv1x1", "split"]
-    assert all(callable(p.check) and callable(p.grkan) and callable(p.snnk) and p.description for p in PATTERNS)
+def test_table_rows_are_data(monkeypatch):
+    """The table is what finds blocks: take a row out and its shape is no longer found; put a row in front and it
+    is tried first, its hits counted under its own name."""
+    import kanc.passes.find as finder
+
+    llama = zoo.llama()
+    assert find_mlp_blocks(llama).counters["found:gated"] == 2
+    monkeypatch.setattr(finder, "PATTERNS", tuple(p for p in PATTERNS if p.name != "gated"))
+    assert not any(k.startswith("found:") for k in find_mlp_blocks(llama).counters)
+    mine = dataclasses.replace(pattern("plain"), name="mine")
+    monkeypatch.setattr(finder, "PATTERNS", (mine, *PATTERNS))
+    assert find_mlp_blocks(zoo.sequential_mlp()).counters == {"found:mine": 1}
+    assert find_mlp_blocks(zoo.gpt2()).counters["found:conv1d"] == 2  # other shapes still reach their own rows
 
 
 def test_inspect_graph_marks_blocks():

@@ -10,7 +10,6 @@ from torch import fx
 from kanc.errors import KancError
 from kanc.passes import counters, find_mlp_blocks, rewrite_to_grkan, run_pipeline, snapshot, verify_equivalence
 from kanc.passes.pipeline import PassRecord, lint_model
-from kanc.testing import rel_error
 
 
 def test_verify_equivalence_outputs_and_blocks():
@@ -20,7 +19,10 @@ def test_verify_equivalence_outputs_and_blocks():
     x = case.inputs()
     result = rewrite_to_grkan(model, find_mlp_blocks(model))
     fidelity = verify_equivalence(original, result.model, x, result)
-    expected = rel_error(result.model(**x).last_hidden_state, original(**x).last_hidden_state)
+    with torch.no_grad():
+        got, want = (m(**x).last_hidden_state.double() for m in (result.model, original))
+    expected = float((got - want).norm() / want.norm())  # ||a - e|| / ||e|| written out, not the helper under test
+    assert expected > 0
     assert fidelity.outputs["last_hidden_state"] == pytest.approx(expected, rel=1e-6)
     assert set(fidelity.outputs) == {"last_hidden_state", "pooler_output"}
     assert set(fidelity.blocks) == {"encoder.layer.0", "encoder.layer.1"}

@@ -31,9 +31,11 @@ def test_preserve_converts_every_block_and_keeps_the_function(case):
     assert len(report.converted) == case.blocks
     assert report.counters[f"converted:grkan"] == case.blocks  # noqa: F541
     err = rel_error(zoo.output(case, zoo.run(converted, x)), expected)
-    assert err <= RELU_CASES.get(case.name, 1e-2), err
-    assert report.fidelity["outputs"]  # measured, and the same number
-    assert min(report.fidelity["outputs"].values()) <= RELU_CASES.get(case.name, 1e-2)
+    bound = RELU_CASES.get(case.name, 1e-2)
+    assert err <= bound, err
+    outputs = report.fidelity["outputs"]
+    assert outputs[case.output] == pytest.approx(err, rel=1e-6, abs=1e-12)  # measured, and the same number
+    assert all(e <= bound for e in outputs.values()), outputs  # every output, not only the best
     assert torch.equal(zoo.output(case, zoo.run(model, x)), expected)  # the original is untouched
 
 
@@ -209,7 +211,11 @@ def test_new_layers_follow_the_training_flag():
 
 
 def test_relu_blocks_reach_1e2_with_higher_degrees():
-    """ReLU's kink bounds a (5, 4) rational at ~1.5% on the block's pre-activations; (7, 6) gets below 1%."""
+    """ReLU's kink bounds a (5, 4) rational at ~1.5% on the block's pre-activations; (7, 6) gets below 1% (0.46%).
+
+    It did not while the data-aware fit optimised the denominator b itself: F uses |b|, L-BFGS stalled at the kink
+    where a b_k reached 0, and (7, 6) came out at 1.7%, worse than (5, 4) (kanc.passes.ratfit fits b = root^2).
+    """
     case = zoo.case("method")
     model, x = zoo.build(case), case.inputs()
     errors = [

@@ -139,4 +139,4 @@ def test_tune_without_kernels_fails_with_the_reason(model_file, cache_dir, capsy
     code, out, err = _run(["tune", str(model_file), "--trust-pickle", "--input-shape", "2,12,16", "--iters", "1"],
                           capsys)  # fmt: skip
     assert code == 1 and out == ""
-    assert err.strip().splitlines()[-1].startswith("Error: no kanc kernel ran on cpu: nothing to tune")
+    assert err.strip().splitlines()[-1].startswith("Error: no tunable kanc kernel ran on cpu: nothing to tune")

@@ -10,7 +10,9 @@ import kanc
 from kanc.errors import KancError
 from kanc.nn import GroupRational
 from kanc.runtime import validate
-from kanc.runtime.counts import module_counts
+from kanc.runtime.counts import module_counts, rational_counts
+from kanc.runtime.devices import DevicePeaks
+from kanc.runtime.report import LayerRow, rates, roofline_finding
 
 X = torch.randn(2, 12, 16)
 
@@ -35,21 +37,25 @@ def test_profile_train_writes_three_valid_files(kan_model, tmp_path):
     assert "<svg" in (out / "report.html").read_text()
 
 
-def test_every_kanc_layer_has_both_directions_on_the_reference_path(kan_model):
+def test_every_kanc_layer_has_both_directions_and_its_path(kan_model):
+    """On the CPU the rationals (GR-KAN linears and a standalone one) run kanc's C kernels and the SNNK block runs
+    the reference: its rows carry the reason, and one finding says it."""
     report = kanc.profile(kan_model, X, train=True, warmup=1, iters=2)
     for name in ("1.mlp.fc1", "1.mlp.fc2", "2.mlp.1", "3.mlp"):
         rows = _rows(report, name)
         assert set(rows) == {"forward", "backward"}
         for row in rows.values():
-            assert row.launches == 0 and row.time_ms > 0 and row.flops > 0 and row.bytes > 0
+            assert row.time_ms > 0 and row.flops > 0 and row.bytes > 0
             assert row.rates.bound in ("memory", "compute") and row.rates.achieved_gbps > 0
-    for name in ("2.mlp.1", "3.mlp"):  # no Triton kernel on a plain CPU run
-        assert {row.path for row in _rows(report, name).values()} == {"reference"}
-    # A GR-KAN linear whose rational runs as its own module owns only the matmul (a torch op); one that evaluates
-    # F itself (the fused op, or its reference) is a kanc layer on the reference path.
-    separate = "1.mlp.fc1.rational" in {row.name for row in report.layers}
-    assert _rows(report, "1.mlp.fc1")["forward"].path == ("torch" if separate else "reference")
-    assert any(f.kind == "reference" for f in report.findings)
+    for name in ("1.mlp.fc1", "1.mlp.fc2", "2.mlp.1"):  # F(x) by the C kernel (the linears then call torch's matmul)
+        for direction, row in _rows(report, name).items():
+            assert row.path == "kernel" and row.kernels == [f"kanc_rational_{direction}"] and row.fallback is None
+    for row in _rows(report, "3.mlp").values():  # no SNNK kernel on a plain CPU run
+        assert row.path == "reference" and row.launches == 0
+        assert row.fallback.startswith("kanc::snnk_block: no CPU kernel for this op")
+    (finding,) = [f for f in report.findings if f.kind == "reference"]
+    assert finding.subject == "3.mlp" and "no CPU kernel for this op" in finding.text
+    assert validate(report.to_json()) == []
 
 
 def test_counts_on_rows_are_the_hand_counts_of_the_calls(kan_model):
@@ -80,25 +86,90 @@ def test_launches_are_charged_to_the_layer_and_direction_that_made_them(fake_ker
 
 
 def test_many_atomics_are_named_as_the_cause(atomic_rational):
+    """The launch facts and the cause do not depend on timing; where the row stands (memory- or compute-bound on
+    the measured CPU peaks) does, so that decision is tested on fixed figures below."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), atomic_rational(32, groups=4), nn.Linear(32, 4))
     report = kanc.profile(model, torch.randn(400, 16), train=True, warmup=1, iters=2)
     row = _rows(report, "1")["backward"]
     assert row.path == "kernel" and row.atomics == 10 * 400 * 32 and row.elements == 400 * 32
     (finding,) = [f for f in report.findings if f.subject == "1" and f.kind == "roofline" and "backward" in f.text]
-    assert finding.text.startswith("1: rational backward at ") and "of DRAM (measured copy) bandwidth" in finding.text
-    assert "atomics dominate (128,000 atomic adds, 10 per element)" in finding.text
+    assert finding == roofline_finding(row, report.peaks.memory, [])  # the decision, on this run's figures
+    assert finding.text.startswith("1: rational backward at ")
+    assert finding.text.endswith(": atomics dominate (128,000 atomic adds, 10 per element)")
     # a few atomics (here 10 per element, but 2,560 in all) are not called the cause
     small = kanc.profile(model, torch.randn(8, 16), train=True, warmup=1, iters=1)
     assert not any("atomics dominate" in f.text for f in small.findings)
-    # with ncu counters, the stall reasons are named too
-    from kanc.runtime.report import _cause
 
-    assert "waits on global memory (60% of stall samples" in _cause(
-        row, [{"kernel": "k", "long_scoreboard_fraction": 0.6}]
+
+# Fixed figures: a rational backward over 12,800 fp32 elements (65 FLOPs and 12 bytes each: 5.4 FLOP/byte) on a
+# CPU measured at 10 GB/s, once with a 0.2 TFLOP/s matmul (ridge 20 FLOP/byte: memory-bound) and once with a
+# 0.02 TFLOP/s one (ridge 2: compute-bound), as a loaded machine measures it.
+ELEMENTS = 400 * 32
+BACKWARD = rational_counts(ELEMENTS, 4, groups=4, direction="backward")
+
+
+def _cpu(tflops):
+    return DevicePeaks("cpu", 10.0, {"fp32": tflops}, {}, "DRAM (measured copy)", "measured")
+
+
+def _backward_row(time_ms, peaks, atomics=10 * ELEMENTS, elements=ELEMENTS):
+    row = LayerRow("1", "AtomicRational", "backward", 1, time_ms, 1.0, "kernel", "rational", ["_fake_bwd_kernel"],
+                   1, atomics, elements, BACKWARD.flops, BACKWARD.bytes)  # fmt: skip
+    row.rates = rates(BACKWARD, time_ms, peaks, torch.float32)
+    return row
+
+
+ATOMICS = "atomics dominate (128,000 atomic adds, 10 per element)"
+
+
+@pytest.mark.parametrize(
+    "tflops,fraction,expected",
+    [
+        (0.2, 0.2, f"1: rational backward at 20% of DRAM (measured copy) bandwidth: {ATOMICS}"),
+        (0.2, 0.05, f"1: rational backward at 5% of DRAM (measured copy) bandwidth: {ATOMICS}"),
+        (0.02, 0.2, f"1: rational backward at 20% of the fp32 peak: {ATOMICS}"),
+    ],
+)
+def test_roofline_finding_on_fixed_figures(tflops, fraction, expected):
+    peaks = _cpu(tflops)
+    roof = rates(BACKWARD, 1.0, peaks, torch.float32).roofline_ms  # the roofline time does not depend on the time
+    finding = roofline_finding(_backward_row(roof / fraction, peaks), peaks.memory, [])
+    assert finding.text == expected and finding.kind == "roofline" and finding.subject == "1"
+    assert finding.saving_ms == pytest.approx(roof / fraction - roof)
+
+
+def test_roofline_finding_without_a_named_cause():
+    peaks = _cpu(0.2)
+    roof = rates(BACKWARD, 1.0, peaks, torch.float32).roofline_ms
+    few = dict(atomics=2_560, elements=256)  # 10 per element, but too few in all to matter
+    assert roofline_finding(_backward_row(5 * roof, peaks, **few), peaks.memory, []).text.endswith(
+        ": 5.0x from its roofline"
     )
-    assert "LG-throttle" in _cause(row, [{"kernel": "k", "lg_throttle_fraction": 0.3}])
-    assert "25% occupancy" in _cause(row, [{"kernel": "k", "achieved_occupancy_pct": 25.0}])
+    assert roofline_finding(_backward_row(roof, peaks, **few), peaks.memory, []).text.endswith(": at its roofline")
+    dense = dict(atomics=1_000_000, elements=10**9)  # many atomics, but 0.001 per element
+    assert "atomics" not in roofline_finding(_backward_row(5 * roof, peaks, **dense), peaks.memory, []).text
+    assert roofline_finding(_backward_row(0.0, peaks), peaks.memory, []) is None  # nothing measured, no finding
+
+
+def test_roofline_finding_names_the_stall_reasons():
+    peaks = _cpu(0.2)
+    roof = rates(BACKWARD, 1.0, peaks, torch.float32).roofline_ms
+    row = _backward_row(2 * roof, peaks)
+    stalls = [
+        {"kernel": "k", "long_scoreboard_fraction": 0.6},
+        {"kernel": "k", "lg_throttle_fraction": 0.3},
+        {"kernel": "k", "achieved_occupancy_pct": 25.0},
+    ]
+    text = roofline_finding(row, "HBM3", stalls).text
+    assert text == (
+        f"1: rational backward at 50% of HBM3 bandwidth: {ATOMICS}; k waits on global memory (60% of stall samples "
+        "long-scoreboard); k fills the load/store queue (30% LG-throttle): issue fewer, wider loads; "
+        "k reaches 25% occupancy"
+    )
+    quiet = [{"kernel": "k", "long_scoreboard_fraction": 0.39, "lg_throttle_fraction": 0.19,
+              "achieved_occupancy_pct": 30.0}]  # fmt: skip
+    assert roofline_finding(row, "HBM3", quiet).text.endswith(f": {ATOMICS}")
 
 
 def test_inference_restores_mode_and_gradients(kan_model):
@@ -168,9 +239,11 @@ def test_write_refuses_a_foreign_directory_and_leaves_nothing(kan_model, tmp_pat
     with pytest.raises(KancError, match="does not exist"):
         report.write(tmp_path / "missing" / "prof")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
-    # an earlier report is replaced
+    # an earlier report is replaced, with force
     first = report.write(tmp_path / "prof")
-    assert report.write(first) == first and validate(json.loads((first / "report.json").read_text())) == []
+    with pytest.raises(KancError, match="exists: pass --force"):
+        report.write(first)
+    assert report.write(first, force=True) == first and validate(json.loads((first / "report.json").read_text())) == []
 
 
 def test_module_counts_agree_with_rows_for_snnk(kan_model):

@@ -53,7 +53,7 @@ def test_forward_only_tunes_the_forward_kernel(tunable_layer, cache_dir):
 def test_no_kernel_means_nothing_to_tune(cache_dir):
     report = kanc.tune(nn.Sequential(kanc.nn.GRKANMlp(8, 16, 8, groups=4)), torch.randn(3, 8), warmup=1, iters=1)
     assert report.entries == [] and report.after_ms == []
-    assert report.notes[0].startswith("no kanc kernel ran on cpu: nothing to tune")
+    assert report.notes[0].startswith("no tunable kanc kernel ran on cpu: nothing to tune")
     assert not tuning.cache_path("cpu").exists()
 
 

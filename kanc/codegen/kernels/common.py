@@ -1,7 +1,10 @@
-"""Helpers shared by the launchers: dtypes, matmul operand precision, benchmarking, launching with a tuned config."""
+"""Helpers shared by the launchers: dtypes, matmul operand precision, the device a launch runs on, benchmarking,
+launching with a tuned config, deterministic reductions."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +36,31 @@ def cast_to(x, dtype: tl.constexpr):
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= n (>= 1); plain Python: launchers call it per launch, on the host's hot path."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host code (``triton.cdiv`` is a constexpr function: ~20x slower to call from Python)."""
+    return -(-a // b)
+
+
+def memoized(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Cache a launcher's candidate-config builder per arguments (and interpreter mode): the lists are rebuilt on
+    every launch otherwise. Callers must not mutate what it returns (``tuning.pick_config`` copies the config). The
+    mode is read through the builder's module, as the builder reads it."""
+    memo: dict[tuple, Any] = {}
+    module = fn.__globals__
+
+    def wrapper(*args: Any) -> Any:
+        key = (module.get("interpreting", interpreting)(), *(tuple(a) if isinstance(a, list) else a for a in args))
+        found = memo.get(key)
+        if found is None:
+            found = memo[key] = fn(*args)
+        return found
+
+    wrapper.__doc__, wrapper.__name__, wrapper.__wrapped__ = fn.__doc__, fn.__name__, fn  # type: ignore[attr-defined]
+    return wrapper
 
 
 def row_bucket(rows: int) -> int:
@@ -64,7 +91,7 @@ def rows_per_program(row_tiles: int, col_tiles: int, min_programs: int) -> int:
     """Row tiles per program: the largest power of two <= MAX_ROWS_PER_PROGRAM that leaves at least ``min_programs``
     programs (1 when even one row tile per program leaves fewer). Atomics fall by the same factor."""
     rpp = 1
-    while rpp < MAX_ROWS_PER_PROGRAM and triton.cdiv(row_tiles, 2 * rpp) * col_tiles >= min_programs:
+    while rpp < MAX_ROWS_PER_PROGRAM and cdiv(row_tiles, 2 * rpp) * col_tiles >= min_programs:
         rpp *= 2
     return rpp
 
@@ -94,10 +121,50 @@ def dot_dtype(io_dtype: torch.dtype) -> tl.dtype:
 
 
 def fp32_precision() -> str:
-    """tl.dot input precision for fp32 operands: TF32 only where torch allows it for its own fp32 matmuls."""
-    if not interpreting() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """tl.dot input precision for fp32 operands: TF32 only where torch allows it for its own fp32 matmuls.
+
+    Read from ``torch.backends.cuda.matmul.fp32_precision``, which reflects the legacy switches too (``allow_tf32``,
+    ``torch.set_float32_matmul_precision``) and never raises, where reading ``allow_tf32`` raises once a program has
+    mixed the legacy and the new API. Anything but "ieee" (or "none", the default: IEEE) lets fp32 dots use TF32.
+    """
+    if interpreting():
+        return "ieee"
+    return "ieee" if torch.backends.cuda.matmul.fp32_precision in ("ieee", "none") else "tf32"
+
+
+def dot_dtype_key(io_dtype: torch.dtype) -> str:
+    """The dtype field of a dot kernel's tuning key: the I/O dtype, with the fp32 dot precision for fp32 I/O
+    ("float32-tf32" and "float32-ieee" are different kernels, timed and cached apart). 16-bit I/O feeds its own
+    dtype to tl.dot whatever torch's switch says."""
+    name = str(io_dtype).removeprefix("torch.")
+    return f"{name}-{fp32_precision()}" if io_dtype == torch.float32 else name
+
+
+def deterministic() -> bool:
+    """Whether reductions must be bitwise reproducible (``torch.use_deterministic_algorithms(True)``): then no
+    launch reduces with atomics (their order, hence the fp32 rounding, varies run to run)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a launch runs in: ``torch.cuda.device(device)`` for a CUDA device, so Triton (which launches on the
+    current device, on its current stream) runs the kernel on the GPU its tensors live on, not on cuda:0; nothing for
+    the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(launcher: Callable) -> Callable:
+    """Decorator: run a launcher (its first argument a tensor, all on one device as the checker ensures) inside
+    :func:`device_guard` of that tensor's device: its tuning runs, launches and outputs all belong there."""
+
+    @functools.wraps(launcher)
+    def wrapper(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with device_guard(tensor.device):
+            return launcher(tensor, *args, **kwargs)
+
+    return wrapper
 
 
 def bench_on(device: torch.device) -> Callable[[Callable[[], Any]], float]:

@@ -7,7 +7,11 @@ F(x) never goes to memory, in either direction:
   of dy by the programs of the first K tile).
 - backward ``_grkan_linear_dx_kernel``: dF = dy W accumulated in fp32, then in the epilogue dx = dF F'(x) and the
   coefficient gradients. A program runs ROWS_PER_PROGRAM row tiles of one K column in turn, carrying the coefficient
-  partial sums in registers, and reduces them per group at the end (one atomic per group and coefficient).
+  partial sums in registers, and reduces them per group at the end (one atomic per group and coefficient; under
+  ``torch.use_deterministic_algorithms(True)`` a store into the program's own slot, summed after in a fixed order).
+
+x, W and b are read through their strides (a transposed weight, a sliced input, a strided or expanded bias);
+dy is made unit-stride in its last dimension and the outputs are allocated row-major.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
 from kanc.codegen.kernels.rational import (
     _add_coef_partials,
-    _flush_coef_grads,
     _rational_grads,
     _rational_pq,
+    _reduce_coef_grads,
     _zero_sums,
+    coef_grad_buffer,
     group_span,
     groups_touched,
+    sum_coef_partials,
 )
 from kanc.codegen.rational import abs_grad_sign
 
@@ -53,9 +59,21 @@ def _dot(a, b, acc, DOT: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _rational_tile(
-    x_ptr, rm, rk, k0, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D,
-    NP: tl.constexpr, NQ: tl.constexpr, UNIFORM: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    rm,
+    rk,
+    k0,
+    mmask,
+    kmask,
+    stride_xm,
+    stride_xk,
+    num_ptr,
+    den_ptr,
+    D,
+    NP: tl.constexpr,
+    NQ: tl.constexpr,
+    UNIFORM: tl.constexpr,
+):
     """F(x) of one (BLOCK_M, BLOCK_K) tile in fp32, exactly zero outside the matrix (padding never relies on the
     other operand being masked too)."""
     mask = mmask[:, None] & kmask[None, :]
@@ -75,13 +93,39 @@ def _groups(k0, rk, D, UNIFORM: tl.constexpr):
 
 @triton.jit
 def _grkan_linear_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, num_ptr, den_ptr,
-    M, N, K, D,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
-    HAS_BIAS: tl.constexpr, NP: tl.constexpr, NQ: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """One (BLOCK_M, BLOCK_N) tile of y = F(x) W^T + b; F applied to each x tile as it is loaded."""
+    # pointers
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    num_ptr,
+    den_ptr,
+    # sizes: x (M, K), W (N, K), D = K / G channels per group
+    M,
+    N,
+    K,
+    D,
+    # strides (any layout of x, W and b; y is row-major)
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_b,
+    stride_ym,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    NP: tl.constexpr,
+    NQ: tl.constexpr,
+    DOT: tl.constexpr,
+    IEEE: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y = F(x) W^T + b on one (BLOCK_M, BLOCK_N) tile: F applied to each (BLOCK_M, BLOCK_K) x tile as it is loaded,
+    rounded to the I/O dtype (as the reference stores F(x)) and fed to tl.dot; the bias in the epilogue."""
     pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -93,24 +137,46 @@ def _grkan_linear_fwd_kernel(
         f = _rational_tile(x_ptr, rm, rk, k0, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ, UNIFORM)
         w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = _dot(
-            cast_to(f, y_ptr.dtype.element_ty), w, acc, DOT, IEEE
-        )  # F rounded to the I/O dtype, as the reference
+        acc = _dot(cast_to(f, y_ptr.dtype.element_ty), w, acc, DOT, IEEE)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + rn * stride_b, mask=nmask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     tl.store(y_ptrs, cast_to(acc, y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def _grkan_linear_dw_kernel(
-    x_ptr, dy_ptr, dw_ptr, db_ptr, num_ptr, den_ptr,
-    M, N, K, D,
-    stride_xm, stride_xk, stride_dym, stride_dwn,
-    HAS_BIAS: tl.constexpr, NP: tl.constexpr, NQ: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """One (BLOCK_N, BLOCK_K) tile of dW = dy^T F(x), F recomputed per x tile; db from the first K tile's programs."""
+    # pointers
+    x_ptr,
+    dy_ptr,
+    dw_ptr,
+    db_ptr,
+    num_ptr,
+    den_ptr,
+    # sizes: x (M, K), dy (M, N), D = K / G channels per group
+    M,
+    N,
+    K,
+    D,
+    # strides (x any layout; dy, dW and db unit-stride in their last dimension)
+    stride_xm,
+    stride_xk,
+    stride_dym,
+    stride_dwn,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    NP: tl.constexpr,
+    NQ: tl.constexpr,
+    DOT: tl.constexpr,
+    IEEE: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dW = dy^T F(x) on one (BLOCK_N, BLOCK_K) tile, reducing over M with F recomputed per x tile; db = column sums
+    of dy, from the programs of the first K tile."""
     pid_n, pid_k = _swizzle(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -137,15 +203,42 @@ def _grkan_linear_dw_kernel(
 
 @triton.jit
 def _grkan_linear_dx_kernel(
-    x_ptr, dy_ptr, w_ptr, dx_ptr, num_ptr, den_ptr, acc_ptr,
-    M, N, K, D,
-    stride_xm, stride_xk, stride_dym, stride_wn, stride_wk, stride_dxm,
-    NP: tl.constexpr, NQ: tl.constexpr, G_SPAN: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    # pointers
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    dx_ptr,
+    num_ptr,
+    den_ptr,
+    acc_ptr,  # fp32 (G, NP + NQ) sums (atomics), or with DETERMINISTIC (programs, G_SPAN, NP + NQ) partials
+    # sizes: x (M, K), dy (M, N), W (N, K), D = K / G channels per group
+    M,
+    N,
+    K,
+    D,
+    # strides (x and W any layout; dy and dx unit-stride in their last dimension)
+    stride_xm,
+    stride_xk,
+    stride_dym,
+    stride_wn,
+    stride_wk,
+    stride_dxm,
+    # meta-parameters
+    NP: tl.constexpr,
+    NQ: tl.constexpr,
+    G_SPAN: tl.constexpr,
+    DOT: tl.constexpr,
+    IEEE: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr,
-):  # fmt: skip
-    """ROWS_PER_PROGRAM (BLOCK_M, BLOCK_K) tiles of dF = dy W (fp32) in one K column, each followed by the epilogue
-    (dx, and the coefficient partial sums carried in registers); one atomic per (group, coefficient) at the end."""
+):
+    """dF = dy W (fp32) on ROWS_PER_PROGRAM (BLOCK_M, BLOCK_K) tiles of one K column, each followed by the epilogue
+    dx = dF F'(x) and the coefficient partial sums (as ``_rational_bwd_kernel``, dF in place of dy), carried in
+    registers across the tiles; they leave the program once (``_reduce_coef_grads``)."""
     pid_m, pid_k = _swizzle(tl.program_id(0), M, K, BLOCK_M * ROWS_PER_PROGRAM, BLOCK_K, GROUP_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = rk < K
@@ -171,7 +264,8 @@ def _grkan_linear_dx_kernel(
         dx, gq, y = _rational_grads(x, df, num_ptr, den_ptr, g, kmask, NP, NQ, G_SPAN == 1)
         tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         sums = _add_coef_partials(sums, x, gq, y, mask, g, kmask, g_first, NP, NQ, G_SPAN)
-    _flush_coef_grads(acc_ptr, sums, g_first, g_last, NP + NQ, G_SPAN)
+    slot = pid_m * tl.cdiv(K, BLOCK_K) + pid_k
+    _reduce_coef_grads(acc_ptr, slot, sums, g_first, g_last, NP + NQ, G_SPAN, DETERMINISTIC)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -198,6 +292,7 @@ DX_TILES = [
 INTERPRETER_TILES = [(64, 64, 64, 4, 1), (32, 32, 32, 4, 1), (16, 16, 16, 4, 1)]  # few programs, little numpy work
 
 
+@common.memoized
 def tile_candidates(tiles, names: tuple[str, str, str], sizes: tuple[int, int, int]) -> list[dict]:
     """Configs from (rows, cols, reduction, warps, stages) tiles, first = the heuristic default.
 
@@ -214,15 +309,17 @@ def tile_candidates(tiles, names: tuple[str, str, str], sizes: tuple[int, int, i
     return out
 
 
+@common.memoized
 def dx_candidates(rows: int, cols: int, inner: int, min_programs: int) -> list[dict]:
     """Configs of the dx kernel (dx tile (rows, cols), reducing over ``inner``): each tile with its heuristic
     ROWS_PER_PROGRAM (row tiles whose coefficient partial sums a program carries before its atomics), then the default
     tile with other row counts (1, half, double)."""
     tiles = tile_candidates(DX_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"), (rows, cols, inner))
-    counts = lambda cfg: (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_K"]))
+    counts = lambda cfg: (common.cdiv(rows, cfg["BLOCK_M"]), common.cdiv(cols, cfg["BLOCK_K"]))
     return common.with_rows_per_program(tiles, counts, min_programs)
 
 
+@common.memoized
 def matmul_candidates(rows: int, cols: int, inner: int) -> list[dict]:
     """Configs of the forward kernel: y (rows, cols), reducing over ``inner``."""
     return tile_candidates(FWD_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), (rows, cols, inner))
@@ -234,9 +331,10 @@ def _dot_args(dtype: torch.dtype) -> tuple:
 
 
 def _key(m: int, n: int, k: int, groups: int, np_: int, nq: int, dtype: torch.dtype) -> tuple:
-    return (common.row_bucket(m), n, k, groups, np_, nq, str(dtype).removeprefix("torch."))
+    return (common.row_bucket(m), n, k, groups, np_, nq, common.dot_dtype_key(dtype))
 
 
+@common.on_tensor_device
 def grkan_linear_forward(x, numerator, denominator, weight, bias):
     """Launch the fused forward: y = F(x) W^T + b, shape (..., N), in x's dtype (== weight's dtype)."""
     k_in, n_out, groups = x.shape[-1], weight.shape[0], denominator.shape[0]
@@ -247,11 +345,11 @@ def grkan_linear_forward(x, numerator, denominator, weight, bias):
     dot, ieee = _dot_args(x.dtype)
 
     def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+        grid = (common.cdiv(m, cfg["BLOCK_M"]) * common.cdiv(n_out, cfg["BLOCK_N"]),)
         _grkan_linear_fwd_kernel[grid](
             x2, weight, bias if bias is not None else x2, out, num, den, m, n_out, k_in, k_in // groups,
-            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
-            bias is not None, np_, nq, dot, ieee, (k_in // groups) % cfg["BLOCK_K"] == 0,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+            out.stride(0), bias is not None, np_, nq, dot, ieee, (k_in // groups) % cfg["BLOCK_K"] == 0,
             cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], **common.launch_options(cfg),
         )  # fmt: skip
         return grid
@@ -265,8 +363,11 @@ def grkan_linear_forward(x, numerator, denominator, weight, bias):
     return y2.view(*x.shape[:-1], n_out)
 
 
+@common.on_tensor_device
 def grkan_linear_backward(grad, x, numerator, denominator, weight, has_bias: bool):
-    """Launch the two backward kernels: (dx, d numerator, d denominator, dW, db or an empty tensor)."""
+    """Launch the two backward kernels: (dx, d numerator, d denominator, dW, db or an empty tensor).
+
+    Coefficient gradients are reduced with atomics, or bitwise reproducibly when torch's deterministic mode is on."""
     k_in, n_out, groups = x.shape[-1], weight.shape[0], denominator.shape[0]
     x2, dy2 = x.reshape(-1, k_in), common.as_rows(grad.to(x.dtype), n_out)
     num, den = numerator.contiguous(), denominator.contiguous()
@@ -285,7 +386,7 @@ def _launch_dw(x2, dy2, num, den, dw, db, has_bias: bool, groups: int) -> None:
     dot, ieee = _dot_args(x2.dtype)
 
     def run(cfg: dict, out: torch.Tensor = dw, out_b: torch.Tensor = db) -> tuple:
-        grid = (triton.cdiv(n_out, cfg["BLOCK_N"]) * triton.cdiv(k_in, cfg["BLOCK_K"]),)
+        grid = (common.cdiv(n_out, cfg["BLOCK_N"]) * common.cdiv(k_in, cfg["BLOCK_K"]),)
         _grkan_linear_dw_kernel[grid](
             x2, dy2, out, out_b if has_bias else out, num, den, m, n_out, k_in, k_in // groups,
             x2.stride(0), x2.stride(1), dy2.stride(0), out.stride(0),
@@ -307,32 +408,34 @@ def _launch_dx(x2, dy2, weight, num, den, groups: int) -> tuple[torch.Tensor, to
     (m, k_in), n_out, np_, nq = x2.shape, dy2.shape[1], num.shape[1], den.shape[1]
     group_size = k_in // groups
     dx = torch.empty(m, k_in, dtype=x2.dtype, device=x2.device)
-    acc = torch.zeros(groups, np_ + nq, dtype=torch.float32, device=x2.device)
     dot, ieee = _dot_args(x2.dtype)
+    det = common.deterministic()
 
-    def run(cfg: dict, out: torch.Tensor = dx, sums: torch.Tensor = acc) -> tuple:
-        row_programs = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
-        grid = (row_programs * triton.cdiv(k_in, cfg["BLOCK_K"]),)
-        _grkan_linear_dx_kernel[grid](
+    def run(cfg: dict, out: torch.Tensor = dx) -> tuple:
+        row_programs = common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
+        k_tiles = common.cdiv(k_in, cfg["BLOCK_K"])
+        g_span = group_span(cfg["BLOCK_K"], group_size)
+        sums = coef_grad_buffer((row_programs, k_tiles), g_span, groups, np_ + nq, x2.device, det)
+        _grkan_linear_dx_kernel[(row_programs * k_tiles,)](
             x2, dy2, weight, out, num, den, sums, m, n_out, k_in, group_size,
             x2.stride(0), x2.stride(1), dy2.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-            np_, nq, group_span(cfg["BLOCK_K"], group_size), dot, ieee,
+            np_, nq, g_span, dot, ieee, det,
             cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], cfg["ROWS_PER_PROGRAM"],
             **common.launch_options(cfg),
         )  # fmt: skip
-        return grid
+        return (row_programs * k_tiles,), row_programs, sums
 
     # the output tile is (M, K) and the reduction runs over N
     candidates = dx_candidates(m, k_in, n_out, common.min_programs(x2.device))
     key = _key(m, n_out, k_in, groups, np_, nq, x2.dtype)
-    scratch = lambda c: run(c, torch.empty_like(dx), torch.zeros_like(acc))
-    cfg = common.choose(_grkan_linear_dx_kernel, key, candidates, scratch, x2.device)
-    grid = run(cfg)
-    row_programs = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), cfg["ROWS_PER_PROGRAM"])
-    atomics = row_programs * groups_touched(k_in, group_size, cfg["BLOCK_K"]) * (np_ + nq)
+    cfg = common.choose(_grkan_linear_dx_kernel, key, candidates, lambda c: run(c, torch.empty_like(dx)), x2.device)
+    grid, row_programs, acc = run(cfg)
+    if det:
+        acc = sum_coef_partials(acc, k_in, group_size, cfg["BLOCK_K"])
+    atomics = 0 if det else row_programs * groups_touched(k_in, group_size, cfg["BLOCK_K"]) * (np_ + nq)
     shapes = [x2.shape, dy2.shape, weight.shape]
     common.record(
         OP, _grkan_linear_dx_kernel, grid, cfg, shapes, x2.dtype, "backward", atomics,
-        grads="input,coefficients", coefficients=np_ + nq,
+        grads="input,coefficients", coefficients=np_ + nq, deterministic=det,
     )  # fmt: skip
     return dx, acc

@@ -2,8 +2,8 @@
 
 The math of ``kanc.codegen.rational.rational_ref`` on (rows, C) tiles, fp32 in registers, I/O in the tensor's dtype.
 The ``@triton.jit`` helpers (``_rational_pq``, ``_rational_grads``, ``_zero_sums``, ``_add_coef_partials``,
-``_flush_coef_grads``) are shared with the fused GR-KAN linear kernels, which evaluate the same rational in a matmul's
-prologue or epilogue.
+``_flush_coef_grads``, ``_reduce_coef_grads``) are shared with the fused GR-KAN linear kernels, which evaluate the same
+rational in a matmul's prologue or epilogue.
 
 Coefficient gradients (FlashKAT's design, not KAT's per-element global atomics): each program owns one column tile
 and ROWS_PER_PROGRAM consecutive row tiles (a tuning dimension). It reduces every tile over its rows and over the
@@ -12,9 +12,15 @@ G_SPAN, the most groups a column tile can touch), then issues one atomic add per
 programs x groups touched by the column tiles x coefficients, ROWS_PER_PROGRAM times fewer than one program per tile.
 A tile may straddle groups (C / G not a multiple of BLOCK_C): the per-group sum uses a one-hot mask over the G_SPAN
 groups.
+
+Determinism: fp32 atomics add in whatever order programs finish, so their sums differ in the last bits run to run.
+Under ``torch.use_deterministic_algorithms(True)`` each program stores its sums into its own slot of a partials buffer
+instead, and the launcher adds the slots up in a fixed order (``sum_coef_partials``): no atomics, bitwise reproducible.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -101,7 +107,7 @@ def _group_sums(s, g, cmask, g_first, G_SPAN: tl.constexpr):
 @triton.jit
 def _add_coef_partials(
     sums, x, gq, y, mask, g, cmask, g_first, NP: tl.constexpr, NQ: tl.constexpr, G_SPAN: tl.constexpr
-):  # fmt: skip
+):
     """``sums`` plus this tile's per-group sums of dF/da_k = dy x^k / Q and dF/d|b_k| = -dy F |x|^(k+1) / Q (fp32)."""
     out = ()
     t = tl.where(mask, gq, 0.0)
@@ -125,6 +131,23 @@ def _flush_coef_grads(acc_ptr, sums, g_first, g_last, NCOEF: tl.constexpr, G_SPA
 
 
 @triton.jit
+def _reduce_coef_grads(
+    acc_ptr, slot, sums, g_first, g_last, NCOEF: tl.constexpr, G_SPAN: tl.constexpr, DETERMINISTIC: tl.constexpr
+):
+    """A program's coefficient sums out: atomics into acc (G, NCOEF) (``_flush_coef_grads``), or with DETERMINISTIC
+    (``torch.use_deterministic_algorithms``) stored whole into the program's own ``slot`` of a (slots, G_SPAN, NCOEF)
+    partials buffer, which ``sum_coef_partials`` adds up in a fixed order: bitwise reproducible, no atomics. Entries of
+    groups past g_last are sums over no column: zero."""
+    if DETERMINISTIC:
+        j = tl.arange(0, G_SPAN)
+        base = acc_ptr + slot.to(tl.int64) * (G_SPAN * NCOEF)
+        for k in tl.static_range(NCOEF):
+            tl.store(base + j * NCOEF + k, sums[k])
+    else:
+        _flush_coef_grads(acc_ptr, sums, g_first, g_last, NCOEF, G_SPAN)
+
+
+@triton.jit
 def _tile(pid_r, pid_c, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -143,22 +166,27 @@ def _groups(pid_c, cols, D, BLOCK_C: tl.constexpr, UNIFORM: tl.constexpr):
 
 @triton.jit
 def _rational_fwd_kernel(
+    # pointers
     x_ptr,
     y_ptr,
     num_ptr,
     den_ptr,
+    # sizes: R rows of C channels, D = C / G channels per group
     R,
     C,
     D,
+    # strides (rows; columns are unit-stride)
     stride_x,
     stride_y,
+    # meta-parameters
     NP: tl.constexpr,
     NQ: tl.constexpr,
     UNIFORM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """y = F(x) on one (BLOCK_R, BLOCK_C) tile of the (R, C) view; D = C / G channels per group."""
+    """y = F(x) = P(x) / Q(x) on one (BLOCK_R, BLOCK_C) tile of the (R, C) view, each column with its group's
+    coefficients (one scalar set when UNIFORM: the tile lies in one group)."""
     pid_c = tl.program_id(1)
     rows, cols, cmask, mask = _tile(tl.program_id(0), pid_c, R, C, BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -169,13 +197,34 @@ def _rational_fwd_kernel(
 
 @triton.jit
 def _rational_bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr, num_ptr, den_ptr, acc_ptr,
-    R, C, D, stride_x, stride_dy, stride_dx,
-    NP: tl.constexpr, NQ: tl.constexpr, G_SPAN: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-):  # fmt: skip
-    """dx on ROWS_PER_PROGRAM row tiles of one column tile, their coefficient-gradient partial sums carried in
-    registers across the tiles, then one atomic per (group, coefficient) for the whole program."""
+    # pointers
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    num_ptr,
+    den_ptr,
+    acc_ptr,  # fp32 (G, NP + NQ) sums (atomics), or with DETERMINISTIC (programs, G_SPAN, NP + NQ) partials
+    # sizes: R rows of C channels, D = C / G channels per group
+    R,
+    C,
+    D,
+    # strides (rows; columns are unit-stride)
+    stride_x,
+    stride_dy,
+    stride_dx,
+    # meta-parameters
+    NP: tl.constexpr,
+    NQ: tl.constexpr,
+    G_SPAN: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
+):
+    """dx = dy (P'(x) - F(x) sign(x) Q'(|x|)) / Q(x), and per group dL/da_k = sum dy x^k / Q (k = 0..NP-1) and
+    dL/d|b_k| = -sum dy F |x|^k / Q (k = 1..NQ), on ROWS_PER_PROGRAM row tiles of one column tile: the coefficient sums
+    are carried in registers across the tiles, then leave the program once (``_reduce_coef_grads``: one atomic per
+    group and coefficient, or one store)."""
     pid_c = tl.program_id(1)
     first = tl.program_id(0) * ROWS_PER_PROGRAM
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -196,7 +245,8 @@ def _rational_bwd_kernel(
         dx, gq, y = _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP, NQ, G_SPAN == 1)
         tl.store(dx_ptr + row0 * stride_dx + off_dx, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         sums = _add_coef_partials(sums, x, gq, y, mask, g, cmask, g_first, NP, NQ, G_SPAN)
-    _flush_coef_grads(acc_ptr, sums, g_first, g_last, NP + NQ, G_SPAN)
+    slot = tl.program_id(0) * tl.num_programs(1) + pid_c
+    _reduce_coef_grads(acc_ptr, slot, sums, g_first, g_last, NP + NQ, G_SPAN, DETERMINISTIC)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -227,6 +277,7 @@ BWD_GPU_TILES = [(8, 128, 4), (8, 256, 8), (16, 128, 8), (8, 64, 2), (4, 256, 4)
 INTERPRETER_TILES = [(32, 128, 4), (16, 64, 4), (64, 64, 4)]  # few programs: the interpreter pays per program
 
 
+@common.memoized
 def elementwise_candidates(rows: int, channels: int, group_size: int, tiles=None) -> list[dict]:
     """Tile configs; the first is the heuristic default, group-aligned column tiles (scalar coefficients) first."""
     tiles = INTERPRETER_TILES if interpreting() else (tiles or GPU_TILES)
@@ -240,11 +291,12 @@ def elementwise_candidates(rows: int, channels: int, group_size: int, tiles=None
     return sorted(out, key=lambda cfg: not aligned(cfg))  # stable: the order above within each class
 
 
+@common.memoized
 def backward_candidates(rows: int, channels: int, group_size: int, min_programs: int) -> list[dict]:
     """Backward configs: each tile with its heuristic ROWS_PER_PROGRAM (``common.rows_per_program``), then the default
     tile with other row counts (1, half, double). First = the heuristic default."""
     tiles = elementwise_candidates(rows, channels, group_size, BWD_GPU_TILES)
-    counts = lambda cfg: (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(channels, cfg["BLOCK_C"]))
+    counts = lambda cfg: (common.cdiv(rows, cfg["BLOCK_R"]), common.cdiv(channels, cfg["BLOCK_C"]))
     return common.with_rows_per_program(tiles, counts, min_programs)
 
 
@@ -252,6 +304,7 @@ def _key(rows: int, channels: int, groups: int, dtype: torch.dtype, np_: int, nq
     return (common.row_bucket(rows), channels, groups, np_, nq, str(dtype).removeprefix("torch."))
 
 
+@common.on_tensor_device
 def rational_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """Launch the forward kernel: y = F(x) in x's dtype, same shape."""
     channels, groups = x.shape[-1], denominator.shape[0]
@@ -262,7 +315,7 @@ def rational_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torc
     y2 = y.view(-1, channels)
 
     def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
-        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(channels, cfg["BLOCK_C"]))
+        grid = (common.cdiv(rows, cfg["BLOCK_R"]), common.cdiv(channels, cfg["BLOCK_C"]))
         _rational_fwd_kernel[grid](
             x2, out, num, den, rows, channels, channels // groups, x2.stride(0), out.stride(0), np_, nq,
             (channels // groups) % cfg["BLOCK_C"] == 0, cfg["BLOCK_R"], cfg["BLOCK_C"], **common.launch_options(cfg),
@@ -277,34 +330,78 @@ def rational_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torc
     return y
 
 
+@common.on_tensor_device
 def rational_backward(
     grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: (dx in x's dtype, d numerator, d denominator in the coefficients' dtypes)."""
+    """Launch the backward kernel: (dx in x's dtype, d numerator, d denominator in the coefficients' dtypes).
+
+    Coefficient gradients are reduced with atomics, or bitwise reproducibly when torch's deterministic mode is on."""
     channels, groups = x.shape[-1], denominator.shape[0]
     x2, dy2 = common.as_rows(x, channels), common.as_rows(grad.to(x.dtype), channels)
     num, den = numerator.contiguous(), denominator.contiguous()
     rows, np_, nq, group_size = x2.shape[0], num.shape[1], den.shape[1], channels // groups
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dx2 = dx.view(-1, channels)
-    acc = torch.zeros(groups, np_ + nq, dtype=torch.float32, device=x.device)
+    det = common.deterministic()
 
-    def run(cfg: dict, out: torch.Tensor = dx2, sums: torch.Tensor = acc) -> tuple:
-        row_tiles = triton.cdiv(rows, cfg["BLOCK_R"])
-        grid = (triton.cdiv(row_tiles, cfg["ROWS_PER_PROGRAM"]), triton.cdiv(channels, cfg["BLOCK_C"]))
+    def run(cfg: dict, out: torch.Tensor = dx2) -> tuple:
+        row_tiles = common.cdiv(rows, cfg["BLOCK_R"])
+        grid = (common.cdiv(row_tiles, cfg["ROWS_PER_PROGRAM"]), common.cdiv(channels, cfg["BLOCK_C"]))
+        g_span = group_span(cfg["BLOCK_C"], group_size)
+        sums = coef_grad_buffer(grid, g_span, groups, np_ + nq, x.device, det)
         _rational_bwd_kernel[grid](
             x2, dy2, out, num, den, sums, rows, channels, group_size, x2.stride(0), dy2.stride(0), out.stride(0),
-            np_, nq, group_span(cfg["BLOCK_C"], group_size), cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["ROWS_PER_PROGRAM"],
-            **common.launch_options(cfg),
+            np_, nq, g_span, det, cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["ROWS_PER_PROGRAM"], **common.launch_options(cfg),
         )  # fmt: skip
-        return grid
+        return grid, sums
 
     key = _key(rows, channels, groups, x.dtype, np_, nq)
     candidates = backward_candidates(rows, channels, group_size, common.min_programs(x.device))
-    scratch = lambda c: run(c, torch.empty_like(dx2), torch.zeros_like(acc))
-    cfg = common.choose(_rational_bwd_kernel, key, candidates, scratch, x.device)
-    grid = run(cfg)
-    atomics = grid[0] * groups_touched(channels, group_size, cfg["BLOCK_C"]) * (np_ + nq)
+    cfg = common.choose(_rational_bwd_kernel, key, candidates, lambda c: run(c, torch.empty_like(dx2)), x.device)
+    grid, acc = run(cfg)
+    if det:
+        acc = sum_coef_partials(acc, channels, group_size, cfg["BLOCK_C"])
+    atomics = 0 if det else grid[0] * groups_touched(channels, group_size, cfg["BLOCK_C"]) * (np_ + nq)
     shapes = [x.shape, num.shape, den.shape]
-    common.record(OP, _rational_bwd_kernel, grid, cfg, shapes, x.dtype, "backward", atomics, coefficients=np_ + nq)
+    common.record(
+        OP, _rational_bwd_kernel, grid, cfg, shapes, x.dtype, "backward", atomics, coefficients=np_ + nq,
+        deterministic=det,
+    )  # fmt: skip
     return dx, acc[:, :np_].to(numerator.dtype).contiguous(), (acc[:, np_:] * abs_grad_sign(den)).to(denominator.dtype)
+
+
+# ------------------------------------------------------------------------------- deterministic coefficient gradients
+
+
+def coef_grad_buffer(
+    grid: tuple[int, int], g_span: int, groups: int, ncoef: int, device: torch.device, deterministic: bool
+) -> torch.Tensor:
+    """Where a backward launch leaves its coefficient gradients: a zeroed (G, NCOEF) fp32 sum for atomics, or (row
+    programs, column tiles, G_SPAN, NCOEF) fp32 partials, one slot per program (every entry written), when
+    ``deterministic``."""
+    if deterministic:
+        return torch.empty(*grid, g_span, ncoef, dtype=torch.float32, device=device)
+    return torch.zeros(groups, ncoef, dtype=torch.float32, device=device)
+
+
+def sum_coef_partials(partials: torch.Tensor, channels: int, group_size: int, block_c: int) -> torch.Tensor:
+    """(row programs, column tiles, G_SPAN, NCOEF) per-program sums -> (G, NCOEF) per-group sums in a fixed order
+    (bitwise equal run to run): over row programs by one torch reduction, then each group's (tile, slot) entries by a
+    gather and a sum."""
+    tiles, g_span, ncoef = partials.shape[1:]
+    per_entry = torch.cat([partials.sum(0).reshape(tiles * g_span, ncoef), partials.new_zeros(1, ncoef)])
+    return per_entry[_group_entries(channels, group_size, block_c, g_span).to(partials.device)].sum(1)
+
+
+@functools.lru_cache(maxsize=256)
+def _group_entries(channels: int, group_size: int, block_c: int, g_span: int) -> torch.Tensor:
+    """(G, L) indices into the flattened (column tile, slot) entries: slot j of tile t holds group
+    t * block_c // group_size + j; row g lists the entries of group g, padded with the index of a zero row."""
+    entries: list[list[int]] = [[] for _ in range(channels // group_size)]
+    for t, start in enumerate(range(0, channels, block_c)):
+        first, last = start // group_size, (min(start + block_c, channels) - 1) // group_size
+        for j in range(last - first + 1):
+            entries[first + j].append(t * g_span + j)
+    pad, width = triton.cdiv(channels, block_c) * g_span, max(len(e) for e in entries)
+    return torch.tensor([e + [pad] * (width - len(e)) for e in entries], dtype=torch.int64)
