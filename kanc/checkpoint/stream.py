@@ -8,8 +8,9 @@ place with ``kanc.compile`` (fitted on the hidden states it is given), lets it r
 original layer's on the same inputs, writes its tensors to the output shards and drops them. The converted layer's
 output is what the next layer sees (``propagate="converted"``), or the original's (``"original"``).
 
-Memory: the untouched tensors, one layer and its conversion; a shard is never held. The output is written to a
-temporary folder renamed at the end; a failure leaves nothing behind.
+Memory: the untouched tensors, one layer and its conversion; a shard is never held. The output folder is written
+through :mod:`kanc.writing` (a temporary sibling published once complete, locked, never into or around the input);
+a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from kanc.checkpoint.shards import (
 )
 from kanc.checkpoint.walk import LayerWalk, calibration_inputs, describe, output_error
 from kanc.errors import KancError
-from kanc.frontend.loading import atomic_write
 from kanc.passes.report import ConversionReport
+from kanc.saving import _is_kanc_folder
+from kanc.writing import Output, check_outputs, write_outputs
 
 PROPAGATE = ("converted", "original")
 Progress = Callable[[str, int, int], None]
@@ -70,7 +72,7 @@ def convert_checkpoint(
     calibration: Any = None,
     propagate: str = "converted",
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
-    overwrite: bool = False,
+    force: bool = False,
     progress: Progress | None = None,
     **options: Any,
 ) -> ConversionReport:
@@ -85,7 +87,8 @@ def convert_checkpoint(
             default: two seeded random sequences of 16 token ids.
         propagate: "converted" (each layer is fitted on what the converted layers before it produce) or
             "original" (on what the original model produces there).
-        overwrite: replace an existing ``out`` (never ``src``, nor a folder holding it or inside it).
+        force: replace an existing ``out`` that kanc wrote (never ``src``, a folder holding it or inside it, nor a
+            folder of the user's), once the new one is complete.
         options: ``kanc.compile``'s target options (groups, degrees, init, fit; num_features, kind, ...).
     """
     opts = dataclasses.asdict(check_options(target, options))
@@ -93,6 +96,7 @@ def convert_checkpoint(
         raise KancError(f"propagate must be one of {', '.join(PROPAGATE)}, got {propagate!r}")
     parse_size(max_shard_size)
     src, out = Path(src), Path(out)
+    check_outputs([_output(out)], inputs=[src], force=force)  # before any work
     reader = _open_source(src)
     config = meta.read_config(src)
     model = meta.empty_model(config)
@@ -109,8 +113,13 @@ def convert_checkpoint(
         _copy_extras(src, tmp)
         run.write_manifest(tmp, out, max_shard_size)
 
-    write_folder(out, src, overwrite, fill)
+    write_outputs([_output(out, fill)], inputs=[src], force=force)
     return run.report
+
+
+def _output(out: Path, fill: Callable[[Path], None] | None = None) -> Output:
+    """The converted folder, for kanc.writing: replaceable (with force) only when kanc wrote it."""
+    return Output(out, fill, directory=True, replaceable=_is_kanc_folder)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -291,9 +300,8 @@ def _open_source(src: Path) -> CheckpointReader:
 
 
 def _check_space(out: Path, reader: CheckpointReader) -> None:
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise KancError(f"output directory does not exist: {parent}")
+    """Fail before the work when the output's file system cannot hold about as much as the input."""
+    parent = Path(os.path.realpath(out.parent))
     need, free = reader.nbytes(), shutil.disk_usage(parent).free
     if free < need:
         raise KancError(
@@ -313,25 +321,3 @@ def _copy_extras(src: Path, tmp: Path) -> None:
         if name.startswith("pytorch_model") or name.startswith("."):
             continue
         shutil.copyfile(path, tmp / name)
-
-
-def write_folder(out: Path, src: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
-    """The one place this module writes: ``fill`` a temporary folder, renamed onto ``out`` once complete.
-
-    Refuses ``src`` itself, a folder holding it or inside it, an existing ``out`` without ``overwrite``. The folder
-    gets the mode a plain ``mkdir`` would give it (the temporary one is private while it fills).
-    """
-    s, o = src.resolve(), out.resolve()
-    if o == s or o in s.parents or s in o.parents:
-        raise KancError(f"the output {out} must not be the input folder {src}, inside it or hold it")
-    if out.exists() and not (overwrite and out.is_dir()):
-        what = "pass overwrite=True to replace it" if out.is_dir() else "it is not a folder"
-        raise KancError(f"{out} already exists: {what}")
-
-    def fill_and_open(tmp: Path) -> None:
-        fill(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o777 & ~mask)
-
-    return atomic_write(out, fill_and_open, directory=True)

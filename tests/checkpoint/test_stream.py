@@ -1,5 +1,6 @@
 """kanc.convert_checkpoint: a save_pretrained folder converted layer by layer, checked against the original."""
 
+import errno
 import json
 import os
 
@@ -135,20 +136,27 @@ def _left(tmp_path):
     return sorted(p.name for p in tmp_path.iterdir())
 
 
-def test_an_existing_output_is_kept_unless_overwrite(llama_dir, tmp_path):
+def test_an_existing_output_is_replaced_only_with_force_and_only_when_kanc_wrote_it(llama_dir, tmp_path):
     src, _ = llama_dir
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(KancError, match="already exists: pass overwrite=True"):
-        kanc.convert_checkpoint(src, out)
+    for force in (False, True):  # a folder of the user's: never replaced
+        with pytest.raises(KancError, match="is a folder kanc did not write"):
+            kanc.convert_checkpoint(src, out, force=force)
     assert (out / "keep.txt").read_text() == "mine"
-    kanc.convert_checkpoint(src, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "kanc.json").is_file()
-    assert _left(tmp_path) == ["out"]
+    (out / "keep.txt").unlink()
+    kanc.convert_checkpoint(src, out)  # an empty folder: nothing to lose
+    first = (out / "kanc.json").read_bytes()
+    with pytest.raises(KancError, match="exists: pass --force to replace it"):
+        kanc.convert_checkpoint(src, out, "snnk")
+    assert (out / "kanc.json").read_bytes() == first
+    kanc.convert_checkpoint(src, out, "snnk", force=True)
+    assert json.loads((out / "kanc.json").read_text())["target"] == "snnk"
+    assert _left(tmp_path) == ["out"]  # no temporary, no lock
     mask = os.umask(0)
     os.umask(mask)
-    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # not the temporary folder's private 0700
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "parent"])
@@ -158,11 +166,24 @@ def test_the_input_folder_is_never_the_output(llama_dir, tmp_path, where):
     copy.mkdir(parents=True)
     for f in src.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "kanc.json").write_text("{}")  # even a folder that looks like kanc's
     out = {"same": copy, "inside": copy / "out", "parent": tmp_path / "a"}[where]
     before = sorted(p.name for p in copy.iterdir())
-    with pytest.raises(KancError, match="must not be the input folder"):
-        kanc.convert_checkpoint(copy, out, overwrite=True)
+    with pytest.raises(KancError, match="refusing to write .*: it (is|is inside|holds) the input"):
+        kanc.convert_checkpoint(copy, out, force=True)
     assert sorted(p.name for p in copy.iterdir()) == before
+
+
+def test_a_failure_while_finishing_the_folder_leaves_nothing(llama_dir, tmp_path, monkeypatch):
+    src, _ = llama_dir
+
+    def full_disk(src, tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stream, "_copy_extras", full_disk)  # every shard is written by then
+    with pytest.raises(KancError, match=r"^cannot write .*out: no space left on the device"):
+        kanc.convert_checkpoint(src, tmp_path / "out")
+    assert _left(tmp_path) == []
 
 
 def _copy_src(src, dst):
