@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kanc.errors import KancError
-from kanc.frontend.loading import _first_line, _names
+from kanc.errors import KancError, printable
+from kanc.frontend.loading import _first_line, _names, check_hf_config, hf_model_class, read_json
 
 LAYER_SHARE = 0.1  # a ModuleList holding at least this share of the parameters is a stack of layers to stream
 
@@ -44,8 +44,10 @@ def meta_parameters() -> Iterator[None]:
 
 
 def read_config(folder: str | os.PathLike) -> Any:
-    """The transformers config of a ``save_pretrained`` folder, offline; remote code is never run."""
+    """The transformers config of a ``save_pretrained`` folder, offline; remote code is never run (a config that maps
+    the model to the folder's own code is refused, as kanc's reader refuses it)."""
     transformers = _transformers(folder)
+    check_hf_config(read_json(Path(folder) / "config.json", "config"), Path(folder) / "config.json")
     try:
         return transformers.AutoConfig.from_pretrained(Path(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
@@ -56,11 +58,15 @@ def empty_model(config: Any, cls: type | None = None) -> nn.Module:
     """``cls`` (default: the class ``config.architectures[0]`` names) with its parameters on the meta device, in
     eval mode."""
     if cls is None:
-        transformers = _transformers(None)
+        _transformers(None)
         names = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, names[0], None) if names else None
+        cls = hf_model_class(names[0]) if names else None
         if cls is None:
-            what = f"transformers has no class {names[0]!r}" if names else "its config names no architecture"
+            what = (
+                f"transformers has no model class {printable(repr(names[0]))}"
+                if names
+                else "its config names no architecture"
+            )
             raise KancError(f"cannot build the model: {what}")
     try:
         with meta_parameters():

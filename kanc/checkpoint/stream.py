@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kanc.api import DIR_MANIFEST, _attach, _manifest_source, check_options, make_manifest
+from kanc.api import DIR_MANIFEST, _attach, _manifest_source, check_options, make_manifest, require_blocks
 from kanc.api import compile as kanc_compile
 from kanc.api import report as conversion_report
 from kanc.checkpoint import meta
@@ -151,6 +151,7 @@ class _Stream(LayerWalk):
         self.calibration_text = describe(inputs)
         self.walk(inputs)
         self.report = self._merged_report()
+        require_blocks(self.report)  # no MLP block in any layer: exit 3, nothing written
 
     def _pass_through(self) -> None:
         """Read the tensors outside the layer stacks, give them to the model and write them out unchanged."""
@@ -291,6 +292,12 @@ def _merge(into: ConversionReport, prefix: str, part: ConversionReport) -> None:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if name else prefix
+
+
+def streams(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``save_pretrained`` folder with safetensors weights (what convert_checkpoint reads)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file())
 
 
 def _open_source(src: Path) -> CheckpointReader:

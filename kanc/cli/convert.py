@@ -179,6 +179,9 @@ def convert(
         _finish(as_json, None, model, None, None, None, done)
         return
     calib, example = read_inputs_file(calibration, "calibration"), read_inputs_file(inputs, "inputs")
+    if _streams(model, include, exclude, inputs, shapes, arch):
+        _convert_checkpoint(model, out, target, calib, force, quiet, as_json, options)
+        return
     loaded = load_model_file(model, trust_pickle, arch, arch_kwargs)
     done = _kanc_graph(loaded.module)
     if done:
@@ -198,6 +201,26 @@ def convert(
     kwargs = parse_kwargs(arch_kwargs) if arch_kwargs else None
     manifest = save(converted, out, format=loaded.format, arch=arch, arch_kwargs=kwargs, force=force, protect=reads)
     _finish(as_json, report, model, out, manifest, loaded.format, f"wrote {out} ({loaded.format}) and {manifest.name}")
+
+
+def _streams(model: Path, include: tuple, exclude: tuple, inputs: Path | None, shapes: tuple, arch: str | None) -> bool:
+    """A save_pretrained folder is converted layer by layer (kanc.convert_checkpoint), never loaded whole, unless an
+    option needs the whole model (block globs, fidelity inputs, --arch)."""
+    from kanc.checkpoint.stream import streams
+
+    return streams(model) and not (include or exclude or inputs or shapes or arch)
+
+
+def _convert_checkpoint(model: Path, out: Path, target: str, calib: Any, force: bool, quiet: bool, as_json: bool,
+                        options: dict) -> None:  # fmt: skip
+    import kanc
+
+    report = kanc.convert_checkpoint(
+        model, out, target, calibration=calib, force=force, progress=_Progress(not quiet), **options
+    )
+    manifest = out / "kanc.json"
+    line = f"wrote {out} (hf_dir, layer by layer) and {manifest.name}"
+    _finish(as_json, report, model, out, manifest, "hf_dir", line)
 
 
 def _finish(as_json: bool, report: Any, model: Path, out: Path | None, manifest: Path | None, fmt: str | None,
