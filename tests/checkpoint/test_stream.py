@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import os
 
 import pytest
@@ -357,3 +358,30 @@ def test_when_the_fit_never_runs_the_layer_the_original_is_read_again(tmp_path, 
             want, got = layer(h), converted(h)
         assert rec.error == pytest.approx(kanc.testing.rel_error(got, want), rel=1e-6) and rec.error > 0
         h = got
+
+
+def test_a_streamed_folder_fine_tunes_with_plain_pytorch_and_saves_back_converted(gpt2_dir, tmp_path):
+    """The README's round trip: convert_checkpoint -> kanc.load -> a few optimizer steps -> kanc.save -> kanc.load."""
+    src, _ = gpt2_dir
+    kanc.convert_checkpoint(src, tmp_path / "out", "grkan")
+    model = kanc.load(tmp_path / "out").train()
+    rationals = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("numerator", "denominator"))}
+    assert rationals
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = ids(3)
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    moved = [n for n, p in model.named_parameters() if n in rationals and not torch.equal(p, rationals[n])]
+    assert moved == list(rationals)  # the rational coefficients train too
+    kanc.save(model, tmp_path / "tuned")
+    back = kanc.load(tmp_path / "tuned").eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=x).logits, model(input_ids=x).logits)
+    assert json.loads((tmp_path / "tuned" / "kanc.json").read_text())["blocks"] == kanc.report(model).blocks
