@@ -45,16 +45,21 @@ def hot_spots(stats: pstats.Stats, total: float, top: int) -> list[dict]:
     return rows[:top]
 
 
-def whole_model(name: str, target: str) -> tuple[object, float, list[dict]]:
+def build(name: str):
+    """The model ``name`` of benchmarks/scale.py with seeded random weights, whole."""
     import torch
     import transformers
-
-    import kanc
 
     cls_name, kwargs, dtype = scale.MODELS[name]
     torch.manual_seed(0)
     model = getattr(transformers, cls_name)(getattr(transformers, cls_name).config_class(**kwargs))
-    model = model.to(getattr(torch, dtype)).eval()
+    return model.to(getattr(torch, dtype)).eval()
+
+
+def whole_model(name: str, target: str) -> tuple[object, float, list[dict]]:
+    import kanc
+
+    model = build(name)
     seconds, stats = profile(lambda: kanc.compile(model, target))
     return model, seconds, stats
 
@@ -64,25 +69,31 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2-small,llama-1.1b-fp32")
     parser.add_argument("--target", default="grkan", choices=["grkan", "snnk"])
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--stream-only", action="store_true", help="skip the whole-model kanc.compile profile")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "kanc-bench" / "profile.json")
     args = parser.parse_args()
     import kanc
 
     results = {}
     for name in args.models.split(","):
-        model, seconds, stats = whole_model(name, args.target)
-        entry = {"compile_s": round(seconds, 1), "compile": hot_spots(stats, seconds, args.top)}
-        _print(f"{name}: kanc.compile {seconds:.1f} s", entry["compile"])
+        if args.stream_only:
+            model, entry = build(name), {}
+        else:
+            model, seconds, stats = whole_model(name, args.target)
+            entry = {"compile_s": round(seconds, 1), "compile": hot_spots(stats, seconds, args.top)}
+            _print(f"{name}: kanc.compile {seconds:.1f} s", entry["compile"])
         work = Path(tempfile.mkdtemp(prefix="kanc-profile-"))
         try:
             model.config.architectures = [type(model).__name__]
             model.save_pretrained(work / "src")
             del model
             seconds, stats = profile(lambda w=work: kanc.convert_checkpoint(w / "src", w / "out", args.target))
+            entry["stream_phases_s"] = json.loads((work / "out" / "kanc.json").read_text())["stream"]["seconds"]
         finally:
             shutil.rmtree(work, ignore_errors=True)
         entry.update(stream_s=round(seconds, 1), stream=hot_spots(stats, seconds, args.top))
         _print(f"{name}: kanc.convert_checkpoint {seconds:.1f} s", entry["stream"])
+        print("  phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in entry["stream_phases_s"].items()))
         results[name] = entry
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
