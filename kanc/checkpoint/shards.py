@@ -5,8 +5,10 @@ listed by ``model.safetensors.index.json``), a few at a time, through safetensor
 file is mapped only while its tensors are copied out, so what stays resident is the copies, not the shard.
 
 ``ShardWriter`` writes tensors into shards as they come: each shard file starts with a fixed space for its header
-(the format allows the JSON header to be padded with spaces), the tensor bytes are written at once after it, and
-the header is filled in when the shard closes. Memory: one tensor; disk: each byte written once.
+(the format allows the JSON header to be padded with spaces), the tensor bytes are written after it, and the header
+is filled in when the shard closes. The file operations run in order on one background thread, so the caller
+computes the next layer while the last one is written; at most ``in_flight`` bytes wait to be written (what the
+writer holds beyond the caller's own tensors). Disk: each byte written once.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 HEADER_SPACE = 256 * 2**10  # bytes reserved per shard for its JSON header (~2,000 tensor entries)
 DEFAULT_SHARD_SIZE = "5GB"
+IN_FLIGHT = 512 * 2**20  # bytes queued for the background writes at most
 
 DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -181,35 +186,44 @@ def _check_shard_name(folder: Path, file: object) -> None:
 class ShardWriter:
     """Write tensors into safetensors shards of at most ``max_shard_size`` bytes, one tensor at a time.
 
-    ``add`` writes a tensor's bytes at once; ``finish`` closes the last shard, names the shards like
-    ``save_pretrained`` does (``model.safetensors``, or ``model-00001-of-00003.safetensors`` plus the index) and
-    returns the weight map. A tensor larger than the shard size gets a shard of its own.
+    ``add`` queues a tensor's bytes (the tensor must not change in place until ``finish``); ``finish`` waits for the
+    writes, closes the last shard, names the shards like ``save_pretrained`` does (``model.safetensors``, or
+    ``model-00001-of-00003.safetensors`` plus the index) and returns the weight map. A tensor larger than the shard
+    size gets a shard of its own. A failed write is raised by the next ``add`` or by ``finish``; ``abort`` stops.
     """
 
-    def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_SHARD_SIZE, in_flight: int = IN_FLIGHT
+    ) -> None:
         if sys.byteorder != "little":
             raise KancError("safetensors files are little-endian: writing them on this machine is not supported")
         self.folder = Path(folder)
         self.max_bytes = parse_size(max_shard_size)
+        self.in_flight = in_flight
         self.shards: list[dict[str, dict]] = []  # per shard: name -> header entry
         self.total = 0
-        self._file = None
+        self._file = None  # used by the background thread only
+        self._is_open = False
         self._offset = 0
         self._header_bytes = 0
         self._names: set[str] = set()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kanc-shards")
+        self._pending: deque[tuple[Future, int]] = deque()
+        self._queued = 0
 
     def add(self, name: str, tensor: Tensor) -> None:
         """Append ``tensor`` under ``name`` (a new shard first when this one would pass the size limit)."""
         entry = self._entry(name, tensor)
         nbytes = entry["data_offsets"][1]
         grow = len(json.dumps({name: entry})) + 8  # the entry with its final offsets, a comma and some slack
-        if self._file is not None and self._offset > 0:
+        if self._is_open and self._offset > 0:
             if self._offset + nbytes > self.max_bytes or self._header_bytes + grow > HEADER_SPACE:
                 self._close()
-        if self._file is None:
+        if not self._is_open:
             self._open()
         entry["data_offsets"] = [self._offset, self._offset + nbytes]
-        self._file.write(_raw_bytes(tensor))
+        data = _raw_bytes(tensor)  # holds the tensor until it is written
+        self._submit(lambda: self._file.write(data), nbytes)
         self.shards[-1][name] = entry
         self._names.add(name)
         self._offset += nbytes
@@ -219,6 +233,8 @@ class ShardWriter:
     def finish(self) -> dict[str, str]:
         """Close the last shard, give the shards their final names, write the index; tensor name -> file name."""
         self._close()
+        self._drain(0)
+        self._pool.shutdown()
         if not self.shards:
             raise KancError("no tensors were written")
         count = len(self.shards)
@@ -233,10 +249,28 @@ class ShardWriter:
         return weight_map
 
     def abort(self) -> None:
-        """Close the open file without finishing (the caller removes the folder)."""
+        """Stop: drop the queued writes, wait for the one running, close the open file (the caller removes the
+        folder). Safe to call after ``finish``."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+        self._queued = 0
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._is_open = False
+
+    def _submit(self, job: Callable[[], object], nbytes: int = 0) -> None:
+        """Queue a file operation (they run in order); first wait until the queue holds room for ``nbytes``."""
+        self._drain(max(self.in_flight - nbytes, 0))
+        self._pending.append((self._pool.submit(job), nbytes))
+        self._queued += nbytes
+
+    def _drain(self, limit: int) -> None:
+        """Wait for the oldest queued operations until at most ``limit`` bytes wait; raise the first failure."""
+        while self._pending and (self._queued > limit or self._pending[0][0].done()):
+            future, nbytes = self._pending.popleft()
+            self._queued -= nbytes
+            future.result()
 
     def _entry(self, name: str, tensor: Tensor) -> dict:
         if not isinstance(name, str) or not name or name == "__metadata__":
@@ -255,20 +289,29 @@ class ShardWriter:
 
     def _open(self) -> None:
         self.shards.append({})
-        self._file = open(self._part(len(self.shards) - 1), "wb")  # noqa: SIM115 - closed in _close
-        self._file.write(b"\0" * (8 + HEADER_SPACE))
+        path = self._part(len(self.shards) - 1)
+        self._submit(lambda: self._open_file(path))
+        self._is_open = True
         self._offset = 0
         self._header_bytes = len(json.dumps({"__metadata__": {"format": "pt"}}))
 
+    def _open_file(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in _close_file
+        self._file.write(b"\0" * (8 + HEADER_SPACE))
+
     def _close(self) -> None:
-        if self._file is None:
+        if not self._is_open:
             return
         header = {"__metadata__": {"format": "pt"}, **self.shards[-1]}
         text = json.dumps(header, separators=(",", ":")).encode()
         if len(text) > HEADER_SPACE:  # _header_bytes over-estimates the entries, so this cannot happen
             raise KancError(f"internal error: a shard header of {len(text)} bytes does not fit its reserved space")
+        self._submit(lambda: self._close_file(struct.pack("<Q", HEADER_SPACE) + text.ljust(HEADER_SPACE, b" ")))
+        self._is_open = False
+
+    def _close_file(self, head: bytes) -> None:
         self._file.seek(0)
-        self._file.write(struct.pack("<Q", HEADER_SPACE) + text.ljust(HEADER_SPACE, b" "))
+        self._file.write(head)
         self._file.close()
         self._file = None
 

@@ -55,8 +55,8 @@ class LayerWalk:
         try:
             with torch.no_grad():
                 call(self.model, inputs)
-        except KancError:
-            raise
+        except (KancError, OSError):
+            raise  # an OSError is the file system's (reading, writing): the writer names the file and the cause
         except Exception as e:  # noqa: BLE001 - the model's own code on the calibration inputs
             what = f"{type(e).__name__}: {_first_line(e)}"
             raise KancError(f"the model does not run on the calibration inputs: {what}") from None

@@ -135,3 +135,76 @@ def test_files_that_are_not_safetensors_are_refused(tmp_path, raw):
     (tmp_path / SINGLE_FILE).write_bytes(raw)
     with pytest.raises(KancError, match="is not a safetensors file"):
         CheckpointReader(tmp_path)
+
+
+class _GatedFile:
+    """A file whose data writes wait for ``gate`` (a disk that is slower than the conversion), recording them."""
+
+    def __init__(self, f, gate, log):
+        self.f, self.gate, self.log = f, gate, log
+
+    def write(self, data):
+        if len(data) > 1000:  # tensor data, not the header space
+            assert self.gate.wait(10)
+            self.log.append(len(data))
+        return self.f.write(data)
+
+    def seek(self, *a):
+        return self.f.seek(*a)
+
+    def close(self):
+        return self.f.close()
+
+
+def test_writes_run_behind_the_caller_with_at_most_in_flight_bytes_queued(tmp_path, monkeypatch):
+    import threading
+
+    gate, log = threading.Event(), []
+    real_open = ShardWriter._open_file
+
+    def gated_open(self, path):
+        real_open(self, path)
+        self._file = _GatedFile(self._file, gate, log)
+
+    monkeypatch.setattr(ShardWriter, "_open_file", gated_open)
+    writer = ShardWriter(tmp_path, 10**9, in_flight=10_000)
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(5)}  # 4,000 bytes each
+    names = list(tensors)
+    for name in names[:2]:  # the disk is blocked: both return at once, queued
+        writer.add(name, tensors[name])
+    assert writer._queued == 8000 and log == []
+    third = threading.Thread(target=writer.add, args=(names[2], tensors[names[2]]))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive()  # 12,000 bytes would be queued: it waits for the disk
+    gate.set()
+    third.join(10)
+    assert not third.is_alive() and writer._queued <= 10_000
+    for name in names[3:]:
+        writer.add(name, tensors[name])
+        assert writer._queued <= 10_000
+    writer.finish()
+    assert log[:5] == [4000] * 5
+    loaded = load_file(tmp_path / SINGLE_FILE)
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_a_failed_background_write_is_raised_and_abort_closes_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = ShardWriter._open_file
+
+    def failing_open(self, path):
+        real_open(self, path)
+        monkeypatch.setattr(self._file, "write", full_disk)
+
+    monkeypatch.setattr(ShardWriter, "_open_file", failing_open)
+    writer = ShardWriter(tmp_path, 10**9)
+    writer.add("a", torch.ones(10))
+    with pytest.raises(OSError, match="No space left"):
+        writer.finish()
+    writer.abort()
+    assert writer._file is None

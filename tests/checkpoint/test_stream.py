@@ -385,3 +385,22 @@ def test_a_streamed_folder_fine_tunes_with_plain_pytorch_and_saves_back_converte
     with torch.no_grad():
         assert torch.equal(back(input_ids=x).logits, model(input_ids=x).logits)
     assert json.loads((tmp_path / "tuned" / "kanc.json").read_text())["blocks"] == kanc.report(model).blocks
+
+
+def test_a_full_disk_met_by_the_background_writes_leaves_nothing(llama_dir, tmp_path, monkeypatch):
+    from kanc.checkpoint.shards import ShardWriter
+
+    real_open = ShardWriter._open_file
+
+    def full_disk(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def failing_open(self, path):
+        real_open(self, path)
+        if path.name.startswith("model-00003."):  # a layer's tensors, the conversion under way
+            monkeypatch.setattr(self._file, "write", full_disk)
+
+    monkeypatch.setattr(ShardWriter, "_open_file", failing_open)
+    with pytest.raises(KancError, match=r"^cannot write .*out: no space left on the device"):
+        kanc.convert_checkpoint(llama_dir[0], tmp_path / "out", max_shard_size="40KB")
+    assert _left(tmp_path) == []
