@@ -20,6 +20,8 @@ _LAZY = {
     "report": "kanc.api",
     "load": "kanc.api",
     "save": "kanc.api",
+    "convert_checkpoint": "kanc.checkpoint",
+    "checkpoint": "kanc.checkpoint",
     "profile": "kanc.runtime",
     "tune": "kanc.runtime",
     "export_onnx": "kanc.export",

@@ -154,7 +154,11 @@ def _kanc_graph(module: Any) -> str | None:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing output (once the new one is complete).")
-@click.option("--keep-failed", is_flag=True, help="Write the output even when a fidelity check fails (still reported).")
+@click.option(
+    "--keep-failed", is_flag=True,
+    help="Write the output even when a fidelity check fails (still reported); a streamed checkpoint folder never "
+    "writes a layer with non-finite outputs.",
+)  # fmt: skip
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert(
     model: Path, target: str, out: Path | None, include: tuple[str, ...], exclude: tuple[str, ...],
@@ -180,6 +184,9 @@ def convert(
         _finish(as_json, None, model, None, None, None, done)
         return
     calib, example = read_inputs_file(calibration, "calibration"), read_inputs_file(inputs, "inputs")
+    if _streams(model, include, exclude, inputs, shapes, arch):
+        _convert_checkpoint(model, out, target, calib, force, quiet, as_json, options)
+        return
     loaded = load_model_file(model, trust_pickle, arch, arch_kwargs)
     done = _kanc_graph(loaded.module)
     if done:
@@ -215,6 +222,26 @@ def _check_fidelity(report: Any, keep_failed: bool) -> None:
     raise CheckFailedError(
         f"fidelity check failed: {failures[0]}{more}; nothing written (pass --keep-failed to write the output anyway)"
     )
+
+
+def _streams(model: Path, include: tuple, exclude: tuple, inputs: Path | None, shapes: tuple, arch: str | None) -> bool:
+    """A save_pretrained folder is converted layer by layer (kanc.convert_checkpoint), never loaded whole, unless an
+    option needs the whole model (block globs, fidelity inputs, --arch)."""
+    from kanc.checkpoint.stream import streams
+
+    return streams(model) and not (include or exclude or inputs or shapes or arch)
+
+
+def _convert_checkpoint(model: Path, out: Path, target: str, calib: Any, force: bool, quiet: bool, as_json: bool,
+                        options: dict) -> None:  # fmt: skip
+    import kanc
+
+    report = kanc.convert_checkpoint(
+        model, out, target, calibration=calib, force=force, progress=_Progress(not quiet), **options
+    )
+    manifest = out / "kanc.json"
+    line = f"wrote {out} (hf_dir, layer by layer) and {manifest.name}"
+    _finish(as_json, report, model, out, manifest, "hf_dir", line)
 
 
 def _finish(as_json: bool, report: Any, model: Path, out: Path | None, manifest: Path | None, fmt: str | None,

@@ -1,0 +1,329 @@
+"""Safetensors checkpoints read and written tensor by tensor: a whole shard is never held in memory.
+
+``CheckpointReader`` reads the tensors a ``save_pretrained`` folder holds (one ``model.safetensors``, or shards
+listed by ``model.safetensors.index.json``), a few at a time, through safetensors' lazy ``safe_open``; a shard
+file is mapped only while its tensors are copied out, so what stays resident is the copies, not the shard.
+
+``ShardWriter`` writes tensors into shards as they come: each shard file starts with a fixed space for its header
+(the format allows the JSON header to be padded with spaces), the tensor bytes are written after it, and the header
+is filled in when the shard closes. The file operations run in order on one background thread, so the caller
+computes the next layer while the last one is written; at most ``in_flight`` bytes wait to be written (what the
+writer holds beyond the caller's own tensors). Disk: each byte written once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kanc.errors import KancError
+from kanc.errors import first_line as _first_line
+from kanc.frontend.loading import _names
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+HEADER_SPACE = 256 * 2**10  # bytes reserved per shard for its JSON header (~2,000 tensor entries)
+DEFAULT_SHARD_SIZE = "5GB"
+IN_FLIGHT = 512 * 2**20  # bytes queued for the background writes at most
+
+DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+_ITEMSIZE = {code: torch.empty(0, dtype=dt).element_size() for dt, code in DTYPES.items()}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``5_000_000``, ``"5GB"``, ``"500MiB"`` (the units ``save_pretrained`` takes); KancError if bad."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+        if match is None or match.group(2).upper() not in _UNITS:
+            raise KancError(f"bad size {size!r}: use bytes or a number with a unit (e.g. '5GB', '500MiB')")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value < 1:
+        raise KancError(f"bad size {size!r}: must be at least 1 byte")
+    return value
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------
+
+
+class CheckpointReader:
+    """The safetensors weights of a ``save_pretrained`` folder, read a few tensors at a time.
+
+    Construction reads only the index and the shard headers, and checks them: every shard the index names is a
+    plain file inside the folder, and holds the tensors the index says it does.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.shard_of = _weight_map(self.folder)
+        self.files = sorted(set(self.shard_of.values()))
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for name in self.files:
+            self._read_header(name)
+        missing = [k for k, f in self.shard_of.items() if k not in self.shapes]
+        if missing:
+            raise KancError(f"{self.folder / INDEX_FILE} lists tensors its shards do not hold: {_names(missing)}")
+
+    def keys(self) -> list[str]:
+        return list(self.shard_of)
+
+    def nbytes(self, names: Iterable[str] | None = None) -> int:
+        """Bytes the tensors ``names`` (default: all) take on disk."""
+        names = self.keys() if names is None else names
+        return sum(math.prod(self.shapes[n]) * _ITEMSIZE[self.dtypes[n]] for n in names)
+
+    def largest_shard(self) -> int:
+        return max((self.folder / f).stat().st_size for f in self.files)
+
+    def read(self, names: Iterable[str]) -> dict[str, Tensor]:
+        """The tensors ``names`` (on the CPU, in their stored dtype), each shard opened once and closed after."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.shard_of:
+                raise KancError(f"{self.folder} has no tensor {name!r}")
+            by_file.setdefault(self.shard_of[name], []).append(name)
+        out: dict[str, Tensor] = {}
+        for file, wanted in by_file.items():
+            out.update(self._read_file(file, wanted))
+        return out
+
+    def _read_file(self, file: str, names: list[str]) -> dict[str, Tensor]:
+        from safetensors import safe_open
+
+        path = self.folder / file
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {name: f.get_tensor(name) for name in names}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise KancError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
+
+    def _read_header(self, file: str) -> None:
+        path = self.folder / file
+        header = read_header(path)
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(entry, dict) or entry.get("dtype") not in _ITEMSIZE or "shape" not in entry:
+                raise KancError(f"{path} has a bad header entry for {name!r}")
+            if self.shard_of.get(name) == file:
+                self.shapes[name] = tuple(int(s) for s in entry["shape"])
+                self.dtypes[name] = entry["dtype"]
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file; KancError when the file is not one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = path.stat().st_size
+            if len(head) < 8:
+                raise ValueError("shorter than a header")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, 100 * 2**20):
+                raise ValueError("header length past the end of the file")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as e:
+        raise KancError(f"{path} is not a safetensors file ({_first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise KancError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    return header
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index or the single weights file; shard names checked."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise KancError(f"{index} is not a safetensors index ({_first_line(e)})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise KancError(f"{index} has an empty or bad weight_map")
+        for file in set(weight_map.values()):
+            _check_shard_name(folder, file)
+        return {str(k): str(v) for k, v in weight_map.items()}
+    if (folder / SINGLE_FILE).is_file():
+        header = read_header(folder / SINGLE_FILE)
+        return {k: SINGLE_FILE for k in header if k != "__metadata__"}
+    if any(folder.glob("pytorch_model*.bin")):
+        raise KancError(
+            f"{folder} holds pytorch_model*.bin weights: streaming conversion reads safetensors; re-save the model "
+            "with save_pretrained(..., safe_serialization=True)"
+        )
+    raise KancError(f"{folder} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
+
+
+def _check_shard_name(folder: Path, file: object) -> None:
+    """A shard named by an index must be a plain file directly inside ``folder`` (no paths, no links out)."""
+    if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+        raise KancError(f"{folder / INDEX_FILE} names a shard outside the folder: {file!r}")
+    path = folder / file
+    if not path.is_file():
+        raise KancError(f"{folder / INDEX_FILE} names a shard that does not exist: {file}")
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards of at most ``max_shard_size`` bytes, one tensor at a time.
+
+    ``add`` queues a tensor's bytes (the tensor must not change in place until ``finish``); ``finish`` waits for the
+    writes, closes the last shard, names the shards like ``save_pretrained`` does (``model.safetensors``, or
+    ``model-00001-of-00003.safetensors`` plus the index) and returns the weight map. A tensor larger than the shard
+    size gets a shard of its own. A failed write is raised by the next ``add`` or by ``finish``; ``abort`` stops.
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_SHARD_SIZE, in_flight: int = IN_FLIGHT
+    ) -> None:
+        if sys.byteorder != "little":
+            raise KancError("safetensors files are little-endian: writing them on this machine is not supported")
+        self.folder = Path(folder)
+        self.max_bytes = parse_size(max_shard_size)
+        self.in_flight = in_flight
+        self.shards: list[dict[str, dict]] = []  # per shard: name -> header entry
+        self.total = 0
+        self._file = None  # used by the background thread only
+        self._is_open = False
+        self._offset = 0
+        self._header_bytes = 0
+        self._names: set[str] = set()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kanc-shards")
+        self._pending: deque[tuple[Future, int]] = deque()
+        self._queued = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        """Append ``tensor`` under ``name`` (a new shard first when this one would pass the size limit)."""
+        entry = self._entry(name, tensor)
+        nbytes = entry["data_offsets"][1]
+        grow = len(json.dumps({name: entry})) + 8  # the entry with its final offsets, a comma and some slack
+        if self._is_open and self._offset > 0:
+            if self._offset + nbytes > self.max_bytes or self._header_bytes + grow > HEADER_SPACE:
+                self._close()
+        if not self._is_open:
+            self._open()
+        entry["data_offsets"] = [self._offset, self._offset + nbytes]
+        data = _raw_bytes(tensor)  # holds the tensor until it is written
+        self._submit(lambda: self._file.write(data), nbytes)
+        self.shards[-1][name] = entry
+        self._names.add(name)
+        self._offset += nbytes
+        self._header_bytes += grow
+        self.total += nbytes
+
+    def finish(self) -> dict[str, str]:
+        """Close the last shard, give the shards their final names, write the index; tensor name -> file name."""
+        self._close()
+        self._drain(0)
+        self._pool.shutdown()
+        if not self.shards:
+            raise KancError("no tensors were written")
+        count = len(self.shards)
+        names = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        weight_map = {}
+        for i, (shard, final) in enumerate(zip(self.shards, names)):
+            os.replace(self._part(i), self.folder / final)
+            weight_map.update(dict.fromkeys(shard, final))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return weight_map
+
+    def abort(self) -> None:
+        """Stop: drop the queued writes, wait for the one running, close the open file (the caller removes the
+        folder). Safe to call after ``finish``."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+        self._queued = 0
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._is_open = False
+
+    def _submit(self, job: Callable[[], object], nbytes: int = 0) -> None:
+        """Queue a file operation (they run in order); first wait until the queue holds room for ``nbytes``."""
+        self._drain(max(self.in_flight - nbytes, 0))
+        self._pending.append((self._pool.submit(job), nbytes))
+        self._queued += nbytes
+
+    def _drain(self, limit: int) -> None:
+        """Wait for the oldest queued operations until at most ``limit`` bytes wait; raise the first failure."""
+        while self._pending and (self._queued > limit or self._pending[0][0].done()):
+            future, nbytes = self._pending.popleft()
+            self._queued -= nbytes
+            future.result()
+
+    def _entry(self, name: str, tensor: Tensor) -> dict:
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise KancError(f"bad tensor name {name!r}")
+        if name in self._names:
+            raise KancError(f"tensor {name!r} written twice")
+        if not isinstance(tensor, Tensor) or tensor.is_meta or tensor.layout != torch.strided:
+            raise KancError(f"tensor {name!r} has no data to write ({_describe(tensor)})")
+        if tensor.dtype not in DTYPES:
+            raise KancError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        nbytes = tensor.numel() * tensor.element_size()
+        return {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [0, nbytes]}
+
+    def _part(self, i: int) -> Path:
+        return self.folder / f"model-{i + 1:05d}.safetensors.part"
+
+    def _open(self) -> None:
+        self.shards.append({})
+        path = self._part(len(self.shards) - 1)
+        self._submit(lambda: self._open_file(path))
+        self._is_open = True
+        self._offset = 0
+        self._header_bytes = len(json.dumps({"__metadata__": {"format": "pt"}}))
+
+    def _open_file(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in _close_file
+        self._file.write(b"\0" * (8 + HEADER_SPACE))
+
+    def _close(self) -> None:
+        if not self._is_open:
+            return
+        header = {"__metadata__": {"format": "pt"}, **self.shards[-1]}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > HEADER_SPACE:  # _header_bytes over-estimates the entries, so this cannot happen
+            raise KancError(f"internal error: a shard header of {len(text)} bytes does not fit its reserved space")
+        self._submit(lambda: self._close_file(struct.pack("<Q", HEADER_SPACE) + text.ljust(HEADER_SPACE, b" ")))
+        self._is_open = False
+
+    def _close_file(self, head: bytes) -> None:
+        self._file.seek(0)
+        self._file.write(head)
+        self._file.close()
+        self._file = None
+
+
+def _raw_bytes(tensor: Tensor) -> memoryview:
+    """The tensor's bytes in row-major order (a view when it is already contiguous on the CPU)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _describe(tensor: object) -> str:
+    if not isinstance(tensor, Tensor):
+        return type(tensor).__name__
+    return "a meta tensor" if tensor.is_meta else f"layout {tensor.layout}"

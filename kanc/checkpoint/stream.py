@@ -1,0 +1,330 @@
+"""``convert_checkpoint``: a ``save_pretrained`` folder converted layer by layer, never loaded whole.
+
+The architecture is built with its parameters on the meta device. The tensors outside the layer stacks
+(embeddings, final norm, head) are read, given to the model and written out unchanged. Then the model runs
+forward on a few calibration sequences, and each decoder layer is handled when the forward reaches it, the way
+sequential quantizers (GPTQ) calibrate: a hook reads the layer's tensors from the checkpoint, converts the layer in
+place with ``kanc.compile`` (fitted on the hidden states it is given), lets it run, checks its output against the
+original layer's on the same inputs, writes its tensors to the output shards and drops them. The converted layer's
+output is what the next layer sees (``propagate="converted"``), or the original's (``"original"``).
+
+Memory: the untouched tensors, one layer and its conversion; a shard is never held. The output folder is written
+through :mod:`kanc.writing` (a temporary sibling published once complete, locked, never into or around the input);
+a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from kanc.api import DIR_MANIFEST, _attach, _manifest_source, check_options, make_manifest, require_blocks
+from kanc.api import compile as kanc_compile
+from kanc.api import report as conversion_report
+from kanc.checkpoint import meta
+from kanc.checkpoint.shards import (
+    DEFAULT_SHARD_SIZE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointReader,
+    ShardWriter,
+    parse_size,
+)
+from kanc.checkpoint.walk import LayerWalk, calibration_inputs, describe, output_error
+from kanc.errors import KancError
+from kanc.passes.report import ConversionReport
+from kanc.saving import _is_kanc_folder
+from kanc.writing import Output, check_outputs, write_outputs
+
+PROPAGATE = ("converted", "original")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class LayerRecord:
+    """One streamed layer: its blocks (names relative to it), its output error against the original, its time."""
+
+    name: str
+    blocks: list[str]
+    error: float
+    seconds: float
+    report: ConversionReport = field(repr=False)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "blocks": self.blocks, "error": self.error, "seconds": self.seconds}
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    target: str = "grkan",
+    *,
+    calibration: Any = None,
+    propagate: str = "converted",
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    progress: Progress | None = None,
+    **options: Any,
+) -> ConversionReport:
+    """Convert the Hugging Face checkpoint folder ``src`` into ``out`` layer by layer; returns the report.
+
+    ``out`` gets safetensors shards (at most ``max_shard_size`` each, plus the index), ``src``'s config and other
+    small files, and ``kanc.json`` recording the conversion (what ``kanc.load(out)`` re-applies). Only the layers of
+    the model's layer stacks are converted; everything else is copied unchanged.
+
+    Args:
+        calibration: model inputs the layers are fitted on (a dict of keyword tensors, a tensor of token ids);
+            default: two seeded random sequences of 16 token ids.
+        propagate: "converted" (each layer is fitted on what the converted layers before it produce) or
+            "original" (on what the original model produces there).
+        force: replace an existing ``out`` that kanc wrote (never ``src``, a folder holding it or inside it, nor a
+            folder of the user's), once the new one is complete.
+        options: ``kanc.compile``'s target options (groups, degrees, init, fit; num_features, kind, ...).
+    """
+    opts = dataclasses.asdict(check_options(target, options))
+    if propagate not in PROPAGATE:
+        raise KancError(f"propagate must be one of {', '.join(PROPAGATE)}, got {propagate!r}")
+    parse_size(max_shard_size)
+    src, out = Path(src), Path(out)
+    check_outputs([_output(out)], inputs=[src], force=force)  # before any work
+    reader = _open_source(src)
+    config = meta.read_config(src)
+    model = meta.empty_model(config)
+    run = _Stream(model, reader, target, opts, propagate, progress)
+    _check_space(out, reader)
+
+    def fill(tmp: Path) -> None:
+        writer = ShardWriter(tmp, max_shard_size)
+        try:
+            run.execute(writer, calibration)
+            writer.finish()
+        finally:
+            writer.abort()
+        _copy_extras(src, tmp)
+        run.write_manifest(tmp, out, max_shard_size)
+
+    write_outputs([_output(out, fill)], inputs=[src], force=force)
+    return run.report
+
+
+def _output(out: Path, fill: Callable[[Path], None] | None = None) -> Output:
+    """The converted folder, for kanc.writing: replaceable (with force) only when kanc wrote it."""
+    return Output(out, fill, directory=True, replaceable=_is_kanc_folder)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+
+class _Stream(LayerWalk):
+    """One streaming conversion: each layer filled, converted in place, checked, written and dropped in turn."""
+
+    def __init__(
+        self, model: nn.Module, reader: CheckpointReader, target: str, opts: dict, propagate: str, progress: Any
+    ) -> None:
+        super().__init__(model, progress)
+        self.reader, self.target, self.opts, self.propagate = reader, target, opts, propagate
+        self.ignored = meta.ignored_keys(model, reader.keys())
+        meta.check_keys(model, reader.shapes, self.ignored)
+        # meta copies (free) of the original layers, for when the fit did not run a layer (see before)
+        self.templates = {name: copy.deepcopy(m) for name, m in self.layers}
+        self.records: list[LayerRecord] = []
+        self.params_outside = 0
+        self.calibration_text = ""
+        self.report: ConversionReport | None = None
+        self._current: dict[str, Any] = {}
+        self.seconds: dict[str, float] = {}  # where the time went, summed over the layers
+
+    def execute(self, writer: ShardWriter, calibration: Any) -> None:
+        self.writer = writer
+        self._pass_through()
+        inputs = calibration_inputs(self.model, calibration)
+        self.calibration_text = describe(inputs)
+        self.walk(inputs)
+        self.report = self._merged_report()
+        require_blocks(self.report)  # no MLP block in any layer: exit 3, nothing written
+
+    def _pass_through(self) -> None:
+        """Read the tensors outside the layer stacks, give them to the model and write them out unchanged."""
+        start = time.perf_counter()
+        prefixes = tuple(f"{s}." for s in self.stacks)
+        names = [k for k in self.reader.keys() if not k.startswith(prefixes) and k not in self.ignored]
+        tensors = self.reader.read(names)
+        meta.fill(self.model, tensors, "", skip=prefixes)
+        for name in names:
+            self.writer.add(name, tensors[name])
+        self.params_outside = sum(p.numel() for n, p in self.model.named_parameters() if not n.startswith(prefixes))
+        self._tick("pass_through", start)
+
+    def before(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> None:
+        """Fill the layer from the checkpoint and convert it in place; the original output comes from the fit."""
+        start = time.perf_counter()
+        meta.fill(layer, self._read(name), name)
+        mark = self._tick("read", start)
+        seen: list[Any] = []
+        catch = layer.register_forward_hook(lambda m, a, out: seen.append(out) if not seen else None)
+        try:
+            converted = kanc_compile(layer, self.target, inplace=True, calibration=inputs, verify=False, **self._opts())
+        finally:
+            catch.remove()
+        original = seen[0] if seen else self._run_original(name, inputs)
+        self._tick("convert", mark)
+        self._current = {"converted": converted, "original": original, "start": start, "ran": time.perf_counter()}
+
+    def after(self, name: str, layer: nn.Module, inputs: dict[str, Any], output: Any) -> Any:
+        """Check the converted layer's output, write its tensors, drop the layer; the next layer's input out."""
+        cur, self._current = self._current, {}
+        self._tick("forward", cur["ran"])
+        converted = cur["converted"]
+        if converted is not layer:  # the conversion replaced the layer's root: run the new one
+            output = converted(**inputs)
+        error = output_error(output, cur["original"], f"layer {name}")
+        mark = time.perf_counter()
+        for key, tensor in converted.state_dict().items():
+            self.writer.add(f"{name}.{key}", tensor)
+        self._tick("write", mark)
+        report = conversion_report(converted)
+        meta.release(converted)
+        meta.release(layer)
+        meta.return_memory()
+        self.records.append(LayerRecord(name, report.blocks, error, time.perf_counter() - cur["start"], report))
+        return output if self.propagate == "converted" else cur["original"]
+
+    def _tick(self, what: str, since: float) -> float:
+        """Add the time since ``since`` to ``what`` (reading, converting, ... summed over the layers)."""
+        now = time.perf_counter()
+        self.seconds[what] = self.seconds.get(what, 0.0) + now - since
+        return now
+
+    def _opts(self) -> dict:
+        """The target options; SNNK's seed counts on over the blocks of the layers before (as kanc.compile does)."""
+        if "seed" not in self.opts:
+            return self.opts
+        return {**self.opts, "seed": int(self.opts["seed"]) + sum(len(r.blocks) for r in self.records)}
+
+    def _read(self, name: str) -> dict[str, Tensor]:
+        prefix = f"{name}."
+        keys = [k for k in self.reader.keys() if k.startswith(prefix) and k not in self.ignored]
+        return {k[len(prefix) :]: t for k, t in self.reader.read(keys).items()}
+
+    def _run_original(self, name: str, inputs: dict) -> Any:
+        """The original layer's output, read again from the checkpoint (the conversion changed the layer in place)."""
+        template = self.templates[name]
+        meta.fill(template, self._read(name), name)
+        try:
+            return template(**inputs)
+        finally:
+            meta.release(template)
+
+    # -- the report and the manifest -------------------------------------------------------------------------------
+
+    def _merged_report(self) -> ConversionReport:
+        first = self.records[0].report
+        merged = ConversionReport(self.target, type(self.model).__name__, dict(first.options))
+        merged.params_before = merged.params_after = self.params_outside
+        for r in self.records:
+            _merge(merged, r.name, r.report)
+        worst = max(self.records, key=lambda r: r.error)
+        merged.fidelity = {
+            "inputs": self.calibration_text,
+            "outputs": {},
+            "blocks": {},
+            "layers": {r.name: r.error for r in self.records},
+        }
+        merged.notes.append(
+            f"streamed {len(self.records)} layers; layer outputs vs the original layers on the calibration inputs "
+            f"({self.calibration_text}): worst {worst.error:.2e} ({worst.name})"
+        )
+        if self.ignored:
+            merged.notes.append(f"dropped {len(self.ignored)} tensors the architecture ignores on load")
+        return merged
+
+    def write_manifest(self, tmp: Path, out: Path, max_shard_size: Any) -> None:
+        """kanc.json: kanc.save's manifest of an ``hf_dir`` (what kanc.load reads), plus how the run went."""
+        _attach(self.model, self.report, _manifest_source(self.model))
+        manifest = make_manifest(self.model, "hf_dir", out, None, None)
+        manifest["stream"] = {
+            "calibration": self.calibration_text,
+            "propagate": self.propagate,
+            "max_shard_size": max_shard_size,
+            "source_bytes": self.reader.nbytes(),
+            "largest_source_shard": self.reader.largest_shard(),
+            "seconds": self.seconds,
+            "layers": [r.as_dict() for r in self.records],
+        }
+        (tmp / DIR_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _merge(into: ConversionReport, prefix: str, part: ConversionReport) -> None:
+    """Add one layer's report to the model's, block names made full."""
+    into.converted += [
+        {**c, "name": _join(prefix, c["name"]), "owner": _join(prefix, c["owner"])} for c in part.converted
+    ]
+    into.skipped += [{**s, "name": _join(prefix, s["name"])} for s in part.skipped]
+    for key, value in part.counters.items():
+        into.counters[key] = into.counters.get(key, 0) + value
+    for p in part.passes:
+        seen = next((q for q in into.passes if q["name"] == p["name"]), None)
+        if seen is None:
+            seen = {"name": p["name"], "seconds": 0.0, "counters": {}}
+            into.passes.append(seen)
+        seen["seconds"] += p["seconds"]
+        for key, value in p["counters"].items():
+            seen["counters"][key] = seen["counters"].get(key, 0) + value
+    into.not_traced.update({_join(prefix, k): v for k, v in part.not_traced.items()})
+    into.notes += [n for n in part.notes if n not in into.notes]
+    into.params_before += part.params_before
+    into.params_after += part.params_after
+    into.seconds += part.seconds
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if name else prefix
+
+
+def streams(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``save_pretrained`` folder with safetensors weights (what convert_checkpoint reads)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file())
+
+
+def _open_source(src: Path) -> CheckpointReader:
+    if not src.is_dir() or not (src / "config.json").is_file():
+        raise KancError(f"{src} is not a save_pretrained folder (no config.json)")
+    return CheckpointReader(src)
+
+
+def _check_space(out: Path, reader: CheckpointReader) -> None:
+    """Fail before the work when the output's file system cannot hold about as much as the input."""
+    parent = Path(os.path.realpath(out.parent))
+    need, free = reader.nbytes(), shutil.disk_usage(parent).free
+    if free < need:
+        raise KancError(
+            f"not enough disk space in {parent}: the output needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+        )
+
+
+_WEIGHT_FILES = (SINGLE_FILE, INDEX_FILE, "kanc.json")
+
+
+def _copy_extras(src: Path, tmp: Path) -> None:
+    """The folder's other files (config, generation config, tokenizer): copied unchanged; weights are not."""
+    for path in sorted(src.iterdir()):
+        name = path.name
+        if name in _WEIGHT_FILES or name.endswith((".safetensors", ".bin", ".part")) or not path.is_file():
+            continue
+        if name.startswith("pytorch_model") or name.startswith("."):
+            continue
+        shutil.copyfile(path, tmp / name)

@@ -1,0 +1,169 @@
+"""Walking a model's layers one at a time inside its own forward, the way sequential quantizers (GPTQ) calibrate.
+
+``LayerWalk`` runs a model whose layers are still on the meta device forward on a few calibration sequences. A
+hook on each layer of its layer stacks calls ``before`` when the forward reaches the layer (fill it, convert it)
+and ``after`` once it ran (check it, write it, drop it); what ``after`` returns is what the next layer sees. The
+forward runs to its end, so a layer called twice (shared weights, as in ALBERT) is caught, never half-handled.
+Everything the model computes between layers (masks, positions, rotary embeddings) comes from the model's own
+code, so each layer gets exactly the arguments it gets in real use.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kanc.api import default_inputs
+from kanc.checkpoint import meta
+from kanc.errors import CheckFailedError, KancError
+from kanc.errors import first_line as _first_line
+from kanc.passes import calibrate
+from kanc.testing import rel_error
+
+Progress = Callable[[str, int, int], None]
+
+
+class LayerWalk:
+    """Subclasses say what happens to each layer (``before`` / ``after``); ``walk`` drives the forward."""
+
+    def __init__(self, model: nn.Module, progress: Progress | None = None) -> None:
+        self.model = model
+        self.progress = progress
+        self.stacks = meta.layer_lists(model)
+        self.layers = [(f"{s}.{i}", m) for s in self.stacks for i, m in enumerate(model.get_submodule(s))]
+        self.done: list[str] = []
+        self._names = {id(m): name for name, m in self.layers}
+        self._busy = False
+
+    def before(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> None:
+        """The forward reached ``layer``, called with ``inputs`` (its arguments by name)."""
+
+    def after(self, name: str, layer: nn.Module, inputs: dict[str, Any], output: Any) -> Any:
+        """``layer`` ran and gave ``output``; returns what the rest of the model sees."""
+        return output
+
+    def walk(self, inputs: Any) -> None:
+        """Run the model on ``inputs`` (no grad) until every layer went through ``before`` and ``after``."""
+        hooks = []
+        for _, layer in self.layers:
+            hooks.append(layer.register_forward_pre_hook(self._pre, with_kwargs=True))
+            hooks.append(layer.register_forward_hook(self._post, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                call(self.model, inputs)
+        except (KancError, OSError):
+            raise  # an OSError is the file system's (reading, writing): the writer names the file and the cause
+        except Exception as e:  # noqa: BLE001 - the model's own code on the calibration inputs
+            what = f"{type(e).__name__}: {_first_line(e)}"
+            raise KancError(f"the model does not run on the calibration inputs: {what}") from None
+        finally:
+            for h in hooks:
+                h.remove()
+        missing = [name for name, _ in self.layers if name not in self.done]
+        if missing:
+            raise KancError(f"layers {', '.join(missing[:4])} did not run on the calibration inputs")
+
+    def _pre(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._busy:
+            return
+        name = self._names[id(layer)]
+        if name in self.done:
+            raise KancError(f"layer {name} runs twice in one forward (shared weights): it cannot be streamed")
+        if self.progress is not None:
+            self.progress(name, len(self.done), len(self.layers))
+        self._quietly(self.before, name, layer, bind_inputs(layer, args, kwargs))
+
+    def _post(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._busy:
+            return None
+        name = self._names[id(layer)]
+        output = self._quietly(self.after, name, layer, bind_inputs(layer, args, kwargs), output)
+        self.done.append(name)
+        return output
+
+    def _quietly(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn`` with the hooks switched off (it may call the layer itself)."""
+        self._busy = True
+        try:
+            return fn(*args)
+        finally:
+            self._busy = False
+
+
+# ---- inputs and outputs ---------------------------------------------------------------------------------------------
+
+
+def calibration_inputs(model: nn.Module, calibration: Any) -> Any:
+    """The user's calibration inputs (a tensor is a Hugging Face model's main input), or seeded token ids; no
+    key/value cache."""
+    inputs = default_inputs(model) if calibration is None else calibration
+    if inputs is None:
+        raise KancError(f"{type(model).__name__} takes no token ids: pass calibration= model inputs")
+    if isinstance(inputs, Tensor) and isinstance(getattr(model, "main_input_name", None), str):
+        inputs = {model.main_input_name: inputs}  # a Hugging Face model's token ids
+    inputs = calibrate.move_inputs(inputs, torch.device("cpu"))
+    if isinstance(inputs, Mapping) and "use_cache" in inspect.signature(model.forward).parameters:
+        inputs = {"use_cache": False, **inputs}  # a cache would grow with every extra call of a layer
+    return inputs
+
+
+def bind_inputs(layer: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A layer call's arguments as keyword arguments (what kanc.compile takes as calibration)."""
+    signature = inspect.signature(layer.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise KancError(f"cannot read the arguments of {type(layer).__name__}.forward: {e}") from None
+    inputs: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL and value:
+            raise KancError(f"{type(layer).__name__}.forward is called with *args: it cannot be streamed")
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            inputs.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            inputs[name] = value
+    return inputs
+
+
+def call(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``: a dict is keyword arguments, a tuple positional ones, anything else the one argument."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def output_error(actual: Any, expected: Any, what: str) -> float:
+    """The worst relative error over ``expected``'s floating outputs; a non-finite output is an error, never 0."""
+    got = dict(calibrate.output_tensors(actual))
+    worst = 0.0
+    for key, want in calibrate.output_tensors(expected):
+        if not want.is_floating_point() or key not in got or got[key].shape != want.shape:
+            continue
+        if not torch.isfinite(want).all():
+            raise KancError(f"the original {what} gives non-finite outputs on the calibration inputs")
+        if not torch.isfinite(got[key]).all():
+            raise CheckFailedError(
+                f"the converted {what} gives non-finite outputs on the calibration inputs; nothing written"
+            )
+        worst = max(worst, rel_error(got[key], want))
+    return worst
+
+
+def first_tensor(out: Any) -> Tensor:
+    """A layer's hidden states: its output, or the first tensor of it (tuple, dict or ModelOutput)."""
+    tensors = calibrate.output_tensors(out)
+    if not tensors:
+        raise KancError(f"a layer returned {type(out).__name__}, which holds no tensor")
+    return tensors[0][1]
+
+
+def describe(inputs: Any) -> str:
+    tensors = calibrate.output_tensors(inputs, "input")
+    return ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors) or "inputs"

@@ -1,0 +1,75 @@
+"""`kanc convert DIR` on a save_pretrained folder streams it (kanc.convert_checkpoint); the folder it writes reloads
+converted with kanc.load and the CLI's other commands."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ids
+
+import kanc
+from kanc.cli import common
+from kanc.errors import EXIT_FAILED, EXIT_OK
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trust"))
+from trust_support import run_cli  # noqa: E402
+
+
+@pytest.fixture
+def never_whole(monkeypatch):
+    """The whole-model path of `kanc convert` fails if taken."""
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the model was loaded whole")
+
+    monkeypatch.setattr("kanc.cli.convert.load_model_file", whole)
+    return monkeypatch
+
+
+def test_convert_streams_a_save_pretrained_folder_that_reloads_converted(llama_dir, tmp_path, capsys, never_whole):
+    src, original = llama_dir
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["convert", src, "-t", "grkan", "-o", out, "--groups", "4", "--json", "-q"], capsys)
+    assert code == EXIT_OK, err
+    payload = json.loads(stdout)
+    assert payload["format"] == "hf_dir" and payload["manifest"] == str(out / "kanc.json")
+    assert [c["name"] for c in payload["report"]["converted"]] == [f"model.layers.{i}.mlp" for i in range(3)]
+    manifest = json.loads((out / "kanc.json").read_text())
+    assert manifest["options"]["groups"] == 4 and len(manifest["stream"]["layers"]) == 3
+    back = kanc.load(out)
+    assert type(back.model.layers[2].mlp.act_fn).__name__ == "GroupRational"
+    x = ids(7)
+    with torch.no_grad():
+        got, want = back(input_ids=x).logits, original(input_ids=x).logits
+    assert torch.isfinite(got).all() and kanc.testing.rel_error(got, want) < 1e-3
+    never_whole.undo()  # the other commands load the converted folder whole, converted
+    code, stdout, _ = run_cli(["inspect", out], capsys)
+    assert code == EXIT_OK and "already converted: GroupRational x3" in stdout
+    code, stdout, _ = run_cli(["convert", out, "-t", "grkan", "-o", tmp_path / "again"], capsys)
+    assert code == EXIT_OK and "already converted" in stdout and not (tmp_path / "again").exists()
+
+
+def test_options_that_need_the_whole_model_take_the_whole_model_path(llama_dir, tmp_path, capsys, monkeypatch):
+    src, _ = llama_dir
+    taken = []
+    monkeypatch.setattr("kanc.cli.convert.load_model_file", lambda *a: taken.append(a) or common.load_model_file(*a))
+    argv = ["convert", src, "-t", "grkan", "-o", tmp_path / "out", "--include", "model.layers.1.*", "-q"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == EXIT_OK, err
+    manifest = json.loads((tmp_path / "out" / "kanc.json").read_text())
+    assert taken and manifest["blocks"] == ["model.layers.1.mlp"] and "stream" not in manifest
+
+
+def test_a_failed_streamed_convert_is_one_line_and_leaves_nothing(llama_dir, tmp_path, capsys, never_whole):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in llama_dir[0].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    code, stdout, err = run_cli(["convert", src, "-t", "grkan", "-o", tmp_path / "out", "-q"], capsys)
+    assert code == EXIT_FAILED and stdout == ""
+    assert err.startswith("Error: ") and err.count("\n") == 1 and "truncated or corrupt" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

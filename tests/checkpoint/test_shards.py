@@ -1,0 +1,210 @@
+"""The tensor-by-tensor safetensors writer and the lazy reader: round trips, shard splits, refusals."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kanc.checkpoint import shards
+from kanc.checkpoint.shards import INDEX_FILE, SINGLE_FILE, CheckpointReader, ShardWriter, parse_size
+from kanc.errors import KancError
+
+
+def _tensors():
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "f32": torch.randn(45, 65, generator=gen),
+        "bf16": torch.randn(7, 3, generator=gen).bfloat16(),
+        "f16": torch.randn(11, generator=gen).half(),
+        "f64": torch.randn(2, 2, generator=gen).double(),
+        "i64": torch.arange(9).reshape(3, 3),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "u32": torch.arange(5).to(torch.uint32),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "transposed": torch.randn(3, 5, generator=gen).t(),  # not contiguous
+        "f8": torch.randn(6, generator=gen).to(torch.float8_e4m3fn),
+    }
+
+
+def test_round_trip_through_safetensors_and_the_reader(tmp_path):
+    tensors = _tensors()
+    writer = ShardWriter(tmp_path, 10**9)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    assert writer.finish() == dict.fromkeys(tensors, SINGLE_FILE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SINGLE_FILE]
+    loaded = load_file(tmp_path / SINGLE_FILE)
+    reader = CheckpointReader(tmp_path)
+    read = reader.read(reader.keys())
+    for name, t in tensors.items():
+        for got in (loaded[name], read[name]):
+            assert got.dtype == t.dtype and got.shape == t.shape
+            assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+    assert reader.nbytes() == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_shards_split_at_the_size_limit_and_the_index_lists_them(tmp_path):
+    writer = ShardWriter(tmp_path, 1000)
+    sizes = {"a": 200, "b": 200, "c": 50, "big": 600, "d": 10}  # float32 elements
+    for name, n in sizes.items():
+        writer.add(name, torch.full((n,), float(n)))
+    weight_map = writer.finish()
+    names = ["model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors"]
+    names += ["model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"]
+    # a: 800 B; b would pass 1000; b + c = 1000 fits; big (2400 B) alone, over the limit; d after it
+    assert weight_map == {"a": names[0], "b": names[1], "c": names[1], "big": names[2], "d": names[3]}
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert index == {"metadata": {"total_size": 4240}, "weight_map": dict(sorted(weight_map.items()))}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, INDEX_FILE])
+    reader = CheckpointReader(tmp_path)
+    assert {k: float(v[0]) for k, v in reader.read(["d", "big"]).items()} == {"d": 10.0, "big": 600.0}
+
+
+def test_a_full_header_starts_a_new_shard(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "HEADER_SPACE", 400)
+    writer = ShardWriter(tmp_path, 10**9)
+    for i in range(12):
+        writer.add(f"layer.{i}.weight", torch.ones(2))
+    weight_map = writer.finish()
+    assert len(set(weight_map.values())) > 1
+    for file in set(weight_map.values()):
+        raw = (tmp_path / file).read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        assert length == 400 and raw[8:9] == b"{" and raw[8 + length - 1 : 8 + length] == b" "
+        assert set(load_file(tmp_path / file)) == {k for k, f in weight_map.items() if f == file}
+
+
+@pytest.mark.parametrize(
+    ("name", "tensor", "message"),
+    [
+        ("", torch.ones(1), "bad tensor name"),
+        ("__metadata__", torch.ones(1), "bad tensor name"),
+        ("m", torch.ones(1, device="meta"), "a meta tensor"),
+        ("s", torch.ones(2).to_sparse(), "layout"),
+        ("c", torch.ones(2, dtype=torch.complex64), "cannot store"),
+    ],
+)
+def test_tensors_it_cannot_write_are_named(tmp_path, name, tensor, message):
+    with pytest.raises(KancError, match=message):
+        ShardWriter(tmp_path).add(name, tensor)
+
+
+def test_a_name_written_twice_is_an_error(tmp_path):
+    writer = ShardWriter(tmp_path)
+    writer.add("x", torch.ones(1))
+    with pytest.raises(KancError, match="written twice"):
+        writer.add("x", torch.ones(1))
+    writer.abort()
+
+
+@pytest.mark.parametrize(
+    ("size", "value"), [(1234, 1234), ("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("40KB", 40_000), ("1.5kb", 1500)]
+)
+def test_sizes_read_like_save_pretrained(size, value):
+    assert parse_size(size) == value
+
+
+@pytest.mark.parametrize("size", ["lots", "5 parsecs", 0, "-1GB", True])
+def test_bad_sizes_are_refused(size):
+    with pytest.raises(KancError, match="bad size"):
+        parse_size(size)
+
+
+def test_the_reader_checks_the_index_against_the_shards(tmp_path):
+    writer = ShardWriter(tmp_path, 10)
+    writer.add("a", torch.ones(4))
+    writer.add("b", torch.ones(4))
+    writer.finish()
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    index["weight_map"]["a"] = index["weight_map"]["b"]
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(KancError, match="lists tensors its shards do not hold: a"):
+        CheckpointReader(tmp_path)
+    index["weight_map"]["a"] = "missing.safetensors"
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(KancError, match="names a shard that does not exist"):
+        CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x01\x02", struct.pack("<Q", 10**6) + b"{}", struct.pack("<Q", 2) + b"[]"])
+def test_files_that_are_not_safetensors_are_refused(tmp_path, raw):
+    (tmp_path / SINGLE_FILE).write_bytes(raw)
+    with pytest.raises(KancError, match="is not a safetensors file"):
+        CheckpointReader(tmp_path)
+
+
+class _GatedFile:
+    """A file whose data writes wait for ``gate`` (a disk that is slower than the conversion), recording them."""
+
+    def __init__(self, f, gate, log):
+        self.f, self.gate, self.log = f, gate, log
+
+    def write(self, data):
+        if len(data) > 1000:  # tensor data, not the header space
+            assert self.gate.wait(10)
+            self.log.append(len(data))
+        return self.f.write(data)
+
+    def seek(self, *a):
+        return self.f.seek(*a)
+
+    def close(self):
+        return self.f.close()
+
+
+def test_writes_run_behind_the_caller_with_at_most_in_flight_bytes_queued(tmp_path, monkeypatch):
+    import threading
+
+    gate, log = threading.Event(), []
+    real_open = ShardWriter._open_file
+
+    def gated_open(self, path):
+        real_open(self, path)
+        self._file = _GatedFile(self._file, gate, log)
+
+    monkeypatch.setattr(ShardWriter, "_open_file", gated_open)
+    writer = ShardWriter(tmp_path, 10**9, in_flight=10_000)
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(5)}  # 4,000 bytes each
+    names = list(tensors)
+    for name in names[:2]:  # the disk is blocked: both return at once, queued
+        writer.add(name, tensors[name])
+    assert writer._queued == 8000 and log == []
+    third = threading.Thread(target=writer.add, args=(names[2], tensors[names[2]]))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive()  # 12,000 bytes would be queued: it waits for the disk
+    gate.set()
+    third.join(10)
+    assert not third.is_alive() and writer._queued <= 10_000
+    for name in names[3:]:
+        writer.add(name, tensors[name])
+        assert writer._queued <= 10_000
+    writer.finish()
+    assert log[:5] == [4000] * 5
+    loaded = load_file(tmp_path / SINGLE_FILE)
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_a_failed_background_write_is_raised_and_abort_closes_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = ShardWriter._open_file
+
+    def failing_open(self, path):
+        real_open(self, path)
+        monkeypatch.setattr(self._file, "write", full_disk)
+
+    monkeypatch.setattr(ShardWriter, "_open_file", failing_open)
+    writer = ShardWriter(tmp_path, 10**9)
+    writer.add("a", torch.ones(10))
+    with pytest.raises(OSError, match="No space left"):
+        writer.finish()
+    writer.abort()
+    assert writer._file is None
