@@ -61,6 +61,9 @@ def check_options(target: str, options: dict[str, Any]) -> Any:
     unknown = [k for k in options if k not in known]
     if unknown:
         raise KancError(f"unknown option {unknown[0]!r} for target {target}; options: {', '.join(known)}")
+    from kanc.saving import check_option_values  # the bounds the CLI and the manifest reader apply too
+
+    check_option_values(options, lambda name, why: KancError(f"bad option {name!r} for target {target}: {why}"))
     try:
         return cls(**options)
     except (TypeError, ValueError) as e:

@@ -90,6 +90,22 @@ def test_root_graph_module_round_trips(tmp_path):
     _same(kanc.load(tmp_path / "f.pt", trust_pickle=True), converted, torch.randn(2, 16))
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"degrees": (17, 4)}, {"degrees": (5, -1)}, {"degrees": (5.0, 4)}, {"groups": 0}, {"groups": 1 << 17}],
+)
+def test_compile_bounds_options_as_the_cli_does(options):
+    """kanc.compile in Python refuses the option values the CLI and the manifest reader refuse (a degree of 10**6
+    would allocate without bound), in one line, before any work, leaving the model as it was."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KancError, match=r"^bad option '(degrees|groups)' for target grkan: must be") as info:
+        kanc.compile(model, "grkan", inplace=True, example_inputs=torch.randn(4, 8), **options)
+    assert "\n" not in str(info.value)
+    assert isinstance(model[1], torch.nn.GELU)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_weights_without_an_arch_say_what_to_pass(tmp_path):
     converted = kanc.compile(zoo.Branchy(32), "grkan", verify=False)
     kanc.save(converted, tmp_path / "m.pt")
