@@ -19,8 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kanc.errors import KancError, printable
-from kanc.errors import first_line as _first_line
+from kanc.errors import KancError, first_line, printable
 from kanc.frontend.loading import _names, check_hf_config, hf_model_class, read_json
 
 LAYER_SHARE = 0.1  # a ModuleList holding at least this share of the parameters is a stack of layers to stream
@@ -52,7 +51,7 @@ def read_config(folder: str | os.PathLike) -> Any:
     try:
         return transformers.AutoConfig.from_pretrained(Path(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
-        raise KancError(f"{Path(folder) / 'config.json'} does not load: {_first_line(e)}") from None
+        raise KancError(f"{Path(folder) / 'config.json'} does not load: {first_line(e)}") from None
 
 
 def empty_model(config: Any, cls: type | None = None) -> nn.Module:
@@ -73,7 +72,7 @@ def empty_model(config: Any, cls: type | None = None) -> nn.Module:
         with meta_parameters():
             model = cls(config)
     except Exception as e:  # noqa: BLE001 - model code can fail in any way
-        raise KancError(f"cannot build {cls.__name__} from its config: {_first_line(e)}") from None
+        raise KancError(f"cannot build {cls.__name__} from its config: {first_line(e)}") from None
     return model.eval()
 
 

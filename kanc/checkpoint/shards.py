@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kanc.errors import KancError
-from kanc.errors import first_line as _first_line
+from kanc.errors import KancError, first_line
 from kanc.frontend.loading import _names
 
 SINGLE_FILE = "model.safetensors"
@@ -114,7 +113,7 @@ class CheckpointReader:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {name: f.get_tensor(name) for name in names}
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise KancError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
+            raise KancError(f"{path} is truncated or corrupt ({first_line(e)})") from None
 
     def _read_header(self, file: str) -> None:
         path = self.folder / file
@@ -142,7 +141,7 @@ def read_header(path: Path) -> dict:
                 raise ValueError("header length past the end of the file")
             header = json.loads(f.read(length))
     except (OSError, ValueError) as e:
-        raise KancError(f"{path} is not a safetensors file ({_first_line(e)})") from None
+        raise KancError(f"{path} is not a safetensors file ({first_line(e)})") from None
     if not isinstance(header, dict):
         raise KancError(f"{path} is not a safetensors file (its header is not a JSON object)")
     return header
@@ -155,7 +154,7 @@ def _weight_map(folder: Path) -> dict[str, str]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise KancError(f"{index} is not a safetensors index ({_first_line(e)})") from None
+            raise KancError(f"{index} is not a safetensors index ({first_line(e)})") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise KancError(f"{index} has an empty or bad weight_map")
         for file in set(weight_map.values()):

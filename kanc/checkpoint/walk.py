@@ -19,8 +19,7 @@ from torch import Tensor, nn
 
 from kanc.api import default_inputs
 from kanc.checkpoint import meta
-from kanc.errors import CheckFailedError, KancError
-from kanc.errors import first_line as _first_line
+from kanc.errors import CheckFailedError, KancError, first_line
 from kanc.passes import calibrate
 from kanc.testing import rel_error
 
@@ -58,7 +57,7 @@ class LayerWalk:
         except (KancError, OSError):
             raise  # an OSError is the file system's (reading, writing): the writer names the file and the cause
         except Exception as e:  # noqa: BLE001 - the model's own code on the calibration inputs
-            what = f"{type(e).__name__}: {_first_line(e)}"
+            what = f"{type(e).__name__}: {first_line(e)}"
             raise KancError(f"the model does not run on the calibration inputs: {what}") from None
         finally:
             for h in hooks:
