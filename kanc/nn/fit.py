@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from kanc.codegen.rational import rational_ref
+from kanc.writing import write_text
 
 TABLE_PATH = Path(__file__).with_name("fits.json")
 DEFAULT_DEGREES = (5, 4)
@@ -242,10 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     table = build_table(((5, 4), (4, 4), (3, 2)))
     for key, fit in table["fits"].items():
         print(f"{key:20s} max |F - f| on {DEFAULT_INTERVAL} = {fit['max_error']:.2e}")
-    if args.write:
-        TABLE_PATH.write_text(json.dumps(table, indent=1) + "\n")
+    bad = [key for key, fit in table["fits"].items() if not math.isfinite(fit["max_error"])]
+    if bad:
+        raise SystemExit(f"error: non-finite fit error for {', '.join(bad)}; {TABLE_PATH.name} left as it was")
+    if args.write:  # atomic: a stopped run keeps the old table
+        write_text(TABLE_PATH, json.dumps(table, indent=1) + "\n", force=True)
         print(f"wrote {TABLE_PATH}")
-    assert all(math.isfinite(f["max_error"]) for f in table["fits"].values())
 
 
 if __name__ == "__main__":
