@@ -185,6 +185,7 @@ def test_export_cli_loads_a_kanc_output(tmp_path):
 
 
 def test_failed_writes_leave_nothing(tmp_path, monkeypatch):
+    import kanc.manifest as manifest
     import kanc.saving as saving
 
     converted = kanc.compile(zoo.sequential_mlp(), "grkan", verify=False)
@@ -198,7 +199,7 @@ def test_failed_writes_leave_nothing(tmp_path, monkeypatch):
         kanc.save(converted, tmp_path / "m.pt")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
-    monkeypatch.setattr(saving.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad manifest")))
+    monkeypatch.setattr(manifest.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad manifest")))
     with pytest.raises(ValueError, match="bad manifest"):
         kanc.save(converted, tmp_path / "m.pt")
     assert list(tmp_path.iterdir()) == []  # the model file is removed when its manifest cannot be written

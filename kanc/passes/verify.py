@@ -13,7 +13,6 @@ A check fails when an output that was finite becomes non-finite, or when the con
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +21,9 @@ from torch import Tensor, nn
 
 from kanc.errors import KancError
 from kanc.frontend.leaves import linear_kind
+from kanc.numerics import rel_error
 from kanc.passes import calibrate
 from kanc.passes.convert import ConvertedBlock, PassResult
-from kanc.testing import rel_error
 
 MODES = ("no_grad", "grad")
 # The two modes of the converted model may differ by float rounding, never by more than this (relative).
@@ -77,7 +76,7 @@ def run_outputs(model: nn.Module, inputs: Any, mode: str) -> list[tuple[str, Ten
     return [(n, t.detach().clone()) for n, t in calibrate.output_tensors(out)]
 
 
-def snapshot(model: nn.Module, inputs: Any, blocks: Sequence[Any] = ()) -> Snapshot:
+def snapshot(model: nn.Module, inputs: Any) -> Snapshot:
     """Run the original ``model`` (eval) on ``inputs`` without and with grad; keep its outputs."""
     try:
         return Snapshot({mode: run_outputs(model, inputs, mode) for mode in MODES})
