@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kanc.errors import KancError
+from kanc.errors import KancError, one_line
 from kanc.frontend.leaves import linear_kind
 from kanc.numerics import rel_error
 from kanc.passes import calibrate
@@ -81,7 +81,7 @@ def snapshot(model: nn.Module, inputs: Any) -> Snapshot:
     try:
         return Snapshot({mode: run_outputs(model, inputs, mode) for mode in MODES})
     except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
-        raise KancError(f"the model does not run on the given inputs: {type(e).__name__}: {e}") from None
+        raise calibrate.does_not_run(e) from None
 
 
 def verify_equivalence(
@@ -116,7 +116,7 @@ def _run_converted(model: nn.Module, inputs: Any, mode: str) -> list[tuple[str, 
         return run_outputs(model, inputs, mode)
     except Exception as e:  # noqa: BLE001 - the original ran on these inputs: the conversion broke something
         raise KancError(
-            f"the converted model fails on inputs the original model runs on ({mode}): {type(e).__name__}: {e}"
+            f"the converted model fails on inputs the original model runs on ({mode}): {one_line(e)}"
         ) from None
 
 
