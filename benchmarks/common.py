@@ -131,15 +131,9 @@ def write(name: str, payload: dict[str, Any], args: argparse.Namespace, device) 
     else:
         path = Path(tempfile.gettempdir()) / "kanc-bench" / f"{name}_smoke.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench.", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from kanc.writing import write_text  # after the caller set TRITON_INTERPRET (kanc imports torch)
+
+    return write_text(path, json.dumps(payload, indent=1), force=True)
 
 
 def print_table(cases: list[dict[str, Any]], smoke: bool = False) -> None:

@@ -37,6 +37,8 @@ from families import all_families  # noqa: E402
 from families.measure import failures, measure_family, silent_changes, totals  # noqa: E402
 from families.tvshim import SKIPPED, import_torchvision  # noqa: E402
 
+from kanc.text import json_safe  # noqa: E402
+
 TARGETS = ("grkan", "snnk")
 LIBRARIES = (
     "torch", "torchvision", "timm", "diffusers", "x-transformers", "vit-pytorch", "open-clip-torch",
@@ -174,17 +176,7 @@ def write_json(path: Path, rows: list[dict], summary: dict, args: argparse.Names
         "totals": summary,
         "families": rows,
     }
-    return common.write("coverage", _jsonable(payload), SimpleNamespace(out=path), torch.device("cpu"))
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "inf" / "nan": JSON has no such numbers
-    return value
+    return common.write("coverage", json_safe(payload, nonfinite=str), SimpleNamespace(out=path), torch.device("cpu"))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 import kanc
 from kanc.codegen import cpu, kernels_disabled
 from kanc.nn import GroupRational
+from kanc.timing import interleaved_times_ms, percentiles
 
 SHAPE = (8, 197, 768)
 TARGETS = {"rational forward / GELU": 2.0, "rational fwd+bwd / GELU": 3.0, "ViT forward": 1.1, "ViT train step": 1.15}
@@ -39,19 +38,10 @@ TARGETS = {"rational forward / GELU": 2.0, "rational fwd+bwd / GELU": 3.0, "ViT 
 
 def timed(cases: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, dict[str, float]]:
     """Median and 20th/80th percentile ms of each case, the cases interleaved run by run (load hits them alike)."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
     out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
-        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3]}
+    for name, ts in interleaved_times_ms(cases, reps, warmup).items():
+        median, p20, p80 = percentiles(ts)
+        out[name] = {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
     return out
 
 

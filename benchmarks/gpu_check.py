@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 
+from kanc.errors import one_line  # noqa: E402
+
 STEPS = ("tests", "rational", "mlp_block", "snnk", "memory", "host", "determinism", "grkan_linear")
 # Rough cost of each step on an H100 with cold caches (kernel tuning, Triton and Inductor compiles), in seconds:
 # a step starts only if the budget leaves it this much. Guesses until a GPU run records the real ones.
@@ -209,7 +211,7 @@ def step_determinism(ctx) -> list[Figure]:
             first, second = run(), run()
             same, note = all(torch.equal(a, b) for a, b in zip(first, second)), ""
         except Exception as e:  # noqa: BLE001 - a refusal in one line is an accepted answer (issue 13, item 6)
-            same, note = True, f"refused: {_one_line(e)}"
+            same, note = True, f"refused: {one_line(e)[:300]}"
         finally:
             torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         figures.append(Figure(f"deterministic_backward_{name}", float(same), "bool", ("==", 1), "determinism", note))
@@ -388,11 +390,6 @@ def _determinism_runs(ctx) -> dict[str, Callable[[], list]]:
     }
 
 
-def _one_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
-
-
 # -------------------------------------------------------------------------------------------------------- main
 
 STEP_FUNCTIONS = {name: globals()[f"step_{name}"] for name in STEPS}
@@ -455,7 +452,7 @@ def run_steps(ctx, steps: list[str], budget_s: float) -> tuple[list[Figure], dic
             figures += STEP_FUNCTIONS[name](ctx)
             status[name] = {"status": "ok"}
         except Exception as e:  # noqa: BLE001 - one step's failure is recorded; the others still run
-            status[name] = {"status": f"error: {_one_line(e)}"}
+            status[name] = {"status": f"error: {one_line(e)[:300]}"}
         status[name]["seconds"] = time.perf_counter() - t0
     return figures, status
 

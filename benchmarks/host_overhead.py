@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors take the Triton path
@@ -44,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 
 from kanc.codegen import fallbacks, grkan_linear, group_rational  # noqa: E402
+from kanc.timing import interleaved_times_ms, percentiles  # noqa: E402
 
 SHAPE, GROUPS, OUT_FEATURES = (8, 197, 768), 8, 3072  # ViT-B's fc2 input; the kernels never run, so size is free
 TARGETS_US = {"group_rational fwd+bwd": 30.0, "grkan_linear fwd+bwd": 50.0}  # issue 13, item 4
@@ -101,19 +100,11 @@ def cases() -> dict[str, callable]:
 
 def measure(fns: dict[str, callable], calls: int, warmup: int) -> dict[str, dict[str, float]]:
     """Per-call times in us, the cases interleaved call by call so that load changes hit them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(calls):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e6)
     out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=5)
-        out[name] = {"median_us": statistics.median(ts), "p20_us": q[0], "p80_us": q[3], "min_us": min(ts)}
+    for name, ms in interleaved_times_ms(fns, calls, warmup).items():
+        us = [t * 1e3 for t in ms]
+        median, p20, p80 = percentiles(us)
+        out[name] = {"median_us": median, "p20_us": p20, "p80_us": p80, "min_us": min(us)}
     return out
 
 

@@ -29,7 +29,7 @@ from train_digits import accuracy, load_digits_split, train  # noqa: E402
 
 import kanc  # noqa: E402
 from kanc.cli import cli  # noqa: E402
-from kanc.testing import rel_error  # noqa: E402
+from kanc.numerics import rel_error  # noqa: E402
 
 ARCH = f"{HERE / 'digits_vit.py'}:ViT"
 

@@ -25,7 +25,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 
 import kanc
 from kanc.nn import GroupRational
+from kanc.writing import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 # keys whose values differ between two runs of the same command: timings and the run's date
@@ -114,19 +114,9 @@ def deterministic_part(value: object) -> object:
 
 
 def write_json(path: Path, obj: object) -> Path:
-    """Write ``obj`` as JSON atomically (a temp file in the same folder, then a rename)."""
+    """Write ``obj`` as JSON atomically, replacing an earlier result (through :mod:`kanc.writing`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0o022)
-    os.umask(umask)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temp file only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(obj, indent=1, allow_nan=False), force=True)
     return path
 
 

@@ -20,6 +20,20 @@ from torch import nn
 
 from kanc.codegen import fallbacks
 from kanc.errors import KancError, NoMLPFoundError
+from kanc.manifest import (  # noqa: F401 - kanc.api re-exports the manifest's public names too
+    DIR_MANIFEST,
+    EXPORTED_ATTR,
+    MANIFEST_ATTR,
+    MANIFEST_SUFFIX,
+    MANIFEST_VERSION,
+    REPORT_ATTR,
+    attach,
+    check_option_values,
+    make_manifest,
+    manifest_path,
+    manifest_source,
+    read_manifest,
+)
 from kanc.passes.builders import GRKANOptions, SNNKOptions
 from kanc.passes.calibrate import input_spec
 from kanc.passes.find import FindResult, find_mlp_blocks
@@ -27,26 +41,13 @@ from kanc.passes.hazards import check_copy, copy_model
 from kanc.passes.pipeline import REWRITES, run_pipeline
 from kanc.passes.report import ConversionReport, build_report, count_params
 from kanc.passes.verify import snapshot
-
-# save / load / manifests live in kanc.saving (the writing and reading policies); kanc.api re-exports them
-from kanc.saving import (  # noqa: F401, E402
-    DIR_MANIFEST,
-    MANIFEST_SUFFIX,
-    MANIFEST_VERSION,
-    infer_format,
-    load,
-    make_manifest,
-    manifest_path,
-    read_manifest,
-    reapply,
-    save,
-)
+from kanc.saving import infer_format, load, reapply, save  # noqa: F401 - kanc.api re-exports save / load
 
 TARGETS = tuple(REWRITES)
 OPTIONS = {"grkan": GRKANOptions, "snnk": SNNKOptions}
-_REPORT_ATTR = "_kanc_report"
-_MANIFEST_ATTR = "_kanc_manifest"
-_EXPORTED_ATTR = "_kanc_exported"  # the ExportedProgram a .pt2 model came from (re-export keeps its dynamic dims)
+# the old private names, for branches written before kanc.manifest (no module may import them: test_layering)
+_attach, _manifest_source, _REPORT_ATTR, _EXPORTED_ATTR = attach, manifest_source, REPORT_ATTR, EXPORTED_ATTR
+_MANIFEST_ATTR = MANIFEST_ATTR
 
 
 # ---- compile / report / inspect ------------------------------------------------------------------------------
@@ -61,8 +62,6 @@ def check_options(target: str, options: dict[str, Any]) -> Any:
     unknown = [k for k in options if k not in known]
     if unknown:
         raise KancError(f"unknown option {unknown[0]!r} for target {target}; options: {', '.join(known)}")
-    from kanc.saving import check_option_values  # the bounds the CLI and the manifest reader apply too
-
     check_option_values(options, lambda name, why: KancError(f"bad option {name!r} for target {target}: {why}"))
     try:
         return cls(**options)
@@ -107,12 +106,12 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
         raise KancError(f"kanc.compile takes an nn.Module, not {type(model).__name__}")
     inputs = _verify_inputs(model, example_inputs, calibration) if verify else None
     reference = snapshot(model, inputs) if inputs is not None else None
-    exported = model.__dict__.pop(_EXPORTED_ATTR, None)  # shared, never deep-copied
+    exported = model.__dict__.pop(EXPORTED_ATTR, None)  # shared, never deep-copied
     try:
         work = model if inplace else copy_model(model)
     finally:
         if exported is not None:
-            model.__dict__[_EXPORTED_ATTR] = exported
+            model.__dict__[EXPORTED_ATTR] = exported
     if reference is not None and not inplace:
         check_copy(work, inputs, reference.outputs["no_grad"])
     before = count_params(model)
@@ -125,9 +124,9 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
     report.options.update(include=list(include or []), exclude=list(exclude or []))
     if inputs is not None:  # blocks found on a run of the model are found again on inputs of the same shapes
         report.options["discovery_inputs"] = input_spec(inputs)
-    _attach(conv.model, report, _manifest_source(model))
+    attach(conv.model, report, manifest_source(model))
     if exported is not None:
-        conv.model.__dict__[_EXPORTED_ATTR] = exported
+        conv.model.__dict__[EXPORTED_ATTR] = exported
     return conv.model
 
 
@@ -141,7 +140,7 @@ def _verify_inputs(model: nn.Module, example_inputs: Any, calibration: Any) -> A
 
 def default_inputs(model: nn.Module) -> Any:
     """A .pt2 model's example inputs, token ids for a Hugging Face model that takes ``input_ids`` (seeded), or None."""
-    exported = model.__dict__.get(_EXPORTED_ATTR)
+    exported = model.__dict__.get(EXPORTED_ATTR)
     if exported is not None and not exported.example_inputs[1]:
         return tuple(exported.example_inputs[0])
     config = getattr(model, "config", None)
@@ -154,28 +153,9 @@ def default_inputs(model: nn.Module) -> Any:
     return {"input_ids": ids.to(device)}
 
 
-def _attach(model: nn.Module, report: ConversionReport, source: dict) -> None:
-    model.__dict__[_REPORT_ATTR] = report
-    model.__dict__[_MANIFEST_ATTR] = source
-
-
-def _manifest_source(model: nn.Module) -> dict:
-    """How to rebuild the unconverted architecture later (kept on the compiled model for kanc.save)."""
-    previous = model.__dict__.get(_MANIFEST_ATTR) or {}
-    if previous:
-        return dict(previous)
-    source: dict[str, Any] = {"arch": None, "arch_kwargs": {}}
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict") and type(model).__module__.startswith("transformers."):
-        source["hf"] = {"class": type(model).__name__, "config": config.to_dict()}
-    else:
-        source["arch_guess"] = f"{type(model).__module__}:{type(model).__qualname__}"
-    return source
-
-
 def report(model: nn.Module) -> ConversionReport:
     """The conversion report of a model returned by kanc.compile (or loaded by kanc.load)."""
-    found = model.__dict__.get(_REPORT_ATTR) if isinstance(model, nn.Module) else None
+    found = model.__dict__.get(REPORT_ATTR) if isinstance(model, nn.Module) else None
     if found is None:
         raise KancError("this model was not converted by kanc.compile (no conversion report attached)")
     found.fallbacks = fallbacks.summary(fallbacks.of_model(model))  # live: the calls that ran the reference so far

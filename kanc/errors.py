@@ -75,10 +75,15 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
 
 
-def first_line(e: BaseException | str, limit: int | None = None) -> str:
+def first_line(e: BaseException | str, limit: int | None = None, prefer: str | None = None) -> str:
     """The first non-empty line of ``e`` (an exception's message, or a tool's output), stripped and printable; an
-    exception with no message gives its class name, empty text ``"no output"``. Cut to ``limit`` characters."""
+    exception with no message gives its class name, empty text ``"no output"``. Cut to ``limit`` characters.
+
+    ``prefer``: the first line that holds this word (any case) where one does (``"error"`` skips a compiler's
+    warnings)."""
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    if prefer is not None:
+        lines = [s for s in lines if prefer.lower() in s.lower()] or lines
     line = printable(lines[0]) if lines else (type(e).__name__ if isinstance(e, BaseException) else "no output")
     return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
 

@@ -130,7 +130,7 @@ def _check_runs(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             model(*inputs)
     except Exception as e:  # noqa: BLE001 - any forward failure is a user-facing bad-input error
         shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
-        raise KancError(f"model does not run on inputs {shapes}: {_first_line(e)}") from e
+        raise KancError(f"model does not run on inputs {shapes}: {_exporter_cause(e)}") from e
 
 
 def _has_seq(t: Tensor) -> bool:
@@ -164,7 +164,7 @@ def _export(model: nn.Module, inputs: tuple[Tensor, ...], file: str, axes: tuple
             **kwargs,
         )
     except Exception as e:  # noqa: BLE001 - exporter failures are many types; report the cause in one line
-        raise KancError(f"model does not export to ONNX: {_first_line(e)}") from e
+        raise KancError(f"model does not export to ONNX: {_exporter_cause(e)}") from e
 
 
 def _second_inputs(inputs: tuple[Tensor, ...], axes: tuple[str, ...]) -> tuple[Tensor, ...]:
@@ -193,7 +193,7 @@ def _compare(model: nn.Module, inputs: tuple[Tensor, ...], file: str) -> dict[st
         names = [i.name for i in session.get_inputs()]
         got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise KancError(f"onnxruntime cannot run the exported model: {_first_line(e)}") from e
+        raise KancError(f"onnxruntime cannot run the exported model: {_exporter_cause(e)}") from e
     with torch.no_grad():
         expected = [t for t in torch.utils._pytree.tree_leaves(model(*inputs)) if isinstance(t, Tensor)]
     outputs = [o.name for o in session.get_outputs()]
@@ -205,7 +205,8 @@ def _compare(model: nn.Module, inputs: tuple[Tensor, ...], file: str) -> dict[st
     }
 
 
-def _first_line(e: BaseException) -> str:
+def _exporter_cause(e: BaseException) -> str:
+    """One line for a failure in torch.export or the ONNX exporter: the cause its summary names, else the first line."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the exporter colours its messages
     cause = re.search(r"Exception summary\s+<class '(?:[\w.]+\.)?(\w+)'>: ([^\n]+)", text)
     if cause:  # the exporter's first line is generic ("step 1/3"); its summary names the cause

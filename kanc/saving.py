@@ -1,4 +1,4 @@
-"""``kanc.save`` / ``kanc.load`` and the manifest that records a conversion (re-exported by ``kanc.api``).
+"""``kanc.save`` / ``kanc.load`` (re-exported by ``kanc.api``); the manifest itself is :mod:`kanc.manifest`.
 
 A converted model is saved in a model format (weights, a whole-module pickle, ``.pt2`` or a ``save_pretrained``
 folder) plus a JSON manifest: ``OUT.kanc.json`` beside a file, ``kanc.json`` inside a folder. The manifest is data:
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,102 +31,27 @@ from kanc.frontend.loading import (
     load_model,
     load_weights,
     parse_kwargs,
-    read_json,
     read_weights,
+)
+from kanc.manifest import (  # noqa: F401 - the manifest's names stay importable from kanc.saving
+    DIR_MANIFEST,
+    EXPORTED_ATTR,
+    MANIFEST_SUFFIX,
+    MANIFEST_VERSION,
+    MAX_DEGREE,
+    SAVE_FORMATS,
+    attach_manifest,
+    check_manifest,
+    check_option_values,
+    is_kanc_folder,
+    make_manifest,
+    manifest_path,
+    manifest_text,
+    read_manifest,
 )
 from kanc.writing import Output, check_outputs, write_outputs
 
-MANIFEST_SUFFIX = ".kanc.json"
-DIR_MANIFEST = "kanc.json"
-MANIFEST_VERSION = 1
 _NOT_OPTIONS = ("include", "exclude", "discovery_inputs")  # recorded beside the options in the manifest
-SAVE_FORMATS = ("state_dict", "safetensors", "pickle", "pt2", "hf_dir")
-MAX_DEGREE = 16  # rational degrees beyond this overflow fp32 powers and only cost memory
-_LIMITS = {"groups": (1, 1 << 16), "num_features": (1, 1 << 20), "seed": (0, 2**63 - 1)}
-
-
-# ---- the manifest --------------------------------------------------------------------------------------------------
-
-
-def manifest_path(path: str | os.PathLike) -> Path:
-    """Where the manifest of a model file (or folder) lives."""
-    path = Path(path)
-    return path / DIR_MANIFEST if path.is_dir() else path.with_name(path.name + MANIFEST_SUFFIX)
-
-
-def read_manifest(path: str | os.PathLike) -> dict | None:
-    """The validated manifest beside (or inside) the model at ``path``, or None when there is none."""
-    mpath = manifest_path(path)
-    if not mpath.exists():
-        return None
-    manifest = read_json(mpath, "kanc manifest")
-    check_manifest(manifest, mpath)
-    return manifest
-
-
-def check_manifest(manifest: Any, where: Path) -> None:
-    """Raise KancError naming the first field of ``manifest`` that is not what kanc writes."""
-
-    def bad(field: str, why: str) -> KancError:
-        return KancError(f"{where} is not a valid kanc manifest: {field} {why}")
-
-    if not isinstance(manifest, dict) or "target" not in manifest or "blocks" not in manifest:
-        raise KancError(f"{where} is not a kanc manifest (no target/blocks)")
-    version = (manifest.get("kanc") or {}).get("manifest") if isinstance(manifest.get("kanc"), dict) else None
-    if isinstance(version, int) and version > MANIFEST_VERSION:
-        raise bad("version", f"{version} is newer than this kanc reads ({MANIFEST_VERSION}): upgrade kanc")
-    if manifest.get("format") not in SAVE_FORMATS:
-        raise bad("format", f"must be one of {', '.join(SAVE_FORMATS)}")
-    blocks = manifest["blocks"]
-    if not isinstance(blocks, list) or not all(isinstance(b, str) for b in blocks):
-        raise bad("blocks", "must be a list of block names")
-    for key, kind in (("options", dict), ("arch_kwargs", dict), ("hf", dict), ("report", dict), ("arch", str)):
-        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
-            raise bad(key, f"must be a {'JSON object' if kind is dict else 'string'}")
-    check_option_values(manifest.get("options") or {}, lambda field, why: bad(f"options.{field}", why))
-
-
-def check_option_values(options: dict, bad) -> None:
-    """Bounds on conversion options that would otherwise cost unbounded memory or time (``bad(field, why)``)."""
-    degrees = options.get("degrees")
-    if degrees is not None:
-        ok = isinstance(degrees, list | tuple) and len(degrees) == 2 and all(type(d) is int for d in degrees)
-        if not ok or not (1 <= degrees[0] <= MAX_DEGREE and 0 <= degrees[1] <= MAX_DEGREE):
-            raise bad("degrees", f"must be two integers m in 1..{MAX_DEGREE}, n in 0..{MAX_DEGREE}")
-    for name, (lo, hi) in _LIMITS.items():
-        value = options.get(name)
-        if value is not None and not (type(value) is int and lo <= value <= hi):
-            raise bad(name, f"must be an integer in {lo}..{hi}")
-
-
-def make_manifest(model: nn.Module, fmt: str, path: Path, arch: str | None, arch_kwargs: dict | None) -> dict:
-    """The manifest of ``model`` saved at ``path`` in ``fmt``."""
-    from kanc.api import _MANIFEST_ATTR, _REPORT_ATTR, _manifest_source
-
-    rep = model.__dict__.get(_REPORT_ATTR)
-    source = dict(model.__dict__.get(_MANIFEST_ATTR) or _manifest_source(model))
-    if arch is not None:
-        source.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
-    return {
-        "kanc": {"version": _version(), "manifest": MANIFEST_VERSION},
-        "format": fmt,
-        "file": path.name,
-        "target": rep.target if rep is not None else None,
-        "options": rep.options if rep is not None else {},
-        "blocks": rep.blocks if rep is not None else [],
-        **source,
-        "report": rep.as_dict() if rep is not None else None,
-    }
-
-
-def _version() -> str:
-    from kanc import __version__
-
-    return __version__
-
-
-def _manifest_text(manifest: dict) -> str:
-    return json.dumps(manifest, indent=1) + "\n"
 
 
 # ---- save ----------------------------------------------------------------------------------------------------------
@@ -180,18 +104,13 @@ def check_save(path: str | os.PathLike, fmt: str, *, protect: Iterable = (), for
 
 def _outputs(model: Any, path: Path, fmt: str, manifest: dict, example_inputs: Any) -> list[Output]:
     if fmt == "hf_dir":
-        return [Output(path, lambda tmp: _write_hf_dir(model, tmp, manifest), True, _is_kanc_folder)]
+        return [Output(path, lambda tmp: _write_hf_dir(model, tmp, manifest), True, is_kanc_folder)]
     writer = _WRITERS[fmt]
-    text = _manifest_text(manifest) if manifest else ""
+    text = manifest_text(manifest) if manifest else ""
     return [
         Output(path, lambda tmp: writer(model, tmp, example_inputs)),
         Output(path.with_name(path.name + MANIFEST_SUFFIX), lambda tmp: tmp.write_text(text, encoding="utf-8")),
     ]
-
-
-def _is_kanc_folder(path: Path) -> bool:
-    """A folder kanc wrote (it holds a kanc manifest): --force may replace it."""
-    return (path / DIR_MANIFEST).is_file()
 
 
 def _state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -213,17 +132,16 @@ def _write_pickle(model: nn.Module, tmp: Path, example_inputs: Any) -> None:
 
 
 def _write_pt2(model: nn.Module, tmp: Path, example_inputs: Any) -> None:
-    from kanc.api import _EXPORTED_ATTR
     from kanc.passes.exported import reexport
 
-    torch.export.save(reexport(model, example_inputs, model.__dict__.get(_EXPORTED_ATTR)), tmp)
+    torch.export.save(reexport(model, example_inputs, model.__dict__.get(EXPORTED_ATTR)), tmp)
 
 
 def _write_hf_dir(model: nn.Module, tmp: Path, manifest: dict) -> None:
     if not hasattr(model, "save_pretrained"):
         raise KancError("format 'hf_dir' needs a Hugging Face model (save_pretrained)")
     model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / DIR_MANIFEST).write_text(_manifest_text(manifest), encoding="utf-8")
+    (tmp / DIR_MANIFEST).write_text(manifest_text(manifest), encoding="utf-8")
 
 
 _WRITERS = {
@@ -263,28 +181,14 @@ def load(
         load_weights(module, weights, path, "the converted architecture", ignore=_tied_names(module))
         if hasattr(module, "tie_weights"):
             module.tie_weights()
-    _attach_manifest(module, manifest, manifest_path(path))
+    attach_manifest(module, manifest, manifest_path(path))
     return module
 
 
 def _with_exported(loaded: Any) -> nn.Module:
-    from kanc.api import _EXPORTED_ATTR
-
     if loaded.exported is not None:
-        loaded.module.__dict__[_EXPORTED_ATTR] = loaded.exported
+        loaded.module.__dict__[EXPORTED_ATTR] = loaded.exported
     return loaded.module
-
-
-def _attach_manifest(module: nn.Module, manifest: dict, where: Path) -> None:
-    from kanc.api import _MANIFEST_ATTR, _REPORT_ATTR
-    from kanc.passes.report import ConversionReport
-
-    if manifest.get("report"):
-        try:
-            module.__dict__[_REPORT_ATTR] = ConversionReport(**manifest["report"])
-        except TypeError as e:
-            raise KancError(f"{where} is not a valid kanc manifest: report {one_line(e)}") from None
-    module.__dict__[_MANIFEST_ATTR] = {k: manifest[k] for k in ("arch", "arch_kwargs", "hf") if k in manifest}
 
 
 def _base_model(path: Path, manifest: dict, arch: str | None, arch_kwargs: Any, trust: bool) -> nn.Module:

@@ -10,6 +10,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from kanc.numerics import rel_error
+
+__all__ = ["TOLERANCES", "assert_equivalent", "rel_error", "tolerance"]
+
 # (atol, rtol) per dtype of the compared outputs; the reference runs in fp32/fp64 math.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-8),
@@ -21,26 +25,6 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-
-
-def rel_error(actual: Tensor, expected: Tensor) -> float:
-    """||a - e|| / ||e|| in float64.
-
-    NaN and inf are never dropped: a non-finite entry of ``actual`` where ``expected`` holds something else (a finite
-    value, or another non-finite one) makes the error inf. Entries where both hold the same non-finite value agree.
-    A zero ``expected`` gives 0 only when ``actual`` is zero too (inf otherwise), never a misleading small number.
-    """
-    a, e = actual.detach().double(), expected.detach().double()
-    if a.shape != e.shape:
-        return float("inf")
-    finite = torch.isfinite(e) & torch.isfinite(a)
-    same_nonfinite = (a == e) | (torch.isnan(a) & torch.isnan(e))
-    if not bool((finite | same_nonfinite).all()):
-        return float("inf")
-    diff, denom = float((a - e)[finite].norm()), float(e[finite].norm())
-    if denom > 0:
-        return diff / denom
-    return 0.0 if diff == 0 else float("inf")
 
 
 def _seeded_randn(like: Tensor) -> Tensor:

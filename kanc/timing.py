@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -34,3 +34,24 @@ def wall_times_ms(
 def median_ms(fn: Callable[[], Any], reps: int = 3, warmup: int = 1, sync: Callable[[], Any] | None = None) -> float:
     """Median of :func:`wall_times_ms`."""
     return statistics.median(wall_times_ms(fn, reps, warmup, sync))
+
+
+def interleaved_times_ms(cases: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall-clock ms of ``reps`` calls of each case, the cases interleaved call by call (a change of the machine's
+    load hits them alike), after ``warmup`` untimed calls of each."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def percentiles(times: list[float]) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) of ``times``; a single time is all three."""
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3]

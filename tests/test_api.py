@@ -185,6 +185,7 @@ def test_export_cli_loads_a_kanc_output(tmp_path):
 
 
 def test_failed_writes_leave_nothing(tmp_path, monkeypatch):
+    import kanc.manifest as manifest
     import kanc.saving as saving
 
     converted = kanc.compile(zoo.sequential_mlp(), "grkan", verify=False)
@@ -198,7 +199,7 @@ def test_failed_writes_leave_nothing(tmp_path, monkeypatch):
         kanc.save(converted, tmp_path / "m.pt")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
-    monkeypatch.setattr(saving.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad manifest")))
+    monkeypatch.setattr(manifest.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad manifest")))
     with pytest.raises(ValueError, match="bad manifest"):
         kanc.save(converted, tmp_path / "m.pt")
     assert list(tmp_path.iterdir()) == []  # the model file is removed when its manifest cannot be written
@@ -218,3 +219,22 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     assert "[############............] 1/2" in err and err.endswith("\n")
     _Progress(False)("x", 1, 2)
     assert capsys.readouterr().err == ""
+
+
+class _FailsOnThreeRows(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = zoo.sequential_mlp()
+
+    def forward(self, x):
+        if x.shape[0] == 3:
+            raise ValueError("no three rows\n  a second line of detail")
+        return self.mlp(x)
+
+
+def test_a_model_that_fails_on_the_inputs_is_one_line():
+    model = _FailsOnThreeRows()
+    width = model.mlp[0].in_features
+    with pytest.raises(KancError) as failed:
+        kanc.compile(model, "grkan", example_inputs=torch.randn(3, width))
+    assert str(failed.value) == "the model does not run on the given inputs: ValueError: no three rows"

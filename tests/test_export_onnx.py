@@ -144,7 +144,7 @@ def test_hf_model_with_its_kv_cache_on_exports(tmp_path):
 
 
 def test_export_errors_name_the_cause():
-    from kanc.export import _first_line
+    from kanc.export import _exporter_cause as _first_line
 
     text = "Failed to export the model with torch.export. This is step 1/3.\n## Exception summary\n\n"
     text += "<class 'torch._dynamo.exc.Unsupported'>: Data-dependent branching\n\nmore"

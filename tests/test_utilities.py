@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import torch
 
 from kanc import env, text, timing
 from kanc.errors import first_line, one_line
@@ -45,6 +49,15 @@ def test_wall_times_run_warmup_then_reps_and_sync_after_each():
     assert timing.median_ms(lambda: calls.append(1), reps=5) >= 0 and len(calls) == 6  # one warm-up by default
 
 
+def test_interleaved_times_alternate_the_cases_after_warming_each():
+    events = []
+    times = timing.interleaved_times_ms({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, 3, 1)
+    assert events == ["a", "b"] * 4 and {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert timing.percentiles([4.0]) == (4.0, 4.0, 4.0)
+    median, p20, p80 = timing.percentiles([float(t) for t in range(1, 11)])
+    assert median == 5.5 and p20 < median < p80
+
+
 def test_table_aligns_columns_without_trailing_blanks():
     lines = text.table([["a", 1], ["bbb", 22]], ["x", "y"])
     assert lines == ["x    y", "a    1", "bbb  22"]
@@ -72,6 +85,22 @@ def test_first_line(error, limit, expected):
     assert first_line(error, limit) == expected
 
 
+def test_first_line_prefers_the_line_that_names_the_error():
+    """A compiler's stderr: warnings first, the error after (kanc/codegen/cpu/build.py reports the error)."""
+    assert first_line("x.c:1: warning: w\nx.c:2: Error: e\n", prefer="error") == "x.c:2: Error: e"
+    assert first_line("x.c:1: warning: w\n", prefer="error") == "x.c:1: warning: w"
+    assert first_line("", prefer="error") == "no output"
+
+
 def test_one_line_names_the_class_of_a_foreign_error():
     assert one_line(ValueError("boom\nmore")) == "ValueError: boom"
     assert one_line(ValueError()) == "ValueError"
+
+
+def test_json_safe_gives_strict_json():
+    """One JSON-safe conversion for the conversion report, the profile report and the coverage JSON: NaN/inf never
+    reach json.dumps (it would write the invalid tokens NaN and Infinity)."""
+    value = {1: (float("nan"), float("inf"), 2.5), "dtype": torch.float16, "set": {3}, "path": Path("a/b"), "n": None}
+    assert text.json_safe(value) == {"1": [None, None, 2.5], "dtype": "float16", "set": [3], "path": "a/b", "n": None}
+    assert text.json_safe([float("-inf")], nonfinite=str) == ["-inf"]
+    json.dumps(text.json_safe(value), allow_nan=False)

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from kanc.api import default_inputs
 from kanc.checkpoint import meta
 from kanc.errors import CheckFailedError, KancError, first_line
+from kanc.numerics import rel_error
 from kanc.passes import calibrate
-from kanc.testing import rel_error
 
 Progress = Callable[[str, int, int], None]
 

@@ -57,7 +57,7 @@ def load_model_file(path: Path, trust_pickle: bool, arch: str | None, arch_kwarg
 
 def reads_of(model: Path, arch: str | None, *files: Path | None) -> list[Path]:
     """Every path a command reads (its outputs must never touch them): the model, its manifest, the --arch file."""
-    from kanc.saving import manifest_path
+    from kanc.manifest import manifest_path
 
     return [model, manifest_path(model), *arch_files(arch), *(f for f in files if f is not None)]
 

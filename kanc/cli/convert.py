@@ -61,7 +61,7 @@ def _default_output(model: Path, target: str) -> Path:
 def _options(target: str, **given: Any) -> dict[str, Any]:
     """Only the options the user gave, parsed and bounded; a bad one is a usage error (exit 2)."""
     from kanc.api import check_options
-    from kanc.saving import check_option_values
+    from kanc.manifest import check_option_values
 
     options = {k: v for k, v in given.items() if v is not None}
     if "degrees" in options:
@@ -84,7 +84,7 @@ def _parse_degrees(text: str) -> tuple[int, int]:
 
 def _recorded_conversion(model: Path) -> str | None:
     """Why MODEL is already converted, when its kanc manifest records a conversion (then it need not even load)."""
-    from kanc.saving import read_manifest
+    from kanc.manifest import read_manifest
 
     manifest = read_manifest(model)
     if manifest and manifest.get("blocks"):

@@ -28,9 +28,7 @@ import contextlib
 import json
 import os
 import re
-import statistics
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from typing import Any
 import torch
 
 from kanc.env import getenv, interpreting
+from kanc.timing import median_ms
 
 CACHE_VERSION = 2  # 2: backward kernels gained ROWS_PER_PROGRAM; configs cached by version 1 lack it
 MODES = ("0", "1", "force")
@@ -276,21 +275,9 @@ def _time_candidates(candidates: Sequence[Config], bench: Callable[[Config], flo
     return dict(candidates[best]), timings
 
 
-def cpu_times(fn: Callable[[], Any], warmup: int = 1, reps: int = 3) -> list[float]:
-    """Wall-clock times of ``reps`` calls of ``fn()`` in ms, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def cpu_bench(fn: Callable[[], Any], warmup: int = 1, reps: int = 3) -> float:
     """Median wall-clock time of ``fn()`` in ms: the benchmarker under the interpreter (no GPU events)."""
-    return statistics.median(cpu_times(fn, warmup, reps))
+    return median_ms(fn, reps=reps, warmup=warmup)
 
 
 def _key_text(key: Key) -> str:

@@ -127,9 +127,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def exported_inputs(model: nn.Module) -> tuple[Tensor, ...] | None:
     """The positional example inputs of the ExportedProgram a .pt2 model came from (None: not a .pt2, or kwargs)."""
-    from kanc.api import _EXPORTED_ATTR  # where kanc.load keeps a .pt2 model's ExportedProgram
+    from kanc.manifest import EXPORTED_ATTR  # where kanc.load keeps a .pt2 model's ExportedProgram
 
-    exported = model.__dict__.get(_EXPORTED_ATTR)
+    exported = model.__dict__.get(EXPORTED_ATTR)
     if exported is None or exported.example_inputs is None:
         return None
     args, kwargs = exported.example_inputs

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from kanc.errors import KancError, first_line, os_error, printable
+from kanc.text import first_names
 
 FORMATS = ("pickle", "state_dict", "pt2", "torchscript", "safetensors", "hf_dir")
 # Keys under which training checkpoints usually keep the weights (Lightning, timm, plain loops).
@@ -251,15 +252,10 @@ def load_weights(module: nn.Module, weights: Mapping[str, Tensor], path: Any, wh
         more = f" (+{len(detail) - 1} more)" if len(detail) > 1 else ""
         raise KancError(f"the weights in {path} do not fit {what}: {detail[0]}{more}") from None
     missing = [k for k in result.missing_keys if k not in set(ignore)]
-    problems = [f"missing {_names(missing)}"] if missing else []
-    problems += [f"unexpected {_names(result.unexpected_keys)}"] if result.unexpected_keys else []
+    problems = [f"missing {first_names(missing)}"] if missing else []
+    problems += [f"unexpected {first_names(result.unexpected_keys)}"] if result.unexpected_keys else []
     if problems:
         raise KancError(f"the weights in {path} do not fit {what}: {'; '.join(problems)}")
-
-
-def _names(keys: list[str], shown: int = 4) -> str:
-    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
-    return ", ".join(keys[:shown]) + more
 
 
 def build_arch(arch: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -127,20 +128,11 @@ class SNNKLinear(nn.Module):
     is not kept. For kind "exp" the layer is unbiased for exp(W x + b). Use ``from_linear`` to convert a given W, b.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_features: int,
-        kind: str = "relu",
-        orthogonal: bool = True,
-        seed: int = 0,
-        floor: float = 0.0,
-        input_scale: float | None = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, num_features: int, **features: Any) -> None:
+        """``features``: :class:`SNNKFeatures`' keyword arguments (kind, orthogonal, seed, floor, input_scale)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.features = SNNKFeatures(in_features, num_features, kind, orthogonal, seed, floor, input_scale)
+        self.features = SNNKFeatures(in_features, num_features, **features)
         self.weight = nn.Parameter(torch.empty(out_features, self.features.out_features))
         self.reset_parameters()
 
@@ -181,20 +173,12 @@ class SNNKMlp(nn.Module):
     """
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_features: int,
-        kind: str = "relu",
-        orthogonal: bool = True,
-        seed: int = 0,
-        floor: float = 0.0,
-        bias: bool = True,
-        input_scale: float | None = None,
+        self, in_features: int, out_features: int, num_features: int, *, bias: bool = True, **features: Any
     ) -> None:
+        """``features``: :class:`SNNKFeatures`' keyword arguments (kind, orthogonal, seed, floor, input_scale)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.features = SNNKFeatures(in_features, num_features, kind, orthogonal, seed, floor, input_scale)
+        self.features = SNNKFeatures(in_features, num_features, **features)
         self.linear = nn.Linear(self.features.out_features, out_features, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -263,16 +247,14 @@ class SNNKMlp(nn.Module):
         b2: Tensor | None,
         activation: str | Callable[[Tensor], Tensor],
         num_features: int,
-        kind: str = "relu",
-        orthogonal: bool = True,
-        seed: int = 0,
+        *,
         init: str = "preserve",
         calibration: Tensor | None = None,
         ridge: float = 1e-3,
-        floor: float = 0.0,
-        input_scale: float | None = None,
+        **features: Any,
     ) -> SNNKMlp:
-        """SNNK block replacing y = W2 act(W1 x + b1) + b2 (w1: (h, d), w2: (d_out, h)).
+        """SNNK block replacing y = W2 act(W1 x + b1) + b2 (w1: (h, d), w2: (d_out, h)); ``features``:
+        :class:`SNNKFeatures`' keyword arguments (kind, orthogonal, seed, floor, input_scale).
 
         init: "warm" = the paper's bundled start W2 Psi(W1, b1) (a warm start, not function preserving);
         "preserve" = ridge least squares against the original block on ``calibration`` (or synthetic N(0, 1)) inputs;
@@ -284,7 +266,7 @@ class SNNKMlp(nn.Module):
         if w2.dim() != 2 or w2.shape[1] != hidden:
             raise ValueError(f"w2 must be (out_features, {hidden}) after w1 {tuple(w1.shape)}, got {tuple(w2.shape)}")
         act = _resolve_activation(activation)
-        block = cls(d, w2.shape[0], num_features, kind, orthogonal, seed, floor, True, input_scale)
+        block = cls(d, w2.shape[0], num_features, **features)
         block.to(w1.device)
         if init == "variance":
             return block.reset_variance_()

@@ -275,17 +275,16 @@ def _variance_linear(lin: Linear, gain: float) -> nn.Linear:
 
 def _snnk_module(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> SNNKMlp | Miss:
     m = opts.features_for(block.hidden)
-    seed = int(opts.seed) + ctx.index
+    features = {"kind": opts.kind, "orthogonal": opts.orthogonal, "seed": int(opts.seed) + ctx.index}
     device, dtype = block.fc1.weights.weight.device, block.fc1.weights.weight.dtype
     if opts.init == "warm":
         if block.gated or block.norms or block.scales or block.chain or any(p.kind == "norm" for p in block.pre):
             return Miss("warm_unsupported", "init='warm' (W2 Psi(W1)) exists only for plain blocks without a norm")
         w1, w2 = block.fc1.weights, block.fc2.weights
-        snnk = SNNKMlp.from_mlp(
-            w1.weight, w1.bias, w2.weight, w2.bias, block.act.spec.fn, m, opts.kind, opts.orthogonal, seed, "warm"
-        )
+        fn = block.act.spec.fn
+        snnk = SNNKMlp.from_mlp(w1.weight, w1.bias, w2.weight, w2.bias, fn, m, init="warm", **features)
     else:
-        snnk = SNNKMlp(block.in_features, block.out_features, m, opts.kind, opts.orthogonal, seed)
+        snnk = SNNKMlp(block.in_features, block.out_features, m, **features)
         snnk.to(device)
         if opts.init == "variance":
             snnk.reset_variance_()

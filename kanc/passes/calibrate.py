@@ -31,6 +31,11 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def does_not_run(e: Exception) -> KancError:
+    """The one error for the user's model failing on the user's inputs (the original, before any conversion)."""
+    return KancError(f"the model does not run on the given inputs: {one_line(e)}")
+
+
 def move_inputs(inputs: Any, device: torch.device) -> Any:
     if isinstance(inputs, Tensor):
         return inputs.to(device)
@@ -84,7 +89,7 @@ def capture_block_inputs(
     except KancError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
-        raise KancError(f"the model does not run on the given inputs: {type(e).__name__}: {e}") from None
+        raise does_not_run(e) from None
     finally:
         for h in hooks:
             h.remove()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kanc.frontend.recording import site_of
+from kanc.numerics import rel_error
 from kanc.passes import calibrate
 from kanc.passes.builders import GRKANOptions, Rewrite, RewriteContext, SNNKOptions
 from kanc.passes.callsite import PatchCall, SetAttr, function_edit, install_patches
@@ -41,7 +42,6 @@ from kanc.passes.surgery import (
     swap_module,
 )
 from kanc.passes.table import pattern
-from kanc.testing import rel_error
 
 EVAL_ROWS = 512
 CODE_EDIT_MISSES = ("owner_signature", "source_edit")  # refused graph edits a recorded block may do by other means

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kanc.errors import KancError
+from kanc.errors import KancError, first_line
 
 
 def dynamic_shapes_of(exported: Any) -> tuple | None:
@@ -45,5 +45,4 @@ def reexport(model: nn.Module, example_inputs: Any = None, original: Any = None)
     try:
         return torch.export.export(model, tuple(args), kwargs or None, dynamic_shapes=dynamic)
     except Exception as e:  # noqa: BLE001 - export failures come in many types
-        lines = [s for s in str(e).strip().splitlines() if s.strip()]
-        raise KancError(f"the converted model does not export: {lines[0] if lines else type(e).__name__}") from None
+        raise KancError(f"the converted model does not export: {first_line(e)}") from None

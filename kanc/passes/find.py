@@ -13,7 +13,6 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from kanc.errors import KancError
 from kanc.frontend.dataflow import dataflow_graph, node_id
 from kanc.frontend.leaves import is_activation_module, is_kanc_layer, linear_kind
 from kanc.frontend.recording import module_site, record_execution, site_of
@@ -197,7 +196,7 @@ def _set_near_misses(result: FindResult, listed: bool) -> None:
 
 
 def _recorded_part(model: nn.Module, inputs: Any) -> TracedPart:
-    from kanc.passes.calibrate import call_model, eval_mode
+    from kanc.passes.calibrate import call_model, does_not_run, eval_mode
 
     def run() -> Any:
         with torch.no_grad(), eval_mode(model):
@@ -206,7 +205,7 @@ def _recorded_part(model: nn.Module, inputs: Any) -> TracedPart:
     try:
         recording = record_execution(model, run)
     except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
-        raise KancError(f"the model does not run on the given inputs: {type(e).__name__}: {e}") from None
+        raise does_not_run(e) from None
     return TracedPart("", model, recording.graph_module, recorded=True, boundaries=recording.boundaries)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from kanc.errors import KancError
 from kanc.frontend.leaves import is_kanc_layer
-from kanc.testing import rel_error
+from kanc.numerics import rel_error
 
 COPY_TOLERANCE = 1e-6
 

@@ -88,7 +88,7 @@ def run_pipeline(
         ),
     )
     if verify_inputs is not None and reference is None and found.blocks:
-        reference = _run(ran, "snapshot", lambda: snapshot(model, verify_inputs, found.blocks))
+        reference = _run(ran, "snapshot", lambda: snapshot(model, verify_inputs))
     rewrite = REWRITES[target]
     measure = verify_inputs is None
     result = _run(

@@ -9,7 +9,7 @@ from torch import nn
 
 from kanc.passes.find import Skip
 from kanc.passes.pipeline import Conversion
-from kanc.text import table
+from kanc.text import json_safe, table
 
 
 @dataclass
@@ -71,7 +71,7 @@ def build_report(conv: Conversion, model_type: str, options: dict, params_before
     return ConversionReport(
         target=conv.target,
         model_type=model_type,
-        options=_jsonable(options),
+        options=json_safe(options),
         converted=[c.as_dict() for c in result.converted],
         skipped=[s.as_dict() for s in result.skipped],
         counters=dict(sorted(result.counters.items())),
@@ -83,16 +83,6 @@ def build_report(conv: Conversion, model_type: str, options: dict, params_before
         not_traced=conv.found.trace.reasons(),
         seconds=sum(p.seconds for p in conv.passes),
     )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return repr(value)
 
 
 def _error_text(value: float | None) -> str:

@@ -13,18 +13,17 @@ A check fails when an output that was finite becomes non-finite, or when the con
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kanc.errors import KancError
+from kanc.errors import KancError, one_line
 from kanc.frontend.leaves import linear_kind
+from kanc.numerics import rel_error
 from kanc.passes import calibrate
 from kanc.passes.convert import ConvertedBlock, PassResult
-from kanc.testing import rel_error
 
 MODES = ("no_grad", "grad")
 # The two modes of the converted model may differ by float rounding, never by more than this (relative).
@@ -77,12 +76,12 @@ def run_outputs(model: nn.Module, inputs: Any, mode: str) -> list[tuple[str, Ten
     return [(n, t.detach().clone()) for n, t in calibrate.output_tensors(out)]
 
 
-def snapshot(model: nn.Module, inputs: Any, blocks: Sequence[Any] = ()) -> Snapshot:
+def snapshot(model: nn.Module, inputs: Any) -> Snapshot:
     """Run the original ``model`` (eval) on ``inputs`` without and with grad; keep its outputs."""
     try:
         return Snapshot({mode: run_outputs(model, inputs, mode) for mode in MODES})
     except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
-        raise KancError(f"the model does not run on the given inputs: {type(e).__name__}: {e}") from None
+        raise calibrate.does_not_run(e) from None
 
 
 def verify_equivalence(
@@ -117,7 +116,7 @@ def _run_converted(model: nn.Module, inputs: Any, mode: str) -> list[tuple[str, 
         return run_outputs(model, inputs, mode)
     except Exception as e:  # noqa: BLE001 - the original ran on these inputs: the conversion broke something
         raise KancError(
-            f"the converted model fails on inputs the original model runs on ({mode}): {type(e).__name__}: {e}"
+            f"the converted model fails on inputs the original model runs on ({mode}): {one_line(e)}"
         ) from None
 
 

@@ -8,7 +8,6 @@ Who fills it: ``profiler`` runs the steps, ``rows`` builds the rows, ``findings`
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from kanc.runtime import page, summary
 from kanc.runtime.counts import Counts
 from kanc.runtime.devices import DevicePeaks
 from kanc.runtime.stalls import StallReport
+from kanc.text import json_safe
 
 SCHEMA_NAME = "kanc.profile"
 SCHEMA_VERSION = 1
@@ -268,18 +268,3 @@ def _is_kanc_report(path: Path) -> bool:
         return json.loads(path.read_text()).get("schema") == SCHEMA_NAME
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def json_safe(value: Any) -> Any:
-    """JSON-safe: NaN/inf become null, tuples lists, dtypes strings."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, torch.dtype):
-        return str(value).replace("torch.", "")
-    return str(value)

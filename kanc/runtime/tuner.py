@@ -20,9 +20,8 @@ from torch import nn
 from kanc.codegen import tuning
 from kanc.codegen.launches import Launch, recording
 from kanc.errors import KancError
-from kanc.runtime.report import json_safe
 from kanc.runtime.steps import Inputs, model_device, prepare_inputs, run_step, synchronize, time_steps
-from kanc.text import table
+from kanc.text import json_safe, table
 
 
 @dataclass

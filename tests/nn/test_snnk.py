@@ -341,3 +341,22 @@ def test_cos_features_are_universal_random_features_for_cos():
         errors.append(rel_error(est, truth))
     print(f"cos URF: rel error m=256 {errors[0]:.3f}, m=4096 {errors[1]:.3f}")
     assert errors[1] < 0.1 and 2.5 < errors[0] / errors[1] < 6.5  # one seed: 4x within Monte Carlo spread
+
+
+def test_layers_pass_every_feature_argument_to_their_features():
+    """SNNKLinear, SNNKMlp and from_mlp take SNNKFeatures' keyword arguments and pass each one through."""
+    kw = {"kind": "cos", "orthogonal": False, "seed": 3, "floor": 0.5, "input_scale": 0.25}
+    want = SNNKFeatures(8, 16, **kw)
+    w1, w2 = torch.randn(12, 8), torch.randn(4, 12)
+    built = [
+        SNNKLinear(8, 4, 16, **kw),
+        SNNKMlp(8, 4, 16, bias=False, **kw),
+        SNNKMlp.from_mlp(w1, None, w2, None, "gelu", 16, init="variance", **kw),
+    ]
+    for layer in built:
+        f = layer.features
+        assert (f.kind, f.orthogonal, f.seed, f.floor, f.input_scale) == tuple(kw.values())
+        assert torch.equal(f.projection, want.projection)
+    assert built[1].linear.bias is None
+    with pytest.raises(TypeError, match="ortho"):
+        SNNKMlp(8, 4, 16, ortho=False)

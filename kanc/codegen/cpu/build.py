@@ -2,13 +2,14 @@
 
 The shared library is cached in ``<kanc cache dir>/cpu/`` (``KANC_CACHE_DIR``, default ``~/.cache/kanc``) under a
 name keyed by the source's hash, the ABI version, the compiler's identity (``--version``), the flags and the CPU
-(``-march=native`` code runs only where it was built). A build writes a private temporary file and renames it into
-place, under an exclusive file lock, so concurrent processes (pytest-xdist workers, DDP ranks) neither race nor load
-half a file, and only one of them compiles. When the cache dir cannot be written (read-only home, a file in the
-way), the library is built in a private temporary directory for this process instead.
+(``-march=native`` code runs only where it was built). A build is published through :mod:`kanc.writing` (compiled
+into a temporary sibling, fsynced, renamed into place) under an exclusive build lock, so concurrent processes
+(pytest-xdist workers, DDP ranks) neither race nor load half a file, and only one of them compiles. When the cache
+dir cannot be written (read-only home, a file in the way), the library is built in a private temporary directory for
+this process instead.
 
-Compilers: ``CC`` (may hold arguments, e.g. ``ccache gcc``), else ``cc``, ``gcc`` or ``clang`` on PATH: Triton's
-own launcher stubs need one, so a machine that runs Triton has one. Flags are tried from the fastest (native ISA,
+Compilers: ``CC`` (may hold arguments, e.g. ``ccache gcc``), else ``cc``, ``gcc`` or ``clang`` on PATH: Triton's own
+launcher stubs need one, so a machine that runs Triton has one. Flags are tried from the fastest (native ISA,
 OpenMP) down to plain ``-O3``; every set keeps ``-ffp-contract=off`` and no ``-ffast-math``, so the C code rounds
 like the reference and propagates NaN/inf (``-fno-trapping-math`` only lets it compute both sides of a select).
 """
@@ -28,6 +29,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from kanc.errors import KancError, first_line
+from kanc.writing import write_file
 
 ABI = 1  # kanc_cpu_abi() of the source; bump with any change of an exported signature
 SOURCE = Path(__file__).with_name("rational.c")
@@ -82,7 +86,7 @@ def _compiler_identity(cc: list[str]) -> str:
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError(f"C compiler {cc[0]} does not run: {e}") from None
     if done.returncode != 0:
-        raise BuildError(f"C compiler {cc[0]} does not run: {_first_line(done.stderr)}")
+        raise BuildError(f"C compiler {cc[0]} does not run: {first_line(done.stderr, 160, prefer='error')}")
     return done.stdout.strip()
 
 
@@ -113,33 +117,26 @@ def _load_built(cc: list[str], flags: tuple[str, ...], name: str, cache: Path) -
     try:
         path = _build_into(cc, flags, name, cache)
         return Library(_load(path), path, flags)
-    except (OSError, BuildError) as e:
+    except (OSError, KancError, BuildError) as e:
         if isinstance(e, BuildError) and not str(e).startswith("cannot load"):
             raise  # the compiler failed: a private build would fail the same way
     try:
         path = _build_into(cc, flags, name, _private_dir())
-    except OSError as e:
-        raise BuildError(f"no writable directory to build in: {e}") from None
+    except (OSError, KancError) as e:
+        raise BuildError(f"no writable directory to build in: {first_line(e)}") from None
     return Library(_load(path), path, flags)
 
 
 def _build_into(cc: list[str], flags: tuple[str, ...], name: str, directory: Path) -> Path:
-    """``directory/name``, built unless present. OSError when the directory cannot be written."""
+    """``directory/name``, built unless present. OSError or KancError when the directory cannot be written."""
     path = directory / name
     if path.is_file():
         return path
     directory.mkdir(parents=True, exist_ok=True)
-    with _exclusive(directory / f"{name}.lock"):
+    with _exclusive(directory / f"{name}.lock"):  # one builder; the others wait here, then load its file
         if path.is_file():  # another process built it while this one waited
             return path
-        fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=directory)
-        os.close(fd)
-        try:
-            _compile(cc, flags, Path(tmp))  # the linker recreates the file with the umask's mode
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        write_file(path, lambda tmp: _compile(cc, flags, tmp))  # a full file appears at ``path``, or none
     return path
 
 
@@ -150,7 +147,7 @@ def _compile(cc: list[str], flags: tuple[str, ...], out: Path) -> None:
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError(f"{cc[0]} failed: {e}") from None
     if done.returncode != 0:
-        raise BuildError(f"{cc[0]} {' '.join(flags)} failed: {_first_line(done.stderr)}")
+        raise BuildError(f"{cc[0]} {' '.join(flags)} failed: {first_line(done.stderr, 160, prefer='error')}")
 
 
 @contextlib.contextmanager
@@ -187,7 +184,7 @@ def _load(path: Path) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
         abi = lib.kanc_cpu_abi()
     except (OSError, AttributeError) as e:
-        raise BuildError(f"cannot load {path.name}: {_first_line(str(e))}") from None
+        raise BuildError(f"cannot load {path.name}: {first_line(e, 160)}") from None
     if abi != ABI:
         raise BuildError(f"{path} has ABI {abi}, kanc needs {ABI}")
     _declare(lib)
@@ -199,9 +196,3 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.kanc_rational_forward.argtypes = [p, p, i64, i64, i64, i64, p, p, i32, i32, i32, i32]
     lib.kanc_rational_backward.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, i32, i32, i32, p, p, i32]
     lib.kanc_rational_forward.restype = lib.kanc_rational_backward.restype = i32
-
-
-def _first_line(text: str, limit: int = 160) -> str:
-    lines = [s.strip() for s in text.splitlines() if s.strip()]
-    line = next((s for s in lines if "error" in s.lower()), lines[0] if lines else "no output")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
