@@ -116,15 +116,17 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
     if reference is not None and not inplace:
         check_copy(work, inputs, reference.outputs["no_grad"])
     before = count_params(model)
+    discovery = inputs if inputs is not None else calibration  # without verification, the fit's run still finds
     conv = run_pipeline(
         work, target, include=include, exclude=exclude, calibration=calibration,
         reference=reference, verify_inputs=inputs, progress=progress, near_misses=near_misses,
+        discovery_inputs=discovery if inputs is None else None,
         **dataclasses.asdict(opts),
     )  # fmt: skip
     report = build_report(conv, type(model).__name__, dataclasses.asdict(opts), before)
     report.options.update(include=list(include or []), exclude=list(exclude or []))
-    if inputs is not None:  # blocks found on a run of the model are found again on inputs of the same shapes
-        report.options["discovery_inputs"] = input_spec(inputs)
+    if discovery is not None:  # blocks found on a run of the model are found again on inputs of the same shapes
+        report.options["discovery_inputs"] = input_spec(discovery)
     _attach(conv.model, report, _manifest_source(model))
     if exported is not None:
         conv.model.__dict__[_EXPORTED_ATTR] = exported
