@@ -142,7 +142,8 @@ def _verify_inputs(model: nn.Module, example_inputs: Any, calibration: Any) -> A
 
 
 def default_inputs(model: nn.Module) -> Any:
-    """A .pt2 model's example inputs, token ids for a Hugging Face model that takes ``input_ids`` (seeded), or None."""
+    """A .pt2 model's example inputs, token ids for a Hugging Face model that takes ``input_ids`` (seeded; the same
+    ids as ``decoder_input_ids`` for an encoder-decoder), or None."""
     exported = model.__dict__.get(_EXPORTED_ATTR)
     if exported is not None and not exported.example_inputs[1]:
         return tuple(exported.example_inputs[0])
@@ -151,9 +152,10 @@ def default_inputs(model: nn.Module) -> Any:
     if getattr(model, "main_input_name", None) != "input_ids" or not isinstance(vocab, int):
         return None
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 16), generator=gen)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return {"input_ids": ids.to(device)}
+    ids = torch.randint(0, vocab, (2, 16), generator=gen).to(next((p.device for p in model.parameters()), "cpu"))
+    if getattr(config, "is_encoder_decoder", False):  # T5 runs its decoder only on decoder ids of its own
+        return {"input_ids": ids, "decoder_input_ids": ids}
+    return {"input_ids": ids}
 
 
 def _attach(model: nn.Module, report: ConversionReport, source: dict) -> None:

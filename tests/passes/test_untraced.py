@@ -85,3 +85,13 @@ def test_calibration_without_verification_still_records_a_run():
     report = kanc.report(converted)
     assert report.blocks == ["mlp"] and report.skipped == [] and report.not_traced == {}
     assert report.options["discovery_inputs"]["dict"]["hidden_states"]["shape"] == [2, 8, 64]
+
+
+def test_an_encoder_decoder_converts_on_its_default_inputs():
+    """T5 runs its decoder only on decoder ids: the default inputs carry them, so inspect and compile run as-is."""
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5)).eval()
+    converted = kanc.compile(model, "grkan")
+    report = kanc.report(converted)
+    assert len(report.blocks) == 4 and report.not_traced == {} and report.skipped == []
+    assert report.fidelity["failures"] == [] and max(report.fidelity["outputs"].values()) < 1e-2
