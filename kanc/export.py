@@ -90,6 +90,8 @@ def _export_or_static(
         return
     try:
         _export_checked(model, inputs, tmp, result, verify, atol)
+    except _MissingKernel:
+        raise  # static shapes need the same kernels
     except KancError as e:
         shapes = ", ".join(str(list(t.shape)) for t in inputs)
         axes = "/".join(result.dynamic)
@@ -133,6 +135,10 @@ def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
         raise KancError("example_inputs must be a tensor or a non-empty sequence of tensors")
     return inputs
+
+
+class _MissingKernel(KancError):
+    """onnxruntime has no kernel for an op of the file (bfloat16 on the CPU): no other shapes can help."""
 
 
 def _check_axes(dynamic: Sequence[str] | None) -> tuple[str, ...]:
@@ -230,7 +236,12 @@ def _compare(model: nn.Module, inputs: tuple[Tensor, ...], file: str) -> dict[st
         names = [i.name for i in session.get_inputs()]
         got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise KancError(f"onnxruntime cannot run the exported model: {_first_line(e)}") from e
+        text = f"onnxruntime cannot run the exported model: {_first_line(e)}"
+        if "NOT_IMPLEMENTED" in str(e):
+            bf16 = any(t.dtype == torch.bfloat16 for t in (*inputs, *model.parameters(), *model.buffers()))
+            hint = "; its CPU kernels lack bfloat16: export a float32 copy (model.float())" if bf16 else ""
+            raise _MissingKernel(text + hint) from e
+        raise KancError(text) from e
     with torch.no_grad():
         expected = [t for t in torch.utils._pytree.tree_leaves(model(*inputs)) if isinstance(t, Tensor)]
     outputs = [o.name for o in session.get_outputs()]

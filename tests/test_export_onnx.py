@@ -206,3 +206,16 @@ def test_a_model_that_cannot_be_dynamic_falls_back_to_static_shapes_saying_so(tm
     assert "static shape of 2 for dimension inputs['x'].shape[0]" in result.note  # the line after torch's "...:"
     assert result.note.endswith("exported with static shapes [2, 5, 4]") and "\n" not in result.note
     assert [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim] == [2, 5, 4]
+
+
+def test_bf16_without_onnxruntime_kernels_fails_once_with_a_hint_and_leaves_nothing(tmp_path, monkeypatch):
+    import kanc.export as kexport
+
+    calls = []
+    real = kexport._export
+    monkeypatch.setattr(kexport, "_export", lambda *a: calls.append(a[3]) or real(*a))
+    model = nn.Linear(16, 16).to(torch.bfloat16)
+    with pytest.raises(KancError, match="lack bfloat16: export a float32 copy"):
+        export_onnx(model, torch.randn(2, 5, 16).to(torch.bfloat16), tmp_path / "m.onnx")
+    assert calls == [("batch", "seq")]  # no static retry: other shapes need the same kernels
+    assert list(tmp_path.iterdir()) == []
