@@ -326,9 +326,10 @@ def _skip_untraced(result: FindResult) -> None:
     """Report the modules that did not trace. One whose own linear layers were all examined another way (they ran
     in the recorded run, its inline MLP was read from its source, or it has none: its children were visited one by
     one) hides no block: a trace note, listed only with the near misses. Where linear layers stayed unexamined an
-    MLP may hide: one skip per class and reason says so, naming every such module, and ``untraced`` keeps them."""
+    MLP may hide: one skip per class, reason and place (``model.layers.*.self_attn``) says so, naming every such
+    module, and ``untraced`` keeps them."""
     recorded = any(p.recorded for p in result.trace.parts)
-    groups: dict[tuple[str, str, str], list[tuple[str, nn.Module]]] = {}
+    groups: dict[tuple[str, str, str, str], list[tuple[str, nn.Module]]] = {}
     for failure in result.trace.failures:
         if failure.container:
             continue
@@ -346,8 +347,9 @@ def _skip_untraced(result: FindResult) -> None:
             message += " (they did not run on the example inputs)"
         elif read:
             message += " (its inline MLP was read from its source)"
-        groups.setdefault((failure.type_name, failure.reason, message), []).append((failure.path, module))
-    for (type_name, reason, message), members in groups.items():
+        key = (failure.type_name, failure.reason, message, _indexless(failure.path))
+        groups.setdefault(key, []).append((failure.path, module))
+    for (type_name, reason, message, name), members in groups.items():
         paths = [p for p, _ in members]
         result.untraced.update(dict.fromkeys(paths, reason))
         site = module_site(members[0][1])
@@ -355,7 +357,7 @@ def _skip_untraced(result: FindResult) -> None:
             text = f"did not trace ({reason}); {message}"
         else:
             text = f"{len(paths)} {type_name} modules did not trace ({reason}); in each, {message}: {_listed(paths)}"
-        result.skipped.append(Skip(_glob(paths), "not_traced", text, site=site))
+        result.skipped.append(Skip(name if len(paths) > 1 else paths[0] or ROOT, "not_traced", text, site=site))
 
 
 def trace_note(skip: Skip) -> bool:
@@ -370,17 +372,9 @@ def _examined(linears: list[str], recorded: bool) -> str:
     return f"its {len(linears)} linear layer(s) {how}"
 
 
-def _glob(paths: list[str]) -> str:
-    """One name for the modules at ``paths``: ``model.layers.*.self_attn`` where they differ only in indices."""
-    if len(paths) == 1:
-        return paths[0] or ROOT
-    split = [p.split(".") for p in paths]
-    if len({len(parts) for parts in split}) != 1:
-        return paths[0] or ROOT
-    columns = list(zip(*split, strict=True))
-    if any(len(set(c)) > 1 and not all(x.isdigit() for x in c) for c in columns):
-        return paths[0] or ROOT
-    return ".".join(c[0] if len(set(c)) == 1 else "*" for c in columns)
+def _indexless(path: str) -> str:
+    """``model.layers.3.self_attn`` -> ``model.layers.*.self_attn``: the name of one skip for all such modules."""
+    return ".".join("*" if part.isdigit() else part for part in path.split(".")) if path else ROOT
 
 
 def _listed(paths: list[str], shown: int = 4) -> str:
