@@ -349,7 +349,7 @@ def _skip_untraced(result: FindResult) -> None:
             message += " (its inline MLP was read from its source)"
         key = (failure.type_name, failure.reason, message, _indexless(failure.path))
         groups.setdefault(key, []).append((failure.path, module))
-    for (type_name, reason, message, name), members in groups.items():
+    for (type_name, reason, message, _), members in groups.items():
         paths = [p for p, _ in members]
         result.untraced.update(dict.fromkeys(paths, reason))
         site = module_site(members[0][1])
@@ -357,7 +357,7 @@ def _skip_untraced(result: FindResult) -> None:
             text = f"did not trace ({reason}); {message}"
         else:
             text = f"{len(paths)} {type_name} modules did not trace ({reason}); in each, {message}: {_listed(paths)}"
-        result.skipped.append(Skip(name if len(paths) > 1 else paths[0] or ROOT, "not_traced", text, site=site))
+        result.skipped.append(Skip(_common_name(paths), "not_traced", text, site=site))
 
 
 def trace_note(skip: Skip) -> bool:
@@ -373,8 +373,14 @@ def _examined(linears: list[str], recorded: bool) -> str:
 
 
 def _indexless(path: str) -> str:
-    """``model.layers.3.self_attn`` -> ``model.layers.*.self_attn``: the name of one skip for all such modules."""
+    """``model.layers.3.self_attn`` -> ``model.layers.*.self_attn``: the modules one skip speaks for."""
     return ".".join("*" if part.isdigit() else part for part in path.split(".")) if path else ROOT
+
+
+def _common_name(paths: list[str]) -> str:
+    """Paths of one place (``_indexless``) as one name, ``*`` only where their indices differ."""
+    columns = zip(*(p.split(".") for p in paths), strict=True)
+    return ".".join(c[0] if len(set(c)) == 1 else "*" for c in columns) if paths[0] else ROOT
 
 
 def _listed(paths: list[str], shown: int = 4) -> str:

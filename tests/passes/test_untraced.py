@@ -95,3 +95,13 @@ def test_an_encoder_decoder_converts_on_its_default_inputs():
     report = kanc.report(converted)
     assert len(report.blocks) == 4 and report.not_traced == {} and report.skipped == []
     assert report.fidelity["failures"] == [] and max(report.fidelity["outputs"].values()) < 1e-2
+
+
+def test_untraced_modules_are_named_by_place_with_stars_only_where_indices_differ():
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5))
+    names = {s.name for s in find_mlp_blocks(model).skipped if s.code == "not_traced"}  # no inputs: nothing ran
+    attention = {
+        "encoder.block.*.layer.0.SelfAttention", "decoder.block.*.layer.0.SelfAttention",
+        "decoder.block.*.layer.1.EncDecAttention",
+    }  # fmt: skip
+    assert names == {"<root>", *attention}  # the root's lm_head, and each place's modules once
