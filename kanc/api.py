@@ -115,15 +115,17 @@ def compile(  # noqa: A001 - kanc.compile mirrors torch.compile
     if reference is not None and not inplace:
         check_copy(work, inputs, reference.outputs["no_grad"])
     before = count_params(model)
+    discovery = inputs if inputs is not None else calibration  # without verification, the fit's run still finds
     conv = run_pipeline(
         work, target, include=include, exclude=exclude, calibration=calibration,
         reference=reference, verify_inputs=inputs, progress=progress, near_misses=near_misses,
+        discovery_inputs=discovery if inputs is None else None,
         **dataclasses.asdict(opts),
     )  # fmt: skip
     report = build_report(conv, type(model).__name__, dataclasses.asdict(opts), before)
     report.options.update(include=list(include or []), exclude=list(exclude or []))
-    if inputs is not None:  # blocks found on a run of the model are found again on inputs of the same shapes
-        report.options["discovery_inputs"] = input_spec(inputs)
+    if discovery is not None:  # blocks found on a run of the model are found again on inputs of the same shapes
+        report.options["discovery_inputs"] = input_spec(discovery)
     attach(conv.model, report, manifest_source(model))
     if exported is not None:
         conv.model.__dict__[EXPORTED_ATTR] = exported
@@ -139,7 +141,8 @@ def _verify_inputs(model: nn.Module, example_inputs: Any, calibration: Any) -> A
 
 
 def default_inputs(model: nn.Module) -> Any:
-    """A .pt2 model's example inputs, token ids for a Hugging Face model that takes ``input_ids`` (seeded), or None."""
+    """A .pt2 model's example inputs, token ids for a Hugging Face model that takes ``input_ids`` (seeded; the same
+    ids as ``decoder_input_ids`` for an encoder-decoder), or None."""
     exported = model.__dict__.get(EXPORTED_ATTR)
     if exported is not None and not exported.example_inputs[1]:
         return tuple(exported.example_inputs[0])
@@ -148,9 +151,10 @@ def default_inputs(model: nn.Module) -> Any:
     if getattr(model, "main_input_name", None) != "input_ids" or not isinstance(vocab, int):
         return None
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 16), generator=gen)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return {"input_ids": ids.to(device)}
+    ids = torch.randint(0, vocab, (2, 16), generator=gen).to(next((p.device for p in model.parameters()), "cpu"))
+    if getattr(config, "is_encoder_decoder", False):  # T5 runs its decoder only on decoder ids of its own
+        return {"input_ids": ids, "decoder_input_ids": ids}
+    return {"input_ids": ids}
 
 
 def report(model: nn.Module) -> ConversionReport:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ class ExportResult:
     dynamic: tuple[str, ...]
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     checks: list[dict] = field(default_factory=list)
+    note: str | None = None  # set when the dynamic export failed and the file has static shapes instead
 
     @property
     def worst(self) -> float:
@@ -62,6 +63,8 @@ def export_onnx(
     ``dynamic`` names the axes left symbolic: "batch" is dim 0 of every input, "seq" is dim 1 of token ids (B, T) and
     token embeddings (B, T, D). With ``verify``, onnxruntime (CPU) runs the file at the example shape
     and, when axes are dynamic, at a second shape; a difference above ``atol`` raises :class:`CheckFailedError`.
+    Where the dynamic export fails (the exporter, onnxruntime or the check), the file is exported and checked again
+    with static shapes: ``result.dynamic`` is then empty and ``result.note`` says why in one line.
     An existing ``path`` is replaced only with ``force``; ``protect``: paths it must never touch (the model file).
     """
     inputs = _as_tuple(example_inputs)
@@ -73,16 +76,36 @@ def export_onnx(
     with _without_kv_cache(model):
         _check_runs(model, inputs)
         result = ExportResult(path=path, opset=opset, dynamic=axes)
-        write_file(path, lambda tmp: _export_checked(model, inputs, tmp, result, verify, atol), inputs=protect,
+        write_file(path, lambda tmp: _export_or_static(model, inputs, tmp, result, verify, atol), inputs=protect,
                    force=force)  # fmt: skip
         return result
+
+
+def _export_or_static(
+    model: nn.Module, inputs: tuple[Tensor, ...], tmp: Path, result: ExportResult, verify: bool, atol: float
+) -> None:
+    """The dynamic export, else (it failed to export, to run or to match) the static one, saying so in ``note``."""
+    if not result.dynamic:
+        _export_checked(model, inputs, tmp, result, verify, atol)
+        return
+    try:
+        _export_checked(model, inputs, tmp, result, verify, atol)
+    except _MissingKernel:
+        raise  # static shapes need the same kernels
+    except KancError as e:
+        shapes = ", ".join(str(list(t.shape)) for t in inputs)
+        axes = "/".join(result.dynamic)
+        cause = _exporter_cause(e)
+        result.note = f"the export with dynamic {axes} failed ({cause}); exported with static shapes {shapes}"
+        result.dynamic, result.checks, result.max_abs_diff = (), [], {}
+        _export_checked(model, inputs, tmp, result, verify, atol)
 
 
 def _export_checked(
     model: nn.Module, inputs: tuple[Tensor, ...], tmp: Path, result: ExportResult, verify: bool, atol: float
 ) -> None:
     """Export to ``tmp`` and check it with onnxruntime; the writer publishes it only if this returns."""
-    _export(model, inputs, str(tmp), result.dynamic, result.opset)
+    _export(model, _export_inputs(inputs, result.dynamic), str(tmp), result.dynamic, result.opset)
     if not verify:
         return
     shapes = [inputs] + ([_second_inputs(inputs, result.dynamic)] if result.dynamic else [])
@@ -113,6 +136,10 @@ def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
         raise KancError("example_inputs must be a tensor or a non-empty sequence of tensors")
     return inputs
+
+
+class _MissingKernel(KancError):
+    """onnxruntime has no kernel for an op of the file (bfloat16 on the CPU): no other shapes can help."""
 
 
 def _check_axes(dynamic: Sequence[str] | None) -> tuple[str, ...]:
@@ -169,14 +196,31 @@ def _export(model: nn.Module, inputs: tuple[Tensor, ...], file: str, axes: tuple
 
 def _second_inputs(inputs: tuple[Tensor, ...], axes: tuple[str, ...]) -> tuple[Tensor, ...]:
     """Inputs at another shape along the dynamic axes: batch + 1, sequence - 1 (never past the example length)."""
+    return _resized(inputs, axes, lambda axis, n: n + 1 if axis == "batch" or n == 1 else n - 1)
+
+
+def _export_inputs(inputs: tuple[Tensor, ...], axes: tuple[str, ...]) -> tuple[Tensor, ...]:
+    """The example, at least 2 long on each dynamic axis: torch.export specializes a size of 1 (it reads as
+    broadcastable), and the ONNX exporter then writes a graph that fails at any other size (a batch-1 LLaMA)."""
+    if all(n >= 2 for t in inputs for n in _dynamic_sizes(t, axes)):
+        return inputs
+    return _resized(inputs, axes, lambda axis, n: max(n, 2))
+
+
+def _dynamic_sizes(t: Tensor, axes: tuple[str, ...]) -> list[int]:
+    return [t.shape[dim] for dim in (_dim_spec(t, axes) or {})]
+
+
+def _resized(inputs: tuple[Tensor, ...], axes: tuple[str, ...], size: Callable[[str, int], int]) -> tuple[Tensor, ...]:
+    """Seeded random inputs like ``inputs`` (ids within the example's range), dynamic axes at ``size(axis, n)``."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for t in inputs:
         shape = list(t.shape)
         if "batch" in axes and t.dim() >= 1:
-            shape[0] += 1
+            shape[0] = size("batch", shape[0])
         if "seq" in axes and _has_seq(t):
-            shape[1] = shape[1] - 1 if shape[1] > 1 else shape[1] + 1
+            shape[1] = size("seq", shape[1])
         if t.is_floating_point():
             out.append(torch.randn(shape, generator=gen).to(t.dtype))
         else:
@@ -193,7 +237,12 @@ def _compare(model: nn.Module, inputs: tuple[Tensor, ...], file: str) -> dict[st
         names = [i.name for i in session.get_inputs()]
         got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise KancError(f"onnxruntime cannot run the exported model: {_exporter_cause(e)}") from e
+        text = f"onnxruntime cannot run the exported model: {_exporter_cause(e)}"
+        if "NOT_IMPLEMENTED" in str(e):
+            bf16 = any(t.dtype == torch.bfloat16 for t in (*inputs, *model.parameters(), *model.buffers()))
+            hint = "; its CPU kernels lack bfloat16: export a float32 copy (model.float())" if bf16 else ""
+            raise _MissingKernel(text + hint) from e
+        raise KancError(text) from e
     with torch.no_grad():
         expected = [t for t in torch.utils._pytree.tree_leaves(model(*inputs)) if isinstance(t, Tensor)]
     outputs = [o.name for o in session.get_outputs()]
@@ -208,7 +257,15 @@ def _compare(model: nn.Module, inputs: tuple[Tensor, ...], file: str) -> dict[st
 def _exporter_cause(e: BaseException) -> str:
     """One line for a failure in torch.export or the ONNX exporter: the cause its summary names, else the first line."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the exporter colours its messages
-    cause = re.search(r"Exception summary\s+<class '(?:[\w.]+\.)?(\w+)'>: ([^\n]+)", text)
+    cause = re.search(r"Exception summary\s+<class '(?:[\w.]+\.)?(\w+)'>: (.+)", text, re.DOTALL)
     if cause:  # the exporter's first line is generic ("step 1/3"); its summary names the cause
-        return f"{cause.group(1)}: {cause.group(2).strip()}"
-    return first_line(text) if text.strip() else type(e).__name__
+        return f"{cause.group(1)}: {_opening(cause.group(2))}"
+    return _opening(text) if text.strip() else type(e).__name__
+
+
+def _opening(text: str) -> str:
+    """The first line, and the next when the first only announces it ("Found the following conflicts ...:")."""
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return first_line(f"{lines[0]} {lines[1].lstrip('- ')}")
+    return first_line(text)

@@ -165,8 +165,12 @@ def test_inspect_table_json_and_graph(files, tmp_path):
     assert code == 0
     payload = json.loads(stdout)
     assert [b["name"] for b in payload["blocks"]] == ["a", "b", "c"] and payload["format"] == "state_dict"
-    assert payload["not_traced"] and payload["counters"] == {"found:plain": 3}
+    # the root does not trace, but its children did: it hides nothing, so it is neither a skip nor counted
+    assert payload["not_traced"] == {} and payload["skipped"] == [] and payload["counters"] == {"found:plain": 3}
     assert graph.read_text().startswith("<?xml") and _files(tmp_path) == {"g.graphml"}
+    code, stdout, _ = kanc_cli("inspect", files / "sd.pt", "--arch", f"{ZOO}:Branchy", "--near-misses")
+    assert code == 0 and "counters: found:plain=3" in stdout
+    assert "<root>: [not_traced] did not trace (" in stdout and "it has no linear layer of its own" in stdout
     code, _, stderr = kanc_cli("inspect", files / "full.pt", "--trust-pickle", "--graph", tmp_path / "g.png")
     assert code == 2 and "--graph must end in .graphml or .dot" in stderr  # a bad option value: usage
 

@@ -79,3 +79,20 @@ def test_errors_are_one_line_exit_1_and_leave_nothing(model_file, tmp_path, caps
 def test_missing_model_file(tmp_path, capsys):
     code, _, err = _run(["export", "onnx", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o.onnx")], capsys)
     assert code == 1 and "model file not found" in err
+
+
+class _ShapeBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[0] == 2 else x - 1
+
+
+def test_static_fallback_is_one_note_line_and_in_the_json(tmp_path, capsys):
+    path = tmp_path / "branch.pt"
+    torch.save(_ShapeBranch(), path)
+    argv = ["export", "onnx", str(path), "-o", str(tmp_path / "o.onnx"), "--trust-pickle", "--input-shape", "2,3,4"]
+    code, out, err = _run([*argv, "--json"], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "exported with static shapes [2, 3, 4]" in notes[0]
+    payload = json.loads(out)
+    assert payload["dynamic"] == [] and payload["note"] == notes[0][len("note: ") :]

@@ -144,12 +144,12 @@ def test_hf_model_with_its_kv_cache_on_exports(tmp_path):
 
 
 def test_export_errors_name_the_cause():
-    from kanc.export import _exporter_cause as _first_line
+    from kanc.export import _exporter_cause
 
     text = "Failed to export the model with torch.export. This is step 1/3.\n## Exception summary\n\n"
     text += "<class 'torch._dynamo.exc.Unsupported'>: Data-dependent branching\n\nmore"
-    assert _first_line(RuntimeError(text)) == "Unsupported: Data-dependent branching"
-    assert _first_line(ValueError("plain\nsecond")) == "plain"
+    assert _exporter_cause(RuntimeError(text)) == "Unsupported: Data-dependent branching"
+    assert _exporter_cause(ValueError("plain\nsecond")) == "plain"
 
 
 @pytest.mark.parametrize("target", ["grkan", "snnk"])
@@ -164,3 +164,58 @@ def test_compiled_vit_exports_with_dynamic_batch(tmp_path, target):
     result = export_onnx(converted, images[:2], tmp_path / f"vit_{target}.onnx", dynamic=("batch",))
     assert [c["shapes"] for c in result.checks] == [[[2, 1, 8, 8]], [[3, 1, 8, 8]]]
     assert result.worst < 1e-4
+
+
+def _tiny_llama() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_converted_llama_exports_dynamic_from_a_batch_of_one(tmp_path):
+    """torch.export specializes a size-1 example dim; exported as it was, the batch-1 LLaMA's graph broadcast wrong
+    at batch 2 in onnxruntime. The export runs at size >= 2 and is checked at the user's shape and another."""
+    import kanc
+
+    converted = kanc.compile(_tiny_llama(), "grkan")
+    assert kanc.report(converted).blocks == ["model.layers.0.mlp"]
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
+    out = tmp_path / "llama.onnx"
+    result = export_onnx(converted, ids, out)
+    assert result.note is None and result.dynamic == ("batch", "seq")
+    assert [c["shapes"] for c in result.checks] == [[[1, 6]], [[2, 5]]]
+    assert result.worst < 1e-4
+    inputs = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in inputs)  # both axes symbolic in the file
+
+
+class _ShapeBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[0] == 2 else x - 1  # a branch on the batch size: no dynamic batch possible
+
+
+def test_a_model_that_cannot_be_dynamic_falls_back_to_static_shapes_saying_so(tmp_path):
+    out = tmp_path / "m.onnx"
+    result = export_onnx(_ShapeBranch(), torch.randn(2, 5, 4), out)
+    assert result.dynamic == () and [c["shapes"] for c in result.checks] == [[[2, 5, 4]]] and result.worst == 0.0
+    assert result.note.startswith("the export with dynamic batch/seq failed (model does not export to ONNX: ")
+    assert "static shape of 2 for dimension inputs['x'].shape[0]" in result.note  # the line after torch's "...:"
+    assert result.note.endswith("exported with static shapes [2, 5, 4]") and "\n" not in result.note
+    assert [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim] == [2, 5, 4]
+
+
+def test_bf16_without_onnxruntime_kernels_fails_once_with_a_hint_and_leaves_nothing(tmp_path, monkeypatch):
+    import kanc.export as kexport
+
+    calls = []
+    real = kexport._export
+    monkeypatch.setattr(kexport, "_export", lambda *a: calls.append(a[3]) or real(*a))
+    model = nn.Linear(16, 16).to(torch.bfloat16)
+    with pytest.raises(KancError, match="lack bfloat16: export a float32 copy"):
+        export_onnx(model, torch.randn(2, 5, 16).to(torch.bfloat16), tmp_path / "m.onnx")
+    assert calls == [("batch", "seq")]  # no static retry: other shapes need the same kernels
+    assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,7 @@ The report is only read to cross-check: the number of blocks it says it converte
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import time
 import traceback
@@ -166,8 +167,11 @@ def kanc_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def within(path: str, ancestor: str) -> bool:
-    """``path`` is ``ancestor`` or below it (the root, "", contains everything)."""
-    return ancestor in ROOT_NAMES or path == ancestor or path.startswith(ancestor + ".")
+    """``path`` is ``ancestor`` or below it (the root, "", contains everything). ``ancestor`` may be a glob: kanc
+    names one skip for several modules of a class ``model.layers.*.self_attn``."""
+    if ancestor in ROOT_NAMES or path == ancestor or path.startswith(ancestor + "."):
+        return True
+    return "*" in ancestor and (fnmatch.fnmatchcase(path, ancestor) or fnmatch.fnmatchcase(path, ancestor + ".*"))
 
 
 def assign(paths: Iterable[str], expected: list[Expected]) -> tuple[dict[str, list[str]], list[str]]:

@@ -232,7 +232,9 @@ class _Stream(LayerWalk):
 
     def _merged_report(self) -> ConversionReport:
         first = self.records[0].report
-        merged = ConversionReport(self.target, type(self.model).__name__, dict(first.options))
+        # discovery_inputs are one layer's keyword inputs: kanc.load would run the whole model on them
+        options = {k: v for k, v in first.options.items() if k != "discovery_inputs"}
+        merged = ConversionReport(self.target, type(self.model).__name__, options)
         merged.params_before = merged.params_after = self.params_outside
         for r in self.records:
             _merge(merged, r.name, r.report)

@@ -54,9 +54,11 @@ def onnx_cmd(
     result = export_onnx(
         loaded.module, inputs, out, dynamic=axes or None, opset=opset, atol=atol, force=force, protect=loaded.reads
     )
+    if result.note:
+        click.echo(f"note: {result.note}", err=True)
     if as_json:
         payload = {"path": str(result.path), "dynamic": list(result.dynamic), "checks": result.checks}
-        click.echo(json.dumps({**payload, "max_abs_diff": result.worst}))
+        click.echo(json.dumps({**payload, "max_abs_diff": result.worst, "note": result.note}))
         return
     for check in result.checks:
         click.echo(f"shapes {check['shapes']}: max abs diff {max(check['max_abs_diff'].values()):.3g}")

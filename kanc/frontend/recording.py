@@ -18,6 +18,7 @@ only the path the inputs took is seen. The graph is never run (``RecordedGraphMo
 
 from __future__ import annotations
 
+import inspect
 import operator
 import os
 import re
@@ -74,12 +75,18 @@ def site_of(node: fx.Node) -> str | None:
 
 
 def module_site(module: nn.Module) -> str | None:
-    """``file:line (forward)`` of a module class's forward, when its source can be found."""
+    """``file:line (forward)`` of a module class's forward (under its decorators), when its source can be found."""
     forward = getattr(type(module), "forward", None)
-    code = getattr(forward, "__code__", None)
+    site = code_site(inspect.unwrap(forward)) if forward is not None else None
+    return f"{site} ({type(module).__name__}.forward)" if site else None
+
+
+def code_site(fn: Any) -> str | None:
+    """``file:line`` where the Python function ``fn`` is defined (site-packages paths shortened), else None."""
+    code = getattr(fn, "__code__", None)
     if code is None or code.co_filename.startswith("<"):
         return None
-    return f"{_short(code.co_filename)}:{code.co_firstlineno} ({type(module).__name__}.forward)"
+    return f"{_short(code.co_filename)}:{code.co_firstlineno}"
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')

@@ -9,6 +9,7 @@ as it is: it is already a graph.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from kanc.frontend.leaves import is_leaf, linear_kind
+from kanc.frontend.recording import code_site
 from kanc.frontend.source import chain_graph, inline_chains
 
 
@@ -119,7 +121,7 @@ def _visit(trace: Trace, path: str, module: nn.Module, read_source: bool) -> Non
         return
     except Exception as e:  # noqa: BLE001 - any tracing failure means: try the children
         container = isinstance(module, nn.ModuleList | nn.ModuleDict) or type(module).forward is nn.Module.forward
-        trace.failures.append(TraceFailure(path, type(module).__name__, _reason(e), container))
+        trace.failures.append(TraceFailure(path, type(module).__name__, _reason(e, module), container))
         chains = [] if container or not read_source else inline_chains(module)
         if chains:
             trace.parts.append(TracedPart(path, module, chain_graph(module, chains), source=True))
@@ -132,8 +134,25 @@ def _worth_tracing(module: nn.Module) -> bool:
     return any(linear_kind(m) is not None for m in module.modules())
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, module: nn.Module) -> str:
     lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
     text = lines[0] if lines else ""
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
+    wrapper = _varargs_wrapper(module)
+    if wrapper is not None and "co_varnames" in text:  # what torch.fx raises, not what it means
+        text = f"torch.fx cannot trace the (*args, **kwargs) decorator at {wrapper} ({text.rpartition(': ')[2]})"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _varargs_wrapper(module: nn.Module) -> str | None:
+    """``file:line`` of a ``functools.wraps`` decorator taking ``(*args, **kwargs)`` around the module's forward.
+
+    torch.fx builds the root's placeholders from the wrapped function's parameters but rewrites the wrapper's code
+    object with that many arguments, which fails ("co_varnames is too small"): every Hugging Face forward decorated
+    with ``deprecate_kwarg`` meets it (transformers 5)."""
+    forward = getattr(type(module), "forward", None)
+    flags = getattr(getattr(forward, "__code__", None), "co_flags", 0)
+    varargs = flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+    if forward is None or inspect.unwrap(forward) is forward or not varargs:
+        return None
+    return code_site(forward)

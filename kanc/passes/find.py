@@ -76,6 +76,7 @@ class FindResult:
     near_misses: list[Skip] = field(default_factory=list)  # skips about things that are not MLP blocks (hidden)
     converted: Counter = field(default_factory=Counter)
     alternates: dict = field(default_factory=dict)  # block key -> the same block found in the recorded execution
+    untraced: dict[str, str] = field(default_factory=dict)  # path -> why: modules that did not trace and hide linears
 
     def block(self, name: str) -> MLPBlock:
         return next(b for b in self.blocks if b.name == name)
@@ -109,7 +110,7 @@ class FindResult:
             "skipped": [s.as_dict() for s in self.skipped],
             "counters": dict(sorted(self.counters.items())),
             "already_converted": dict(self.converted),
-            "not_traced": self.trace.reasons(),
+            "not_traced": dict(self.untraced),
         }
 
 
@@ -149,10 +150,12 @@ def find_mlp_blocks(
     """Find every MLP block of ``model`` (no change to the model).
 
     Before: any nn.Module (or an aten-level GraphModule from ``ExportedProgram.module()``).
-    After: ``blocks`` in graph order, each named by its owner module; every near miss, every module that did not
-    trace (with linear layers of its own) and every block left out by ``include``/``exclude`` is a counted skip
-    naming its file:line. Skips about things that are not MLP blocks (AdaLN modulation, SE gates, poolers: see
-    ``near_miss``) are counted as ``near_miss:<code>`` and kept in ``near_misses``; listed too with ``near_misses``.
+    After: ``blocks`` in graph order, each named by its owner module; every near miss, every class of modules that
+    did not trace and left linear layers unexamined (one skip per class and reason) and every block left out by
+    ``include``/``exclude`` is a counted skip naming its file:line. Skips about things that are not MLP blocks
+    (AdaLN modulation, SE gates, poolers: see ``near_miss``) are counted as ``near_miss:<code>`` and kept in
+    ``near_misses``; listed too with ``near_misses``, as are modules that did not trace but hide nothing
+    (``trace_note``: their linear layers ran in the recorded run, or they have none), which are never counted.
 
     With ``inputs`` the model also runs once on them, recorded (kanc.frontend.recording): blocks inside modules
     that do not trace are found on what really ran; where a module traced, its symbolic graph is used.
@@ -182,9 +185,11 @@ def find_mlp_blocks(
     for block in result.blocks:
         result.counters[f"found:{block.pattern}"] += 1
     for skip in result.skipped:
-        result.counters[f"skip:{skip.code}"] += 1
+        if not trace_note(skip):
+            result.counters[f"skip:{skip.code}"] += 1
     for skip in result.near_misses:
-        result.counters[f"near_miss:{skip.code}"] += 1
+        if not trace_note(skip):
+            result.counters[f"near_miss:{skip.code}"] += 1
     return result
 
 
@@ -317,22 +322,70 @@ def _name_blocks(result: FindResult) -> None:
 
 
 def _skip_untraced(result: FindResult) -> None:
-    model = result.model
+    """Report the modules that did not trace. One whose own linear layers were all examined another way (they ran
+    in the recorded run, its inline MLP was read from its source, or it has none: its children were visited one by
+    one) hides no block: a trace note, listed only with the near misses. Where linear layers stayed unexamined an
+    MLP may hide: one skip per class, reason and place (``model.layers.*.self_attn``) says so, naming every such
+    module, and ``untraced`` keeps them."""
+    recorded = any(p.recorded for p in result.trace.parts)
+    groups: dict[tuple[str, str, str, str], list[tuple[str, nn.Module]]] = {}
     for failure in result.trace.failures:
         if failure.container:
             continue
-        module = model.get_submodule(failure.path) if failure.path else model
+        module = result.model.get_submodule(failure.path) if failure.path else result.model
         linears = [n for n, c in module.named_children() if linear_kind(c) is not None]
         read = _read_from_source(result.trace, failure.path) | _ran(result.trace, failure.path)
         unread = [n for n in linears if n not in read]
         if not unread:
+            message = f"did not trace ({failure.reason}); {_examined(linears, recorded)}"
+            note = Skip(failure.path or ROOT, "not_traced", message, site=module_site(module), near_miss=True)
+            result.skipped.append(note)
             continue
-        message = f"did not trace ({failure.reason}); {_unexamined(len(unread), len(linears))} not examined"
-        if any(p.recorded for p in result.trace.parts):
+        message = f"{_unexamined(len(unread), len(linears))} not examined"
+        if recorded:
             message += " (they did not run on the example inputs)"
         elif read:
             message += " (its inline MLP was read from its source)"
-        result.skipped.append(Skip(failure.path or ROOT, "not_traced", message, site=module_site(module)))
+        key = (failure.type_name, failure.reason, message, _indexless(failure.path))
+        groups.setdefault(key, []).append((failure.path, module))
+    for (type_name, reason, message, _), members in groups.items():
+        paths = [p for p, _ in members]
+        result.untraced.update(dict.fromkeys(paths, reason))
+        site = module_site(members[0][1])
+        if len(members) == 1:
+            text = f"did not trace ({reason}); {message}"
+        else:
+            text = f"{len(paths)} {type_name} modules did not trace ({reason}); in each, {message}: {_listed(paths)}"
+        result.skipped.append(Skip(_common_name(paths), "not_traced", text, site=site))
+
+
+def trace_note(skip: Skip) -> bool:
+    """A module that did not trace but hides no block (its linear layers were examined another way): not counted."""
+    return skip.code == "not_traced" and skip.near_miss
+
+
+def _examined(linears: list[str], recorded: bool) -> str:
+    if not linears:
+        return "it has no linear layer of its own (its children were examined one by one)"
+    how = "ran in the recorded run" if recorded else "were read from its source"
+    return f"its {len(linears)} linear layer(s) {how}"
+
+
+def _indexless(path: str) -> str:
+    """``model.layers.3.self_attn`` -> ``model.layers.*.self_attn``: the modules one skip speaks for."""
+    return ".".join("*" if part.isdigit() else part for part in path.split(".")) if path else ROOT
+
+
+def _common_name(paths: list[str]) -> str:
+    """Paths of one place (``_indexless``) as one name, ``*`` only where their indices differ."""
+    columns = zip(*(p.split(".") for p in paths), strict=True)
+    return ".".join(c[0] if len(set(c)) == 1 else "*" for c in columns) if paths[0] else ROOT
+
+
+def _listed(paths: list[str], shown: int = 4) -> str:
+    names = [p or ROOT for p in paths]
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _skip_stacked_experts(result: FindResult) -> None:

@@ -80,7 +80,7 @@ def build_report(conv: Conversion, model_type: str, options: dict, params_before
         fidelity=conv.fidelity.as_dict() if conv.fidelity is not None else None,
         notes=list(result.notes),
         passes=[{"name": p.name, "seconds": p.seconds, "counters": p.counters} for p in conv.passes],
-        not_traced=conv.found.trace.reasons(),
+        not_traced=dict(conv.found.untraced),
         seconds=sum(p.seconds for p in conv.passes),
     )
 

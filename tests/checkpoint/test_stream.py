@@ -24,6 +24,9 @@ def test_llama_streams_into_shards_and_reloads_converted(llama_dir, tmp_path):
     out = tmp_path / "out"
     report = kanc.convert_checkpoint(src, out, "grkan", max_shard_size="40KB")
     assert report.blocks == [f"model.layers.{i}.mlp" for i in range(3)]
+    # each layer's attention ran on its calibration inputs: examined, so neither skipped nor listed as not traced
+    assert report.skipped == [] and report.not_traced == {}
+    assert "discovery_inputs" not in report.options  # a layer's keyword inputs: kanc.load would run the model on them
     assert set(report.fidelity["layers"]) == {f"model.layers.{i}" for i in range(3)}
     index = json.loads((out / INDEX_FILE).read_text())["weight_map"]
     assert len(set(index.values())) > 1 and all((out / f).is_file() for f in index.values())
