@@ -33,6 +33,7 @@ from kanc.codegen.kernels.rational import (
     _reduce_coef_grads,
     _zero_sums,
     coefficient_grads,
+    coefficient_stand_ins,
     final_coefficient_grads,
     group_span,
     groups_touched,
@@ -369,6 +370,7 @@ class _Plan(NamedTuple):
     direct: list | None  # the compiled kernel's launcher, once known (``common.launch_planned``)
     x_strides: tuple[int, int] | None
     extra: tuple = ()
+    outputs: tuple = ()  # stand-ins of the launch's outputs (``common.stand_in``)
 
 
 _fwd_plans: dict = {}
@@ -392,7 +394,7 @@ def grkan_linear_forward(x, numerator, denominator, weight, bias):
     key = _plan_key(x, numerator, denominator, weight, bias)
     plan = common.planned(_fwd_plans, key, x.device, _fwd_plan, x, numerator, denominator, weight, bias)
     x2 = common.matrix_of(x, x.shape[-1], plan.x_strides)
-    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    y = torch.empty_like(plan.outputs[0])
     common.launch_planned(
         _grkan_linear_fwd_kernel,
         plan,
@@ -455,7 +457,9 @@ def _fwd_plan(x, numerator, denominator, weight, bias) -> _Plan:
     record = common.launch_record(
         OP, _grkan_linear_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward", placement="prologue"
     )
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, common.direct_launches(x.device), x_strides)
+    outputs = (common.stand_in((*x.shape[:-1], n_out), x.dtype, x.device),)
+    direct = common.direct_launches(x.device)
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, x_strides, outputs=outputs)
 
 
 @common.on_tensor_device
@@ -467,18 +471,17 @@ def grkan_linear_backward(grad, x, numerator, denominator, weight, has_bias: boo
     mode is on."""
     key = (*_plan_key(grad, x, numerator, denominator, weight), has_bias)
     plans = common.planned(_bwd_plans, key, x.device, _bwd_plan, grad, x, numerator, denominator, weight, has_bias)
-    dy_stride, x_strides, dw_plan, dx_plan = plans
+    dy_stride, x_strides, dw_plan, dx_plan, dx_stand_in = plans
     k_in, n_out = x.shape[-1], weight.shape[0]
     if grad.dtype != x.dtype:
         grad = grad.to(x.dtype)
     dy2 = common.rows_of(grad, n_out, dy_stride)
     x2 = common.matrix_of(x, k_in, x_strides)
     num, den = _coefficients(numerator, denominator)
-    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
-    db = torch.empty(n_out if has_bias else 0, dtype=weight.dtype, device=x.device)
+    dw, db = torch.empty_like(dw_plan.outputs[0]), torch.empty_like(dw_plan.outputs[1])
     common.launch_planned(_grkan_linear_dw_kernel, dw_plan, x2, dy2, dw, db if has_bias else dw, num, den)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dnum, dden = coefficient_grads(dx_plan.extra, x.device)
+    dx = torch.empty_like(dx_stand_in)
+    dnum, dden = coefficient_grads(dx_plan.extra, dx_plan.outputs[1:])
     common.launch_planned(_grkan_linear_dx_kernel, dx_plan, x2, dy2, weight, dx, num, den, dnum, dden)
     return dx, *final_coefficient_grads(dx_plan.extra, dnum, dden, numerator.dtype, denominator.dtype), dw, db
 
@@ -487,8 +490,8 @@ _bwd_plans: dict = {}
 
 
 def _bwd_plan(grad, x, numerator, denominator, weight, has_bias: bool) -> tuple:
-    """(dy's row stride, x's matrix strides, the dW plan, the dx plan): how the backward passes its (rows, N) dy and
-    (rows, K) x (views when they can be, else copies) and launches its two kernels."""
+    """(dy's row stride, x's matrix strides, the dW plan, the dx plan, a stand-in of dx): how the backward passes its
+    (rows, N) dy and (rows, K) x (views when they can be, else copies), launches its two kernels and allocates dx."""
     k_in, n_out = x.shape[-1], weight.shape[0]
     if grad.dtype != x.dtype:  # converted per call: a tensor of the same layout (row-major where not dense)
         grad = grad.to(x.dtype)
@@ -502,6 +505,7 @@ def _bwd_plan(grad, x, numerator, denominator, weight, has_bias: bool) -> tuple:
         x_strides,
         _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias),
         _dx_plan(x2, dy2, weight, numerator, denominator),
+        common.stand_in(x.shape, x.dtype, x.device),
     )
 
 
@@ -561,7 +565,9 @@ def _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> _Plan:
     record = common.launch_record(
         OP, _grkan_linear_dw_kernel, grid(cfg), cfg, shapes, x2.dtype, "backward", grads="weight,bias"
     )
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, common.direct_launches(x2.device), None)
+    outputs = (common.stand_in(dw.shape, dw.dtype, dw.device), common.stand_in(db.shape, db.dtype, db.device))
+    direct = common.direct_launches(x2.device)
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, None, outputs=outputs)
 
 
 def launch_dx(x2, dy2, weight, numerator, denominator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -569,8 +575,8 @@ def launch_dx(x2, dy2, weight, numerator, denominator) -> tuple[torch.Tensor, to
     gradients in the epilogue; x2 (M, K), dy2 (M, N) with a unit column stride."""
     key = _plan_key(x2, dy2, weight, numerator, denominator)
     plan = common.planned(_dx_plans, key, x2.device, _dx_plan, x2, dy2, weight, numerator, denominator)
-    dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    dnum, dden = coefficient_grads(plan.extra, x2.device)
+    dx = torch.empty_like(plan.outputs[0])
+    dnum, dden = coefficient_grads(plan.extra, plan.outputs[1:])
     common.launch_planned(
         _grkan_linear_dx_kernel, plan, x2, dy2, weight, dx, *_coefficients(numerator, denominator), dnum, dden
     )
@@ -623,10 +629,8 @@ def _dx_plan(x2, dy2, weight, numerator, denominator) -> _Plan:
         return tiles, group_span(cfg["BLOCK_K"], group_size), groups, np_, nq, k_in, cfg["BLOCK_K"], det
 
     def scratch(cfg: dict) -> None:
-        dx, (dnum, dden) = (
-            torch.empty(m, k_in, dtype=x2.dtype, device=x2.device),
-            coefficient_grads(buffers(cfg), x2.device),
-        )
+        dx = torch.empty(m, k_in, dtype=x2.dtype, device=x2.device)
+        dnum, dden = coefficient_grads(buffers(cfg), coefficient_stand_ins(buffers(cfg), x2.device))
         tensors = (x2, dy2, weight, dx, num, den, dnum, dden)
         _grkan_linear_dx_kernel[grid(cfg)](*tensors, *args(cfg), **common.launch_options(cfg))
 
@@ -649,4 +653,5 @@ def _dx_plan(x2, dy2, weight, numerator, denominator) -> _Plan:
         deterministic=det,
     )
     direct = common.direct_launches(x2.device)
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, None, buffers(cfg))
+    outputs = (common.stand_in(x2.shape, x2.dtype, x2.device), *coefficient_stand_ins(buffers(cfg), x2.device))
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, None, buffers(cfg), outputs)

@@ -337,6 +337,7 @@ class _Plan(NamedTuple):
     record: launches.Launch
     direct: list | None  # the compiled kernel's launcher, once known (``common.launch_planned``)
     extra: tuple = ()
+    outputs: tuple = ()  # stand-ins of the launch's outputs (``common.stand_in``)
 
 
 _fwd_plans: dict = {}
@@ -349,7 +350,7 @@ def rational_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torc
     plan = common.planned(
         _fwd_plans, common.operands_key(x, numerator, denominator), x.device, _fwd_plan, x, numerator, denominator
     )
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(plan.outputs[0])
     num, den = _coefficients(plan, numerator, denominator)
     common.launch_planned(_rational_fwd_kernel, plan, common.rows_of(x, x.shape[-1], plan.strides[0]), y, num, den)
     return y
@@ -398,7 +399,8 @@ def _fwd_plan(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tenso
     record = common.launch_record(OP, _rational_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward")
     contiguous = (numerator.is_contiguous(), denominator.is_contiguous())
     options, direct = common.launch_options(cfg), common.direct_launches(x.device)
-    return _Plan(grid(cfg), args(cfg), options, (stride,), contiguous, record, direct)
+    outputs = (common.stand_in(x.shape, x.dtype, x.device),)
+    return _Plan(grid(cfg), args(cfg), options, (stride,), contiguous, record, direct, outputs=outputs)
 
 
 @common.on_tensor_device
@@ -417,8 +419,8 @@ def rational_backward(
         grad = grad.to(x.dtype)
     dy = common.rows_of(grad, channels, plan.strides[0])
     num, den = _coefficients(plan, numerator, denominator)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dnum, dden = coefficient_grads(plan.extra, x.device)
+    dx = torch.empty_like(plan.outputs[0])
+    dnum, dden = coefficient_grads(plan.extra, plan.outputs[1:])
     rows = common.rows_of(x, channels, plan.strides[1])
     common.launch_planned(_rational_bwd_kernel, plan, rows, dy, dx, num, den, dnum, dden)
     return dx, *final_coefficient_grads(plan.extra, dnum, dden, numerator.dtype, denominator.dtype)
@@ -462,7 +464,8 @@ def _bwd_plan(grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, deno
         return (grid(cfg), group_span(cfg["BLOCK_C"], group_size), groups, np_, nq, channels, cfg["BLOCK_C"], det)
 
     def scratch(cfg: dict) -> None:
-        dx, (dnum, dden) = torch.empty_like(x), coefficient_grads(buffers(cfg), x.device)
+        dx, stand_ins = torch.empty_like(x), coefficient_stand_ins(buffers(cfg), x.device)
+        dnum, dden = coefficient_grads(buffers(cfg), stand_ins)
         _rational_bwd_kernel[grid(cfg)](x2, dy2, dx, num, den, dnum, dden, *args(cfg), **common.launch_options(cfg))
 
     key = _key(rows, channels, groups, x.dtype, np_, nq)
@@ -483,25 +486,32 @@ def _bwd_plan(grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, deno
     )
     contiguous = (numerator.is_contiguous(), denominator.is_contiguous())
     options, direct = common.launch_options(cfg), common.direct_launches(x.device)
-    return _Plan(grid(cfg), args(cfg), options, strides, contiguous, record, direct, buffers(cfg))
+    outputs = (common.stand_in(x.shape, x.dtype, x.device), *coefficient_stand_ins(buffers(cfg), x.device))
+    return _Plan(grid(cfg), args(cfg), options, strides, contiguous, record, direct, buffers(cfg), outputs)
 
 
 # ------------------------------------------------------------------------------- deterministic coefficient gradients
 
 
-def coefficient_grads(buffers: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where a backward launch writes its coefficient gradients, from a plan's ``buffers`` (grid, G_SPAN, G, NP, NQ,
-    channels, BLOCK, deterministic): zeroed fp32 (G, NP) and (G, NQ) gradients for its atomics, or (row programs,
-    column tiles, G_SPAN, NP + NQ) fp32 partials, one slot per program (every entry written), twice, when
+def coefficient_stand_ins(buffers: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-ins (``common.stand_in``) of where a backward launch writes its coefficient gradients, from a plan's
+    ``buffers`` (grid, G_SPAN, G, NP, NQ, channels, BLOCK, deterministic): fp32 (G, NP) and (G, NQ) gradients for
+    its atomics, or (row programs, column tiles, G_SPAN, NP + NQ) fp32 partials, one slot per program, twice, when
     deterministic."""
     grid, g_span, groups, np_, nq, _, _, det = buffers
     if det:
-        partials = torch.empty(*grid, g_span, np_ + nq, dtype=torch.float32, device=device)
+        partials = common.stand_in((*grid, g_span, np_ + nq), torch.float32, device)
         return partials, partials
-    return (
-        torch.zeros(groups, np_, dtype=torch.float32, device=device),
-        torch.zeros(groups, nq, dtype=torch.float32, device=device),
-    )
+    return common.stand_in((groups, np_), torch.float32, device), common.stand_in((groups, nq), torch.float32, device)
+
+
+def coefficient_grads(buffers: tuple, stand_ins: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """New buffers for a backward launch's coefficient gradients (see :func:`coefficient_stand_ins`): zeroed for its
+    atomics, or one uninitialised partials tensor (every entry written), twice, when deterministic."""
+    if buffers[-1]:
+        partials = torch.empty_like(stand_ins[0])
+        return partials, partials
+    return torch.zeros_like(stand_ins[0]), torch.zeros_like(stand_ins[1])
 
 
 def final_coefficient_grads(
