@@ -505,7 +505,9 @@ def coefficient_stand_ins(buffers: tuple, device: torch.device) -> tuple[torch.T
     return common.stand_in((groups, np_), torch.float32, device), common.stand_in((groups, nq), torch.float32, device)
 
 
-def coefficient_grads(buffers: tuple, stand_ins: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def coefficient_grads(
+    buffers: tuple, stand_ins: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New buffers for a backward launch's coefficient gradients (see :func:`coefficient_stand_ins`): zeroed for its
     atomics, or one uninitialised partials tensor (every entry written), twice, when deterministic."""
     if buffers[-1]:

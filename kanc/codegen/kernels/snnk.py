@@ -24,11 +24,13 @@ halves as two accumulators, and W's two column halves as two operands).
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from kanc.codegen import launches
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
@@ -509,9 +511,58 @@ def _partials(out: torch.Tensor, feats: int, block_f: int) -> torch.Tensor:
     return torch.empty(out.shape, dtype=torch.float32, device=out.device)
 
 
+class _Plan(NamedTuple):
+    """A launch prepared once per operand geometry and feature map (``common.planned``): the grid, every argument
+    that is not a tensor (sizes, strides, scalars, constexprs), launch options, the launch record, and stand-ins
+    (``common.stand_in``) of the buffers each call allocates: the output and, where the feature tiles sum through
+    separate fp32 partials, those."""
+
+    grid: tuple[int, ...]
+    args: tuple
+    options: dict[str, Any]
+    record: launches.Launch
+    direct: list | None  # the compiled kernel's launcher, once known (``common.launch_planned``)
+    outputs: tuple
+
+
+_fwd_plans: dict = {}
+_dx_plans: dict = {}
+_dw_plans: dict = {}
+
+
+def _plan_key(tensors: tuple, *scalars: Any) -> tuple:
+    """What a plan depends on: the operands (``common.operands_key``), the feature map's kind and scalars, and the
+    fp32 dot precision for fp32 operands (TF32 or IEEE: another kernel)."""
+    key = (*common.operands_key(*tensors), *scalars)
+    return (*key, common.fp32_precision()) if tensors[0].dtype == torch.float32 else key
+
+
+def _outputs(out: torch.Tensor, feats: int, block_f: int) -> tuple[torch.Tensor, ...]:
+    """Stand-ins of the output ``out`` and, where :func:`_partials` would allocate them, its fp32 partials."""
+    outputs = (common.stand_in(out.shape, out.dtype, out.device),)
+    part = _partials(out, feats, block_f)
+    return outputs if part is out else (*outputs, common.stand_in(part.shape, torch.float32, out.device))
+
+
+def _planned_out(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, partials) for one call of ``plan``: new tensors, the partials being the output where it holds them."""
+    out = torch.empty_like(plan.outputs[0])
+    return out, out if len(plan.outputs) == 1 else torch.empty_like(plan.outputs[1])
+
+
 @common.on_tensor_device
 def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_scale: float) -> torch.Tensor:
     """Launch the fused forward: y (..., d_out) in x's dtype."""
+    floor, input_scale = float(floor), float(input_scale)
+    key = _plan_key((x, projection, weight, bias), kind, floor, input_scale)
+    plan = common.planned(_fwd_plans, key, x.device, _fwd_plan, x, projection, weight, bias, kind, floor, input_scale)
+    x2 = x.reshape(-1, x.shape[-1])
+    y2, part = _planned_out(plan)
+    common.launch_planned(_snnk_fwd_kernel, plan, x2, projection, weight, weight if bias is None else bias, y2, part)
+    return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+def _fwd_plan(x, projection, weight, bias, kind: str, floor: float, input_scale: float) -> _Plan:
     d_in, (feats, _), d_out = x.shape[-1], projection.shape, weight.shape[0]
     x2 = x.reshape(-1, d_in)
     m = x2.shape[0]
@@ -519,23 +570,17 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
     flags, coef = _flags(x), 1.0 / math.sqrt(feats)
     b, stride_b = (bias, bias.stride(0)) if bias is not None else (weight, 0)
 
-    def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
-        grid = (common.cdiv(m, cfg["BLOCK_M"]),)
-        part = _partials(out, feats, cfg["BLOCK_F"])
-        _snnk_fwd_kernel[grid](
-            # pointers
-            x2,
-            projection,
-            weight,
-            b,
-            out,
-            part,
+    def grid(cfg: dict) -> tuple[int]:
+        return (common.cdiv(m, cfg["BLOCK_M"]),)
+
+    def args(cfg: dict) -> tuple:
+        return (
             # sizes
             m,
             d_in,
             d_out,
             feats,
-            # strides
+            # strides (the output and its partials are row-major (m, d_out))
             x2.stride(0),
             x2.stride(1),
             projection.stride(0),
@@ -543,11 +588,11 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
             weight.stride(0),
             weight.stride(1),
             stride_b,
-            out.stride(0),
-            part.stride(0),
+            y2.stride(0),
+            y2.stride(0),
             # scalars of the feature map
-            float(input_scale),
-            float(floor),
+            input_scale,
+            floor,
             coef,
             # meta-parameters
             KIND_CODES[kind],
@@ -560,29 +605,24 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
             cfg["BLOCK_F"],
             cfg["BLOCK_D"],
             cfg["BLOCK_N"],
-            **common.launch_options(cfg),
         )
-        return grid
+
+    def scratch(cfg: dict) -> None:
+        out = torch.empty_like(y2)
+        part = _partials(out, feats, cfg["BLOCK_F"])
+        _snnk_fwd_kernel[grid(cfg)](x2, projection, weight, b, out, part, *args(cfg), **common.launch_options(cfg))
 
     key = _key(m, d_in, feats, d_out, kind, x.dtype)
     candidates = snnk_candidates(m, feats, kind)
-    cfg = common.choose(_snnk_fwd_kernel, key, candidates, lambda c: run(c, torch.empty_like(y2)), x.device)
-    grid = run(cfg)
+    cfg = common.choose(_snnk_fwd_kernel, key, candidates, scratch, x.device)
     shapes = [x.shape, projection.shape, weight.shape]
     tiles = common.cdiv(feats, cfg["BLOCK_F"])
-    common.record(
-        OP,
-        _snnk_fwd_kernel,
-        grid,
-        cfg,
-        shapes,
-        x.dtype,
-        "forward",
-        kind=kind,
-        BLOCK_F=cfg["BLOCK_F"],
+    record = common.launch_record(
+        OP, _snnk_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward", kind=kind, BLOCK_F=cfg["BLOCK_F"],
         feature_tiles=tiles,
-    )
-    return y2.view(*x.shape[:-1], d_out)
+    )  # fmt: skip
+    options, direct = common.launch_options(cfg), common.direct_launches(x.device)
+    return _Plan(grid(cfg), args(cfg), options, record, direct, _outputs(y2, feats, cfg["BLOCK_F"]))
 
 
 @common.on_tensor_device
@@ -604,9 +644,8 @@ def snnk_backward(
     ``weight_grad`` and ``has_bias``. With a bias but no weight gradient, db is dy's column sums (torch).
     """
     d_in, d_out = x.shape[-1], weight.shape[0]
-    x2, dy2 = x.reshape(-1, d_in), common.as_rows(grad.to(x.dtype), d_out)
-    flags, coef = _flags(x), 1.0 / math.sqrt(projection.shape[0])
-    args = (x2, projection, weight, dy2, kind, float(floor), float(input_scale), flags, coef)
+    x2, dy2 = x.reshape(-1, d_in), common.as_rows(grad if grad.dtype == x.dtype else grad.to(x.dtype), d_out)
+    args = (x2, projection, weight, dy2, kind, float(floor), float(input_scale))
     dx = _launch_dx(*args).view(x.shape) if input_grad else x.new_empty(0)
     if weight_grad:
         dw, db = _launch_dw(*args, has_bias)
@@ -616,27 +655,30 @@ def snnk_backward(
     return dx, dw, db if has_bias else weight.new_empty(0)
 
 
-def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coef) -> torch.Tensor:
+def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale) -> torch.Tensor:
+    key = _plan_key((x2, projection, weight, dy2), kind, floor, input_scale)
+    plan = common.planned(_dx_plans, key, x2.device, _dx_plan, x2, projection, weight, dy2, kind, floor, input_scale)
+    dx2, part = _planned_out(plan)
+    common.launch_planned(_snnk_dx_kernel, plan, x2, projection, weight, dy2, dx2, part)
+    return dx2
+
+
+def _dx_plan(x2, projection, weight, dy2, kind, floor, input_scale) -> _Plan:
     (m, d_in), feats, d_out = x2.shape, projection.shape[0], weight.shape[0]
     dx2 = torch.empty(m, d_in, dtype=x2.dtype, device=x2.device)
+    flags, coef = _flags(x2), 1.0 / math.sqrt(feats)
 
-    def run(cfg: dict, out: torch.Tensor = dx2) -> tuple:
-        grid = (common.cdiv(m, cfg["BLOCK_M"]),)
-        part = _partials(out, feats, cfg["BLOCK_F"])
-        _snnk_dx_kernel[grid](
-            # pointers
-            x2,
-            projection,
-            weight,
-            dy2,
-            out,
-            part,
+    def grid(cfg: dict) -> tuple[int]:
+        return (common.cdiv(m, cfg["BLOCK_M"]),)
+
+    def args(cfg: dict) -> tuple:
+        return (
             # sizes
             m,
             d_in,
             d_out,
             feats,
-            # strides
+            # strides (dx and its partials are row-major (m, d_in))
             x2.stride(0),
             x2.stride(1),
             projection.stride(0),
@@ -644,8 +686,8 @@ def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
             weight.stride(0),
             weight.stride(1),
             dy2.stride(0),
-            out.stride(0),
-            part.stride(0),
+            dx2.stride(0),
+            dx2.stride(0),
             # scalars of the feature map
             input_scale,
             floor,
@@ -660,58 +702,67 @@ def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
             cfg["BLOCK_F"],
             cfg["BLOCK_D"],
             cfg["BLOCK_N"],
-            **common.launch_options(cfg),
         )
-        return grid
+
+    def scratch(cfg: dict) -> None:
+        out = torch.empty_like(dx2)
+        part = _partials(out, feats, cfg["BLOCK_F"])
+        _snnk_dx_kernel[grid(cfg)](x2, projection, weight, dy2, out, part, *args(cfg), **common.launch_options(cfg))
 
     key = _key(m, d_in, feats, d_out, kind, x2.dtype)
     candidates = snnk_candidates(m, feats, kind, DX_CHUNKS)
-    cfg = common.choose(_snnk_dx_kernel, key, candidates, lambda c: run(c, torch.empty_like(dx2)), x2.device)
-    grid = run(cfg)
+    cfg = common.choose(_snnk_dx_kernel, key, candidates, scratch, x2.device)
     shapes = [x2.shape, projection.shape, weight.shape]
     tiles = common.cdiv(feats, cfg["BLOCK_F"])
-    common.record(
-        OP,
-        _snnk_dx_kernel,
-        grid,
-        cfg,
-        shapes,
-        x2.dtype,
-        "backward",
-        kind=kind,
-        BLOCK_F=cfg["BLOCK_F"],
-        feature_tiles=tiles,
-        grads="input",
-    )
-    return dx2
+    record = common.launch_record(
+        OP, _snnk_dx_kernel, grid(cfg), cfg, shapes, x2.dtype, "backward", kind=kind, BLOCK_F=cfg["BLOCK_F"],
+        feature_tiles=tiles, grads="input",
+    )  # fmt: skip
+    options, direct = common.launch_options(cfg), common.direct_launches(x2.device)
+    return _Plan(grid(cfg), args(cfg), options, record, direct, _outputs(dx2, feats, cfg["BLOCK_F"]))
 
 
-def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, flags, coef, has_bias: bool) -> tuple:
+def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, has_bias: bool) -> tuple:
     """dW (and db) by ``_snnk_dw_kernel``: one launch over (output tiles x feature tiles, row splits); with more than
     one split each writes fp32 partial sums (splits, d_out, width) that torch adds up (deterministic, no atomics)."""
+    key = (*_plan_key((x2, projection, weight, dy2), kind, floor, input_scale), has_bias)
+    plan = common.planned(
+        _dw_plans, key, x2.device, _dw_plan, x2, projection, weight, dy2, kind, floor, input_scale, has_bias
+    )
+    dw, db = torch.empty_like(plan.outputs[0]), torch.empty_like(plan.outputs[1])
+    common.launch_planned(_snnk_dw_kernel, plan, x2, projection, dy2, dw, db if has_bias else dw)
+    if plan.grid[1] == 1:
+        return dw[0], db[0]
+    return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+def _dw_plan(x2, projection, weight, dy2, kind, floor, input_scale, has_bias: bool) -> _Plan:
     (m, d_in), feats, (d_out, width) = x2.shape, projection.shape[0], weight.shape
     device = x2.device
+    flags, coef = _flags(x2), 1.0 / math.sqrt(feats)
 
-    def run(cfg: dict) -> tuple:
-        rows_per_split = common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["SPLIT_M"]) * cfg["BLOCK_M"]
-        splits = common.cdiv(m, rows_per_split)
+    def rows_per_split(cfg: dict) -> int:
+        return common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["SPLIT_M"]) * cfg["BLOCK_M"]
+
+    def grid(cfg: dict) -> tuple[int, int]:
+        splits = common.cdiv(m, rows_per_split(cfg))
+        return common.cdiv(d_out, cfg["BLOCK_N"]) * common.cdiv(feats, cfg["BLOCK_F"]), splits
+
+    def buffers(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        splits = grid(cfg)[1]
         dtype = weight.dtype if splits == 1 else torch.float32
         dw = torch.empty(splits, d_out, width, dtype=dtype, device=device)
-        db = torch.empty(splits, d_out if has_bias else 0, dtype=dtype, device=device)
-        grid = (common.cdiv(d_out, cfg["BLOCK_N"]) * common.cdiv(feats, cfg["BLOCK_F"]), splits)
-        _snnk_dw_kernel[grid](
-            # pointers
-            x2,
-            projection,
-            dy2,
-            dw,
-            db if has_bias else dw,
+        return dw, torch.empty(splits, d_out if has_bias else 0, dtype=dtype, device=device)
+
+    def args(cfg: dict) -> tuple:
+        dw, db = buffers(cfg)
+        return (
             # sizes
             m,
             d_in,
             d_out,
             feats,
-            rows_per_split,
+            rows_per_split(cfg),
             # strides
             x2.stride(0),
             x2.stride(1),
@@ -735,28 +786,21 @@ def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
             cfg["BLOCK_F"],
             cfg["BLOCK_M"],
             cfg["BLOCK_D"],
-            **common.launch_options(cfg),
         )
-        return grid, dw, db
+
+    def scratch(cfg: dict) -> None:
+        dw, db = buffers(cfg)
+        tensors = (x2, projection, dy2, dw, db if has_bias else dw)
+        _snnk_dw_kernel[grid(cfg)](*tensors, *args(cfg), **common.launch_options(cfg))
 
     key = _key(m, d_in, feats, d_out, kind, x2.dtype)
     candidates = dw_candidates(m, d_in, feats, d_out, kind, common.sm_count(device), x2.dtype.itemsize)
-    cfg = common.choose(_snnk_dw_kernel, key, candidates, run, device)
-    grid, dw, db = run(cfg)
+    cfg = common.choose(_snnk_dw_kernel, key, candidates, scratch, device)
     shapes = [x2.shape, projection.shape, weight.shape]
-    common.record(
-        OP,
-        _snnk_dw_kernel,
-        grid,
-        cfg,
-        shapes,
-        x2.dtype,
-        "backward",
-        kind=kind,
-        grads="weight,bias",
-        splits=grid[1],
-        z_recomputed=common.cdiv(d_out, cfg["BLOCK_N"]),
-    )
-    if grid[1] == 1:
-        return dw[0], db[0]
-    return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+    record = common.launch_record(
+        OP, _snnk_dw_kernel, grid(cfg), cfg, shapes, x2.dtype, "backward", kind=kind, grads="weight,bias",
+        splits=grid(cfg)[1], z_recomputed=common.cdiv(d_out, cfg["BLOCK_N"]),
+    )  # fmt: skip
+    outputs = tuple(common.stand_in(t.shape, t.dtype, device) for t in buffers(cfg))
+    options, direct = common.launch_options(cfg), common.direct_launches(device)
+    return _Plan(grid(cfg), args(cfg), options, record, direct, outputs)
