@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -138,6 +138,13 @@ def fp32_precision() -> str:
 _fp32_getter = getattr(torch._C, "_get_fp32_precision_getter", None)
 
 
+def dot_args(io_dtype: torch.dtype) -> tuple[tl.dtype, bool]:
+    """The DOT and IEEE constexprs of a dot kernel (``jit_common.dot_acc``) for I/O in ``io_dtype``: the operand dtype
+    (:func:`dot_dtype`) and whether fp32 operands multiply exactly (IEEE) rather than in TF32."""
+    dot = dot_dtype(io_dtype)
+    return dot, dot == tl.float32 and fp32_precision() == "ieee"
+
+
 def dot_dtype_key(io_dtype: torch.dtype) -> str:
     """The dtype field of a dot kernel's tuning key: the I/O dtype, with the fp32 dot precision for fp32 I/O
     ("float32-tf32" and "float32-ieee" are different kernels, timed and cached apart). 16-bit I/O feeds its own
@@ -205,22 +212,6 @@ def launch_options(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
 
 
-def record(
-    op: str,
-    kernel: Any,
-    grid: tuple[int, ...],
-    config: dict[str, Any],
-    shapes: Sequence[Sequence[int]],
-    dtype: torch.dtype,
-    direction: str,
-    atomics: int = 0,
-    **extra: Any,
-) -> None:
-    """Tell the profiler what ran (only when someone records)."""
-    if launches.is_recording():
-        launches.record(launch_record(op, kernel, grid, config, shapes, dtype, direction, atomics, **extra))
-
-
 # ---------------------------------------------------------------------------------------------------- launch plans
 
 PLAN_LIMIT = 4096  # plans kept per launcher; past it the table starts afresh (shapes that vary without end)
@@ -265,6 +256,29 @@ def stand_in(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> 
     outputs by the cheapest factory (~1.5 us less than ``torch.empty(shape, dtype=, device=)``'s keyword parsing)
     without keeping a full-size template alive."""
     return torch.empty(1, dtype=dtype, device=device).expand(*shape)
+
+
+class Plan(NamedTuple):
+    """A launch prepared once per operand geometry (:func:`planned`): the grid, every argument that is not a tensor
+    (sizes, strides, scalars, constexprs), launch options, the launch record, the compiled kernel's launcher once known
+    (:func:`launch_planned`), stand-ins of the buffers each call allocates (:func:`stand_in`), and anything else the
+    launcher needs per call (``extra``). Launchers that pass operands in several layouts keep their own, with these
+    fields first."""
+
+    grid: tuple[int, ...]
+    args: tuple
+    options: dict[str, Any]
+    record: launches.Launch
+    direct: list | None
+    outputs: tuple = ()
+    extra: tuple = ()
+
+
+def dot_plan_key(tensors: Sequence[torch.Tensor | None], *extra: Any) -> tuple:
+    """A dot kernel's plan key: :func:`operands_key` of ``tensors``, ``extra`` (scalars the plan bakes in), and the fp32
+    dot precision when the first operand is fp32 (TF32 or IEEE: another kernel)."""
+    key = (*operands_key(*tensors), *extra)
+    return (*key, fp32_precision()) if tensors[0].dtype == torch.float32 else key
 
 
 def launch_planned(kernel: Any, plan: Any, *tensors: torch.Tensor) -> None:

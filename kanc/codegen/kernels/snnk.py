@@ -24,17 +24,15 @@ halves as two accumulators, and W's two column halves as two operands).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kanc.codegen import launches
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
-from kanc.codegen.kernels.grkan_linear import _dot
+from kanc.codegen.kernels.jit_common import dot_acc
 
 OP = "kanc::snnk_block"
 KIND_CODES = {"relu": 0, "exp": 1, "cos": 2}
@@ -65,7 +63,7 @@ def _projection(
         x = tl.load(x_rows + rd[None, :] * stride_xd, mask=mmask[:, None] & dmask[None, :], other=0.0)
         x = x.to(tl.float32) * scale
         g = tl.load(g_cols + rd[:, None] * stride_gd, mask=dmask[:, None] & fmask[None, :], other=0.0)
-        z = _dot(x, g, z, tl.float32, Z_IEEE)
+        z = dot_acc(x, g, z, tl.float32, Z_IEEE)
         if NORM:
             r += tl.sum(x * x, axis=1)
     return z, r
@@ -112,9 +110,9 @@ def _feature_grads(
         dy = tl.load(dy_rows + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
         w_ptrs = w_cols + rn[:, None] * stride_wn
         wmask = nmask[:, None] & fmask[None, :]
-        dphi = _dot(dy, tl.load(w_ptrs, mask=wmask, other=0.0), dphi, DOT, IEEE)
+        dphi = dot_acc(dy, tl.load(w_ptrs, mask=wmask, other=0.0), dphi, DOT, IEEE)
         if KIND == 2:
-            dphi_s = _dot(dy, tl.load(w_ptrs + sin_offset, mask=wmask, other=0.0), dphi_s, DOT, IEEE)
+            dphi_s = dot_acc(dy, tl.load(w_ptrs + sin_offset, mask=wmask, other=0.0), dphi_s, DOT, IEEE)
     return dphi, dphi_s
 
 
@@ -194,9 +192,10 @@ def _snnk_fwd_kernel(
             nmask = rn < D_OUT
             w_ptrs = w_ptr + rn[None, :] * stride_wn + rf[:, None] * stride_wf
             wmask = fmask[:, None] & nmask[None, :]
-            acc = _dot(phi, tl.load(w_ptrs, mask=wmask, other=0.0), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT, IEEE)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc = dot_acc(phi, tl.load(w_ptrs, mask=wmask, other=0.0), acc, DOT, IEEE)
             if KIND == 2:
-                acc = _dot(phi_s, tl.load(w_ptrs + M_FEAT * stride_wf, mask=wmask, other=0.0), acc, DOT, IEEE)
+                acc = dot_acc(phi_s, tl.load(w_ptrs + M_FEAT * stride_wf, mask=wmask, other=0.0), acc, DOT, IEEE)
             if HAS_BIAS:
                 if f0 == 0:  # the sum over feature tiles starts at b
                     acc += tl.load(b_ptr + rn * stride_b, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -277,7 +276,7 @@ def _snnk_dx_kernel(
             dmask = rd < D_IN
             g_ptrs = g_ptr + rf[:, None] * stride_gf + rd[None, :] * stride_gd
             g = tl.load(g_ptrs, mask=fmask[:, None] & dmask[None, :], other=0.0)
-            dx = _dot(dz, g, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), tl.float32, Z_IEEE) * scale
+            dx = dot_acc(dz, g, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), tl.float32, Z_IEEE) * scale
             mask = mmask[:, None] & dmask[None, :]
             if KIND == 1:
                 if f0 + BLOCK_F >= M_FEAT:  # once t holds every feature
@@ -350,9 +349,9 @@ def _snnk_dw_kernel(
         phi, phi_s = _features(z, r, fmask, floor, coef, KIND)
         dy_ptrs = dy_ptr + rm[None, :] * stride_dym + rn[:, None]
         dyt = tl.load(dy_ptrs, mask=nmask[:, None] & mmask[None, :], other=0.0)  # (BLOCK_N, BLOCK_M): dy^T
-        acc = _dot(dyt, phi, acc, DOT, IEEE)
+        acc = dot_acc(dyt, phi, acc, DOT, IEEE)
         if KIND == 2:
-            acc_s = _dot(dyt, phi_s, acc_s, DOT, IEEE)
+            acc_s = dot_acc(dyt, phi_s, acc_s, DOT, IEEE)
         if HAS_BIAS:
             if pid_f == 0:
                 db += tl.sum(dyt.to(tl.float32), axis=1)
@@ -511,30 +510,9 @@ def _partials(out: torch.Tensor, feats: int, block_f: int) -> torch.Tensor:
     return torch.empty(out.shape, dtype=torch.float32, device=out.device)
 
 
-class _Plan(NamedTuple):
-    """A launch prepared once per operand geometry and feature map (``common.planned``): the grid, every argument
-    that is not a tensor (sizes, strides, scalars, constexprs), launch options, the launch record, and stand-ins
-    (``common.stand_in``) of the buffers each call allocates: the output and, where the feature tiles sum through
-    separate fp32 partials, those."""
-
-    grid: tuple[int, ...]
-    args: tuple
-    options: dict[str, Any]
-    record: launches.Launch
-    direct: list | None  # the compiled kernel's launcher, once known (``common.launch_planned``)
-    outputs: tuple
-
-
 _fwd_plans: dict = {}
 _dx_plans: dict = {}
 _dw_plans: dict = {}
-
-
-def _plan_key(tensors: tuple, *scalars: Any) -> tuple:
-    """What a plan depends on: the operands (``common.operands_key``), the feature map's kind and scalars, and the
-    fp32 dot precision for fp32 operands (TF32 or IEEE: another kernel)."""
-    key = (*common.operands_key(*tensors), *scalars)
-    return (*key, common.fp32_precision()) if tensors[0].dtype == torch.float32 else key
 
 
 def _outputs(out: torch.Tensor, feats: int, block_f: int) -> tuple[torch.Tensor, ...]:
@@ -544,7 +522,7 @@ def _outputs(out: torch.Tensor, feats: int, block_f: int) -> tuple[torch.Tensor,
     return outputs if part is out else (*outputs, common.stand_in(part.shape, torch.float32, out.device))
 
 
-def _planned_out(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+def _planned_out(plan: common.Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, partials) for one call of ``plan``: new tensors, the partials being the output where it holds them."""
     out = torch.empty_like(plan.outputs[0])
     return out, out if len(plan.outputs) == 1 else torch.empty_like(plan.outputs[1])
@@ -554,7 +532,7 @@ def _planned_out(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
 def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_scale: float) -> torch.Tensor:
     """Launch the fused forward: y (..., d_out) in x's dtype."""
     floor, input_scale = float(floor), float(input_scale)
-    key = _plan_key((x, projection, weight, bias), kind, floor, input_scale)
+    key = common.dot_plan_key((x, projection, weight, bias), kind, floor, input_scale)
     plan = common.planned(_fwd_plans, key, x.device, _fwd_plan, x, projection, weight, bias, kind, floor, input_scale)
     x2 = x.reshape(-1, x.shape[-1])
     y2, part = _planned_out(plan)
@@ -562,7 +540,7 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
     return y2.view(*x.shape[:-1], weight.shape[0])
 
 
-def _fwd_plan(x, projection, weight, bias, kind: str, floor: float, input_scale: float) -> _Plan:
+def _fwd_plan(x, projection, weight, bias, kind: str, floor: float, input_scale: float) -> common.Plan:
     d_in, (feats, _), d_out = x.shape[-1], projection.shape, weight.shape[0]
     x2 = x.reshape(-1, d_in)
     m = x2.shape[0]
@@ -622,7 +600,7 @@ def _fwd_plan(x, projection, weight, bias, kind: str, floor: float, input_scale:
         feature_tiles=tiles,
     )  # fmt: skip
     options, direct = common.launch_options(cfg), common.direct_launches(x.device)
-    return _Plan(grid(cfg), args(cfg), options, record, direct, _outputs(y2, feats, cfg["BLOCK_F"]))
+    return common.Plan(grid(cfg), args(cfg), options, record, direct, _outputs(y2, feats, cfg["BLOCK_F"]))
 
 
 @common.on_tensor_device
@@ -656,14 +634,14 @@ def snnk_backward(
 
 
 def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale) -> torch.Tensor:
-    key = _plan_key((x2, projection, weight, dy2), kind, floor, input_scale)
+    key = common.dot_plan_key((x2, projection, weight, dy2), kind, floor, input_scale)
     plan = common.planned(_dx_plans, key, x2.device, _dx_plan, x2, projection, weight, dy2, kind, floor, input_scale)
     dx2, part = _planned_out(plan)
     common.launch_planned(_snnk_dx_kernel, plan, x2, projection, weight, dy2, dx2, part)
     return dx2
 
 
-def _dx_plan(x2, projection, weight, dy2, kind, floor, input_scale) -> _Plan:
+def _dx_plan(x2, projection, weight, dy2, kind, floor, input_scale) -> common.Plan:
     (m, d_in), feats, d_out = x2.shape, projection.shape[0], weight.shape[0]
     dx2 = torch.empty(m, d_in, dtype=x2.dtype, device=x2.device)
     flags, coef = _flags(x2), 1.0 / math.sqrt(feats)
@@ -719,13 +697,13 @@ def _dx_plan(x2, projection, weight, dy2, kind, floor, input_scale) -> _Plan:
         feature_tiles=tiles, grads="input",
     )  # fmt: skip
     options, direct = common.launch_options(cfg), common.direct_launches(x2.device)
-    return _Plan(grid(cfg), args(cfg), options, record, direct, _outputs(dx2, feats, cfg["BLOCK_F"]))
+    return common.Plan(grid(cfg), args(cfg), options, record, direct, _outputs(dx2, feats, cfg["BLOCK_F"]))
 
 
 def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, has_bias: bool) -> tuple:
     """dW (and db) by ``_snnk_dw_kernel``: one launch over (output tiles x feature tiles, row splits); with more than
     one split each writes fp32 partial sums (splits, d_out, width) that torch adds up (deterministic, no atomics)."""
-    key = (*_plan_key((x2, projection, weight, dy2), kind, floor, input_scale), has_bias)
+    key = (*common.dot_plan_key((x2, projection, weight, dy2), kind, floor, input_scale), has_bias)
     plan = common.planned(
         _dw_plans, key, x2.device, _dw_plan, x2, projection, weight, dy2, kind, floor, input_scale, has_bias
     )
@@ -736,7 +714,7 @@ def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, has_bias: 
     return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
-def _dw_plan(x2, projection, weight, dy2, kind, floor, input_scale, has_bias: bool) -> _Plan:
+def _dw_plan(x2, projection, weight, dy2, kind, floor, input_scale, has_bias: bool) -> common.Plan:
     (m, d_in), feats, (d_out, width) = x2.shape, projection.shape[0], weight.shape
     device = x2.device
     flags, coef = _flags(x2), 1.0 / math.sqrt(feats)
@@ -803,4 +781,4 @@ def _dw_plan(x2, projection, weight, dy2, kind, floor, input_scale, has_bias: bo
     )  # fmt: skip
     outputs = tuple(common.stand_in(t.shape, t.dtype, device) for t in buffers(cfg))
     options, direct = common.launch_options(cfg), common.direct_launches(device)
-    return _Plan(grid(cfg), args(cfg), options, record, direct, outputs)
+    return common.Plan(grid(cfg), args(cfg), options, record, direct, outputs)
