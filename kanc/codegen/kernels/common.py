@@ -160,12 +160,18 @@ def deterministic() -> bool:
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
-    """The context a launch runs in: ``torch.cuda.device(device)`` for a CUDA device, so Triton (which launches on the
-    current device, on its current stream) runs the kernel on the GPU its tensors live on, not on cuda:0; nothing for
-    the interpreter."""
-    if device.type == "cuda":
+    """The context a launch runs in: ``torch.cuda.device(device)`` for a CUDA device other than the current one, so
+    Triton (which launches on the current device, on its current stream) runs the kernel on the GPU its tensors live
+    on, not on cuda:0; nothing for the current CUDA device (entering and leaving ``torch.cuda.device`` costs a few
+    microseconds of host time per launch) nor for the interpreter."""
+    if device.type == "cuda" and device.index != _current_cuda_device():
         return torch.cuda.device(device)
     return _NO_GUARD
+
+
+def _current_cuda_device() -> int | None:
+    """The calling thread's current CUDA device, None before CUDA is initialised (then every CUDA launch is guarded)."""
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
 
 _NO_GUARD = contextlib.nullcontext()  # stateless: one serves every launch
@@ -177,7 +183,10 @@ def on_tensor_device(launcher: Callable) -> Callable:
 
     @functools.wraps(launcher)
     def wrapper(tensor: torch.Tensor, *args: Any) -> Any:
-        with device_guard(tensor.device):
+        guard = device_guard(tensor.device)
+        if guard is _NO_GUARD:  # no with-statement where there is nothing to enter
+            return launcher(tensor, *args)
+        with guard:
             return launcher(tensor, *args)
 
     return wrapper
