@@ -7,7 +7,8 @@ microseconds per call (and the 20th/80th percentiles) of:
 
 - ``group_rational`` forward + backward (the call, then ``torch.autograd.grad`` of its inputs);
 - ``grkan_linear`` forward + backward (x, coefficients, weight and bias);
-- the KAT and FlashKAT backward wrappers of ``benchmarks/baselines.py`` (one plain call each, no autograd);
+- the KAT and FlashKAT backward wrappers of ``benchmarks/baselines.py`` (one plain call each, no autograd: the
+  issue's 9-13 us reference, timed on this machine);
 - floors: a do-nothing ``torch.autograd.Function`` through ``torch.autograd.grad`` (as the rational is used: three
   inputs saved, three gradients), the same op through the autograd engine's C entry point (what is left without
   ``torch.autograd.grad``'s Python layer), and ``x.view(shape)``, a C++ op that computes nothing, through
@@ -17,12 +18,15 @@ microseconds per call (and the 20th/80th percentiles) of:
 - the CPU C-kernel path of ``group_rational`` forward + backward on a tiny tensor (host time plus a near-empty kernel);
 - what counting one kernel-to-reference fallback costs (``kanc.codegen.fallbacks.count``).
 
-Each kanc and floor row runs at ViT-B's size, (8, 197, 768) into 3072 features, and at a tiny size, (1, 8) into 8.
-Allocation: a GPU step allocates through PyTorch's caching allocator, about 1 us at any size. On the CPU, glibc serves
-a 4.8 MB ``empty`` with mmap and gives it back with munmap on every call (its dynamic threshold never settles for
-PyTorch's pattern), ~45 us per fwd+bwd here that a GPU step never pays. So by default the script first sets glibc's
-mmap and trim thresholds (``mallopt``) so that freed blocks are reused, as a caching allocator does: the ViT-B rows
-then match the tiny rows. ``--glibc-malloc`` keeps glibc's defaults, to see that cost. Nothing else is removed.
+Each kanc, floor and baseline row runs at ViT-B's size, (8, 197, 768) into 3072 features, and at a tiny size,
+(1, 8) into 8. Allocation: a GPU step allocates through PyTorch's caching allocator, about 1 us at any size. On the
+CPU, glibc serves PyTorch's 4.8 MB tensors with mmap and gives them back with munmap, and the pages it touches fault
+again on every call: measured alone, group_rational fwd+bwd at ViT-B took ~43 us more than at (1, 8), with 1.4 page
+faults per call against 0.01 once freed blocks are reused. A GPU step never pays that. So by default the script first
+sets glibc's mmap and trim thresholds (``mallopt``) so that freed blocks stay in the heap and are reused, as a caching
+allocator does; ``--glibc-malloc`` keeps glibc's defaults, to see that cost. Interleaved with the other cases' large
+tensors, the ViT-B rows still run ~10-20 us above the tiny rows (the heap's bookkeeping among many large blocks, no
+page faults): the tiny rows are the host floor a GPU step pays. Nothing else is removed.
 
 The interpreter's launch entry point is what is stubbed, so Triton's own per-launch work on a GPU (argument binding,
 specialisation, cache key: ~12 us a launch through ``kernel[grid]``, ~2 us through the compiled kernel's launcher
@@ -126,6 +130,8 @@ def kanc_cases(shape: tuple[int, ...], out_features: int, suffix: str) -> dict[s
         f"part: forward launcher{suffix}": lambda: rational_kernels.rational_forward(xd, nd, dd),
         f"part: backward launcher{suffix}": lambda: rational_kernels.rational_backward(g, xd, nd, dd),
         f"part: empty_like(x){suffix}": lambda: torch.empty_like(xd),
+        f"KAT backward wrapper{suffix}": lambda: baselines.kat_backward(g, xd, nd, dd),
+        f"FlashKAT backward wrapper{suffix}": lambda: baselines.flashkat_backward(g, xd, nd, dd),
     }
 
 
@@ -133,7 +139,6 @@ def cases() -> dict[str, callable]:
     out = {}
     for suffix, (shape, out_features) in SIZES.items():
         out.update(kanc_cases(shape, out_features, suffix))
-    x, g = torch.randn(SIZES[""][0]), torch.ones(SIZES[""][0])
     num, den = torch.randn(GROUPS, 6, requires_grad=True), torch.randn(GROUPS, 4, requires_grad=True)
     tiny = torch.randn(1, GROUPS, requires_grad=True)
 
@@ -146,8 +151,6 @@ def cases() -> dict[str, callable]:
 
     out.update(
         {
-            "KAT backward wrapper": lambda: baselines.kat_backward(g, x, num, den),
-            "FlashKAT backward wrapper": lambda: baselines.flashkat_backward(g, x, num, den),
             "cpu C kernel group_rational fwd+bwd, (1, 8)": cpu_rational,
             "a fallback's bookkeeping (fallbacks.count)": lambda: fallbacks.count("kanc::group_rational", den, "dtype"),
         }
