@@ -330,3 +330,20 @@ def test_launch_plans_built_once_per_operand_geometry(device, monkeypatch):
     with recording() as launches:
         snnk_block(x, g, w, b, "relu", 0.5, 1.0)
     assert asked[-1] == FWD and len(asked) == 8 and launches[0].config["BLOCK_F"] != 16
+
+
+def test_eager_calls_skip_the_custom_op(device):
+    """Eager code runs the fused kernels through a plain autograd.Function (no custom-op dispatch, the host time the
+    rational and the GR-KAN linear already save), with the same launches and gradients; torch.compile still sees the
+    op (``test_compiled_block_holds_the_fused_op``)."""
+    x, g, w, b = _inputs((5,), 16, 24, 8, "exp", torch.float32, device)
+    floor, scale = _params("exp")
+    y = snnk_block(x, g, w, b, "exp", floor, scale)
+    assert type(y.grad_fn).__name__ == "_SNNKBlockBackward"
+    _check(x, g, w, b, "exp")
+    with recording() as launches:
+        grads = torch.autograd.grad(snnk_block(x.detach(), g, w, None, "exp", floor, scale).sum(), (w,))
+    assert [launch.kernel for launch in launches] == [FWD, DW]  # no input gradient asked: no dx launch
+    torch.testing.assert_close(
+        grads[0], torch.autograd.grad(snnk_block_ref(x.detach(), g, w, None, "exp", floor, scale).sum(), (w,))[0]
+    )
