@@ -7,6 +7,7 @@ microseconds per call (and the 20th/80th percentiles) of:
 
 - ``group_rational`` forward + backward (the call, then ``torch.autograd.grad`` of its inputs);
 - ``grkan_linear`` forward + backward (x, coefficients, weight and bias);
+- ``snnk_block`` forward + backward (x and the readout weight; m = d features, "relu");
 - the KAT and FlashKAT backward wrappers of ``benchmarks/baselines.py`` (one plain call each, no autograd: the
   issue's 9-13 us reference, timed on this machine);
 - floors: a do-nothing ``torch.autograd.Function`` through ``torch.autograd.grad`` (as the rational is used: three
@@ -60,7 +61,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 
-from kanc.codegen import fallbacks, grkan_linear, group_rational  # noqa: E402
+from kanc.codegen import fallbacks, grkan_linear, group_rational, snnk_block  # noqa: E402
 from kanc.codegen.checker import kernel_route  # noqa: E402
 from kanc.codegen.kernels import common  # noqa: E402
 from kanc.codegen.kernels import rational as rational_kernels  # noqa: E402
@@ -110,6 +111,8 @@ def kanc_cases(shape: tuple[int, ...], out_features: int, suffix: str) -> dict[s
     weight = torch.randn(out_features, shape[-1], requires_grad=True)
     bias = torch.randn(out_features, requires_grad=True)
     g, g_out = torch.ones(shape), torch.ones(*shape[:-1], out_features)
+    projection = torch.randn(shape[-1], shape[-1])  # SNNK with m = d (ViT-B: 768 = hidden / 4), d_out = d
+    features = torch.randn(shape[-1], shape[-1], requires_grad=True)
     inputs = (x, num, den)
     engine = torch.autograd.Variable._execution_engine.run_backward
     xd, nd, dd = x.detach(), num.detach(), den.detach()
@@ -119,6 +122,9 @@ def kanc_cases(shape: tuple[int, ...], out_features: int, suffix: str) -> dict[s
         f"group_rational fwd+bwd{suffix}": lambda: torch.autograd.grad(group_rational(*inputs), inputs, g),
         f"grkan_linear fwd+bwd{suffix}": lambda: torch.autograd.grad(
             grkan_linear(x, num, den, weight, bias), (x, num, den, weight, bias), g_out
+        ),
+        f"snnk_block fwd+bwd{suffix}": lambda: torch.autograd.grad(
+            snnk_block(x, projection, features, None, "relu"), (x, features), g
         ),
         f"{FLOOR}{suffix}": lambda: torch.autograd.grad(_Nothing.apply(*inputs), inputs, g),
         f"floor: same op, autograd engine called directly{suffix}": lambda: engine(
