@@ -48,6 +48,7 @@ import ctypes.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -182,6 +183,19 @@ def measure(fns: dict[str, callable], calls: int, warmup: int) -> dict[str, dict
     return out
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with "+dirty" for uncommitted changes), None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3000, help="timed calls per case (medians over these)")
@@ -205,7 +219,9 @@ def main() -> None:
         print(f"{name:<56} {r['median_us']:>10.1f} {r['p20_us']:>8.1f} {r['p80_us']:>8.1f} "
               f"{r['median_us'] / floor:>8.2f}  {target}")  # fmt: skip
     if args.out is not None:
-        payload = {"benchmark": "host_overhead", "torch": torch.__version__, "command": " ".join(sys.argv),
+        command = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
+        command = f"{command} python {' '.join(sys.argv)}".strip()
+        payload = {"benchmark": "host_overhead", "torch": torch.__version__, "command": command, "commit": _commit(),
                    "calls": args.calls, "allocator": allocator, "load_average": [load_before, load_after],
                    "results": results}  # fmt: skip
         args.out.write_text(json.dumps(payload, indent=1))
