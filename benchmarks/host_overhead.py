@@ -26,8 +26,8 @@ again on every call: measured alone, group_rational fwd+bwd at ViT-B took ~43 us
 faults per call against 0.01 once freed blocks are reused. A GPU step never pays that. So by default the script first
 sets glibc's mmap and trim thresholds (``mallopt``) so that freed blocks stay in the heap and are reused, as a caching
 allocator does; ``--glibc-malloc`` keeps glibc's defaults, to see that cost. Interleaved with the other cases' large
-tensors, the ViT-B rows still run ~10-20 us above the tiny rows (the heap's bookkeeping among many large blocks, no
-page faults): the tiny rows are the host floor a GPU step pays. Nothing else is removed.
+tensors, the ViT-B rows still run a few us (up to ~20) above the tiny rows (the heap's bookkeeping among many large
+blocks, no page faults): the tiny rows are the host floor a GPU step pays. Nothing else is removed.
 
 The interpreter's launch entry point is what is stubbed, so Triton's own per-launch work on a GPU (argument binding,
 specialisation, cache key: ~12 us a launch through ``kernel[grid]``, ~2 us through the compiled kernel's launcher
