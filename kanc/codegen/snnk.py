@@ -17,22 +17,31 @@ Feature kinds g and their width:
           kanc keeps the bounded map and fits the readout ("preserve") instead.
 Math runs in fp32 (fp64 inputs stay fp64) and the result is stored in the input's dtype.
 
-Dispatch: :func:`snnk_block` asks the checker per call; on the kernel path it calls the custom op ``kanc::snnk_block``
-(backward ``kanc::snnk_block_backward``), whose fused kernels keep the m-wide features on chip in both directions
-(``kanc.codegen.kernels.snnk``: the backward recomputes them from x, for dx and for dW, instead of storing them), at
-any m (the features are tiled). The kernel path needs a projection that takes no gradient (a fixed buffer in the
-layers).
+Dispatch: :func:`snnk_block` asks the checker per call; on the kernel path eager code runs the kernels through a plain
+autograd.Function (no custom-op dispatch: ``autograd.eager``), and torch.compile, torch.export or a dispatch mode see
+the custom op ``kanc::snnk_block`` (backward ``kanc::snnk_block_backward``). The fused kernels keep the m-wide
+features on chip in both directions (``kanc.codegen.kernels.snnk``: the backward recomputes them from x, for dx and
+for dW, instead of storing them), at any m (the features are tiled). The kernel path needs a projection that takes no
+gradient (a fixed buffer in the layers).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from kanc.codegen import fallbacks
-from kanc.codegen.autograd import reference_vjp, register_reference_double_backward, vjp_with_graph
+from kanc.codegen.autograd import (
+    eager,
+    function_apply,
+    reference_vjp,
+    register_reference_double_backward,
+    triton_kernels,
+    vjp_with_graph,
+)
 from kanc.codegen.checker import kernel_route
 
 OP = "kanc::snnk_block"
@@ -119,7 +128,10 @@ def snnk_block(
     if backend is not None and projection.requires_grad:
         backend, reason = None, "projection requires grad"
     if backend is not None:
-        return torch.ops.kanc.snnk_block(x, projection, weight, bias, kind, float(floor), float(input_scale))
+        floor, input_scale = float(floor), float(input_scale)
+        if eager(x, projection, weight, bias):
+            return _apply_snnk_block(x, projection, weight, bias, kind, floor, input_scale)
+        return torch.ops.kanc.snnk_block(x, projection, weight, bias, kind, floor, input_scale)
     fallbacks.count(OP, weight, reason)
     return snnk_block_ref(x, projection, weight, bias, kind, floor, input_scale)
 
@@ -199,12 +211,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, projection, weight)
 
 
-def _backward(ctx, grad: Tensor):
+def _backward(ctx, grad: Tensor, backward: Callable | None = None):
+    """The block's gradients by ``backward`` (the op ``kanc::snnk_block_backward`` unless given: the eager path passes
+    the launcher)."""
     x, projection, weight = ctx.saved_tensors
     if ctx.needs_input_grad[1]:
         raise RuntimeError("kanc::snnk_block does not differentiate the projection; call snnk_block_ref for that")
     input_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    dx, dw, db = torch.ops.kanc.snnk_block_backward(
+    dx, dw, db = (backward or torch.ops.kanc.snnk_block_backward)(
         grad, x, projection, weight, ctx.has_bias, input_grad, weight_grad, ctx.kind, ctx.floor, ctx.input_scale
     )
     dx, dw = dx if input_grad else None, dw if weight_grad else None
@@ -212,6 +226,25 @@ def _backward(ctx, grad: Tensor):
 
 
 _snnk_block_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SNNKBlock(torch.autograd.Function):
+    """The eager path: the fused kernels without the custom op's dispatch (``autograd.eager``); backward through the
+    op when a graph of the gradient is wanted (double backward)."""
+
+    @staticmethod
+    def forward(ctx, x, projection, weight, bias, kind: str, floor: float, input_scale: float) -> Tensor:
+        _setup_context(ctx, (x, projection, weight, bias, kind, floor, input_scale), None)
+        return triton_kernels("snnk").snnk_forward(x, projection, weight, bias, kind, floor, input_scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():
+            return _backward(ctx, grad)
+        return _backward(ctx, grad, triton_kernels("snnk").snnk_backward)
+
+
+_apply_snnk_block = function_apply(_SNNKBlock)
 
 
 def _first_order(grad, x, projection, weight, has_bias, input_grad, weight_grad, kind, floor, input_scale):

@@ -135,6 +135,23 @@ def test_linear_rational_kernel(store_h, dtype, device):
         assert h.shape == (0, 48)
 
 
+def test_linear_rational_plans_once_per_geometry_and_keys_the_fp32_precision(device, monkeypatch):
+    """The epilogue launcher plans once per operand geometry (repeated calls only launch, with the same result); its
+    tuning key names fp32's dot precision ("float32-ieee", another kernel than TF32's), as the other dot kernels do."""
+    from kanc.codegen.kernels.linear_rational import linear_rational_forward
+
+    keys = []
+    pick = tuning.pick_config
+    monkeypatch.setattr(tuning, "pick_config", lambda k, key, *a, **kw: keys.append(key) or pick(k, key, *a, **kw))
+    x, _, _, w, b, num, den, _, _ = _block(24, 48, 8, 1, 3, torch.float32, device)
+    with torch.no_grad():
+        first = [linear_rational_forward(x, w, b, num, den, True) for _ in range(3)]
+        linear_rational_forward(x, w, None, num, den, True)
+    assert len(keys) == 2 and keys[0][6] == "float32-ieee"
+    for h, u in first[1:]:
+        assert torch.equal(h, first[0][0]) and torch.equal(u, first[0][1])
+
+
 def test_non_finite_inputs(device):
     inputs = _block(16, 32, 8, 2, 4, torch.float32, device)
     with torch.no_grad():

@@ -301,8 +301,8 @@ def test_launches_run_under_their_tensors_device_guard(device, guarded_launches)
 
 
 def test_device_guard_enters_the_cuda_device(monkeypatch):
-    """The guard of a CUDA tensor is ``torch.cuda.device`` of its own index (checked with a stand-in: no GPU here);
-    the interpreter's CPU tensors need none."""
+    """The guard of a CUDA tensor is ``torch.cuda.device`` of its own index (checked with a stand-in: no GPU here),
+    unless that is the current device already; the interpreter's CPU tensors need none."""
     from kanc.codegen.kernels import common
 
     entered = []
@@ -323,6 +323,13 @@ def test_device_guard_enters_the_cuda_device(monkeypatch):
     with common.device_guard(torch.device("cpu")):
         pass
     assert entered == [torch.device("cuda", 1), "exit"]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    with common.device_guard(torch.device("cuda", 1)):  # already the current device: nothing to enter
+        pass
+    with common.device_guard(torch.device("cuda", 0)):
+        pass
+    assert entered == [torch.device("cuda", 1), "exit", torch.device("cuda", 0), "exit"]
 
 
 def test_launch_plans_built_once_per_operand_geometry(device, monkeypatch):

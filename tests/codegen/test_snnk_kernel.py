@@ -301,3 +301,49 @@ def test_launch_records(device):
     assert dx.extra["direction"] == dw.extra["direction"] == "backward" and fwd.dtype == "float16"
     assert dx.extra["grads"] == "input" and dw.extra["grads"] == "weight,bias"
     assert {"BLOCK_N", "BLOCK_F", "BLOCK_M", "BLOCK_D", "SPLIT_M"} <= set(dw.config)
+
+
+def test_launch_plans_built_once_per_operand_geometry(device, monkeypatch):
+    """Each SNNK launcher plans its config, grid and arguments once per operand geometry and feature map: repeated
+    calls only launch (and still match the reference, through the fp32 partials of 16-bit outputs over two feature
+    tiles); another layout or another floor gets a plan of its own, and so does a config forced after."""
+    from kanc.codegen import tuning
+
+    asked = []
+    pick = tuning.pick_config
+    monkeypatch.setattr(tuning, "pick_config", lambda kernel, *a, **k: asked.append(kernel) or pick(kernel, *a, **k))
+    x, g, w, b = _inputs((9,), 24, 24, 12, "relu", torch.bfloat16, device)
+    wide = torch.randn(9, 48, device=device).to(torch.bfloat16)[:, ::2].requires_grad_()  # the same shape, strided
+    with _tiles(16, 16, 16, dw=(16, 16, 16, 16, 2), bf=16):
+        for _ in range(3):
+            _check(x, g, w, b, "relu", atol=0.05, rtol=0.02)
+        assert asked == [FWD, DX, DW]
+        floor, scale = _params("relu")
+        got = torch.autograd.grad(snnk_block(wide, g, w, b, "relu", floor, scale).float().square().sum(), (wide, w))
+        ref = snnk_block_ref(wide, g, w, b, "relu", floor, scale).float().square().sum()
+        for got_grad, want in zip(got, torch.autograd.grad(ref, (wide, w))):
+            torch.testing.assert_close(got_grad.float(), want.float(), atol=0.1, rtol=0.05)
+        assert asked == [FWD, DX, DW] * 2
+        with recording() as launches:
+            snnk_block(x, g, w, b, "relu", 0.5, 1.0)
+        assert asked == [FWD, DX, DW] * 2 + [FWD] and launches[0].extra["feature_tiles"] == 2
+    with recording() as launches:
+        snnk_block(x, g, w, b, "relu", 0.5, 1.0)
+    assert asked[-1] == FWD and len(asked) == 8 and launches[0].config["BLOCK_F"] != 16
+
+
+def test_eager_calls_skip_the_custom_op(device):
+    """Eager code runs the fused kernels through a plain autograd.Function (no custom-op dispatch, the host time the
+    rational and the GR-KAN linear already save), with the same launches and gradients; torch.compile still sees the
+    op (``test_compiled_block_holds_the_fused_op``)."""
+    x, g, w, b = _inputs((5,), 16, 24, 8, "exp", torch.float32, device)
+    floor, scale = _params("exp")
+    y = snnk_block(x, g, w, b, "exp", floor, scale)
+    assert type(y.grad_fn).__name__ == "_SNNKBlockBackward"
+    _check(x, g, w, b, "exp")
+    with recording() as launches:
+        grads = torch.autograd.grad(snnk_block(x.detach(), g, w, None, "exp", floor, scale).sum(), (w,))
+    assert [launch.kernel for launch in launches] == [FWD, DW]  # no input gradient asked: no dx launch
+    torch.testing.assert_close(
+        grads[0], torch.autograd.grad(snnk_block_ref(x.detach(), g, w, None, "exp", floor, scale).sum(), (w,))[0]
+    )

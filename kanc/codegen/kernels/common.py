@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -138,6 +138,13 @@ def fp32_precision() -> str:
 _fp32_getter = getattr(torch._C, "_get_fp32_precision_getter", None)
 
 
+def dot_args(io_dtype: torch.dtype) -> tuple[tl.dtype, bool]:
+    """The DOT and IEEE constexprs of a dot kernel (``jit_common.dot_acc``) for I/O in ``io_dtype``: the operand dtype
+    (:func:`dot_dtype`) and whether fp32 operands multiply exactly (IEEE) rather than in TF32."""
+    dot = dot_dtype(io_dtype)
+    return dot, dot == tl.float32 and fp32_precision() == "ieee"
+
+
 def dot_dtype_key(io_dtype: torch.dtype) -> str:
     """The dtype field of a dot kernel's tuning key: the I/O dtype, with the fp32 dot precision for fp32 I/O
     ("float32-tf32" and "float32-ieee" are different kernels, timed and cached apart). 16-bit I/O feeds its own
@@ -153,12 +160,18 @@ def deterministic() -> bool:
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
-    """The context a launch runs in: ``torch.cuda.device(device)`` for a CUDA device, so Triton (which launches on the
-    current device, on its current stream) runs the kernel on the GPU its tensors live on, not on cuda:0; nothing for
-    the interpreter."""
-    if device.type == "cuda":
+    """The context a launch runs in: ``torch.cuda.device(device)`` for a CUDA device other than the current one, so
+    Triton (which launches on the current device, on its current stream) runs the kernel on the GPU its tensors live
+    on, not on cuda:0; nothing for the current CUDA device (entering and leaving ``torch.cuda.device`` costs a few
+    microseconds of host time per launch) nor for the interpreter."""
+    if device.type == "cuda" and device.index != _current_cuda_device():
         return torch.cuda.device(device)
     return _NO_GUARD
+
+
+def _current_cuda_device() -> int | None:
+    """The calling thread's current CUDA device, None before CUDA is initialised (then every CUDA launch is guarded)."""
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
 
 _NO_GUARD = contextlib.nullcontext()  # stateless: one serves every launch
@@ -170,7 +183,10 @@ def on_tensor_device(launcher: Callable) -> Callable:
 
     @functools.wraps(launcher)
     def wrapper(tensor: torch.Tensor, *args: Any) -> Any:
-        with device_guard(tensor.device):
+        guard = device_guard(tensor.device)
+        if guard is _NO_GUARD:  # no with-statement where there is nothing to enter
+            return launcher(tensor, *args)
+        with guard:
             return launcher(tensor, *args)
 
     return wrapper
@@ -203,22 +219,6 @@ def kernel_name(kernel: Any) -> str:
 def launch_options(config: dict[str, Any]) -> dict[str, Any]:
     """The launch keywords of a config (num_warps, num_stages) that are not constexprs of the kernel."""
     return {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
-
-
-def record(
-    op: str,
-    kernel: Any,
-    grid: tuple[int, ...],
-    config: dict[str, Any],
-    shapes: Sequence[Sequence[int]],
-    dtype: torch.dtype,
-    direction: str,
-    atomics: int = 0,
-    **extra: Any,
-) -> None:
-    """Tell the profiler what ran (only when someone records)."""
-    if launches.is_recording():
-        launches.record(launch_record(op, kernel, grid, config, shapes, dtype, direction, atomics, **extra))
 
 
 # ---------------------------------------------------------------------------------------------------- launch plans
@@ -257,6 +257,37 @@ def planned(plans: dict, key: tuple, device: torch.device, build: Callable[..., 
                 plans.clear()
             plans[full] = plan
     return plan
+
+
+def stand_in(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A one-element tensor expanded to ``shape`` (stride 0): ``torch.empty_like`` / ``torch.zeros_like`` of it make a
+    new contiguous tensor of that shape, dtype and device. A plan keeps one per output, so that a call allocates its
+    outputs by the cheapest factory (~1.5 us less than ``torch.empty(shape, dtype=, device=)``'s keyword parsing)
+    without keeping a full-size template alive."""
+    return torch.empty(1, dtype=dtype, device=device).expand(*shape)
+
+
+class Plan(NamedTuple):
+    """A launch prepared once per operand geometry (:func:`planned`): the grid, every argument that is not a tensor
+    (sizes, strides, scalars, constexprs), launch options, the launch record, the compiled kernel's launcher once known
+    (:func:`launch_planned`), stand-ins of the buffers each call allocates (:func:`stand_in`), and anything else the
+    launcher needs per call (``extra``). Launchers that pass operands in several layouts keep their own, with these
+    fields first."""
+
+    grid: tuple[int, ...]
+    args: tuple
+    options: dict[str, Any]
+    record: launches.Launch
+    direct: list | None
+    outputs: tuple = ()
+    extra: tuple = ()
+
+
+def dot_plan_key(tensors: Sequence[torch.Tensor | None], *extra: Any) -> tuple:
+    """A dot kernel's plan key: :func:`operands_key` of ``tensors``, ``extra`` (scalars the plan bakes in), and the fp32
+    dot precision when the first operand is fp32 (TF32 or IEEE: another kernel)."""
+    key = (*operands_key(*tensors), *extra)
+    return (*key, fp32_precision()) if tensors[0].dtype == torch.float32 else key
 
 
 def launch_planned(kernel: Any, plan: Any, *tensors: torch.Tensor) -> None:

@@ -26,38 +26,25 @@ from kanc.codegen import launches
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
+from kanc.codegen.kernels.jit_common import (
+    add_coef_partials,
+    dot_acc,
+    rational_grads,
+    rational_pq,
+    reduce_coef_grads,
+    swizzle,
+    tile_groups,
+    zero_sums,
+)
 from kanc.codegen.kernels.rational import (
-    _add_coef_partials,
-    _rational_grads,
-    _rational_pq,
-    _reduce_coef_grads,
-    _zero_sums,
     coefficient_grads,
+    coefficient_stand_ins,
     final_coefficient_grads,
     group_span,
     groups_touched,
 )
 
 OP = "kanc::grkan_linear"
-
-
-@triton.jit
-def _swizzle(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
-    """Program id -> (row tile, column tile), GROUP row tiles at a time so their column tiles stay in L2."""
-    tiles_r = tl.cdiv(rows, BLOCK_R)
-    tiles_c = tl.cdiv(cols, BLOCK_C)
-    per_group = GROUP * tiles_c
-    first = (pid // per_group) * GROUP
-    size = tl.minimum(tiles_r - first, GROUP)
-    return first + (pid % per_group) % size, (pid % per_group) // size
-
-
-@triton.jit
-def _dot(a, b, acc, DOT: tl.constexpr, IEEE: tl.constexpr):
-    """acc + a b with both operands cast to DOT (fp16/bf16 on tensor cores, fp32 in TF32 or, with IEEE, exactly)."""
-    if IEEE:
-        return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee")
-    return tl.dot(a.to(DOT), b.to(DOT), acc)
 
 
 @triton.jit
@@ -81,17 +68,8 @@ def _rational_tile(
     other operand being masked too)."""
     mask = mmask[:, None] & kmask[None, :]
     x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-    p, q = _rational_pq(x, num_ptr, den_ptr, _groups(k0, rk, D, UNIFORM), kmask, NP, NQ, UNIFORM)
+    p, q = rational_pq(x, num_ptr, den_ptr, tile_groups(k0, rk, D, UNIFORM), kmask, NP, NQ, UNIFORM)
     return tl.where(mask, p / q, 0.0)
-
-
-@triton.jit
-def _groups(k0, rk, D, UNIFORM: tl.constexpr):
-    """Group of a K tile starting at k0 (a scalar) when it lies in one group, else the group of each column."""
-    if UNIFORM:
-        return k0 // D
-    else:
-        return rk // D
 
 
 @triton.jit
@@ -129,7 +107,7 @@ def _grkan_linear_fwd_kernel(
 ):
     """y = F(x) W^T + b on one (BLOCK_M, BLOCK_N) tile: F applied to each (BLOCK_M, BLOCK_K) x tile as it is loaded,
     rounded to the I/O dtype (as the reference stores F(x)) and fed to tl.dot; the bias in the epilogue."""
-    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = rm < M, rn < N
@@ -140,7 +118,7 @@ def _grkan_linear_fwd_kernel(
         f = _rational_tile(x_ptr, rm, rk, k0, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ, UNIFORM)
         w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = _dot(cast_to(f, y_ptr.dtype.element_ty), w, acc, DOT, IEEE)
+        acc = dot_acc(cast_to(f, y_ptr.dtype.element_ty), w, acc, DOT, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn * stride_b, mask=nmask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
@@ -180,7 +158,7 @@ def _grkan_linear_dw_kernel(
 ):
     """dW = dy^T F(x) on one (BLOCK_N, BLOCK_K) tile, reducing over M with F recomputed per x tile; db = column sums
     of dy, from the programs of the first K tile."""
-    pid_n, pid_k = _swizzle(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
+    pid_n, pid_k = swizzle(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     nmask, kmask = rn < N, rk < K
@@ -193,7 +171,7 @@ def _grkan_linear_dw_kernel(
             x_ptr, rm, rk, pid_k * BLOCK_K, mmask, kmask, stride_xm, stride_xk, num_ptr, den_ptr, D, NP, NQ, UNIFORM
         )
         dyt = tl.load(dy_ptr + rm[None, :] * stride_dym + rn[:, None], mask=nmask[:, None] & mmask[None, :], other=0.0)
-        acc = _dot(dyt, cast_to(f, dy_ptr.dtype.element_ty), acc, DOT, IEEE)
+        acc = dot_acc(dyt, cast_to(f, dy_ptr.dtype.element_ty), acc, DOT, IEEE)
         if HAS_BIAS:
             if pid_k == 0:
                 db += tl.sum(dyt.to(tl.float32), axis=1)
@@ -242,15 +220,15 @@ def _grkan_linear_dx_kernel(
 ):
     """dF = dy W (fp32) on ROWS_PER_PROGRAM (BLOCK_M, BLOCK_K) tiles of one K column, each followed by the epilogue
     dx = dF F'(x) and the coefficient partial sums (as ``_rational_bwd_kernel``, dF in place of dy), carried in
-    registers across the tiles; they leave the program once (``_reduce_coef_grads``), as dL/db_k for the denominator
+    registers across the tiles; they leave the program once (``reduce_coef_grads``), as dL/db_k for the denominator
     (kanc's sign of d|b|/db applied)."""
-    pid_m, pid_k = _swizzle(tl.program_id(0), M, K, BLOCK_M * ROWS_PER_PROGRAM, BLOCK_K, GROUP_M)
+    pid_m, pid_k = swizzle(tl.program_id(0), M, K, BLOCK_M * ROWS_PER_PROGRAM, BLOCK_K, GROUP_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = rk < K
-    g = _groups(pid_k * BLOCK_K, rk, D, G_SPAN == 1)
+    g = tile_groups(pid_k * BLOCK_K, rk, D, G_SPAN == 1)
     g_first = (pid_k * BLOCK_K) // D
     g_last = (tl.minimum(pid_k * BLOCK_K + BLOCK_K, K) - 1) // D
-    sums = _zero_sums(NP + NQ, G_SPAN)
+    sums = zero_sums(NP + NQ, G_SPAN)
     first = pid_m * ROWS_PER_PROGRAM
     for i in range(tl.minimum(ROWS_PER_PROGRAM, tl.cdiv(M, BLOCK_M) - first)):  # the last program may own fewer
         rm = ((first + i) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -263,14 +241,14 @@ def _grkan_linear_dx_kernel(
             dy = tl.load(dy_ptrs, mask=mmask[:, None] & nmask[None, :], other=0.0)
             w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk
             w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
-            df = _dot(dy, w, df, DOT, IEEE)
+            df = dot_acc(dy, w, df, DOT, IEEE)
         mask = mmask[:, None] & kmask[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        dx, gq, y = _rational_grads(x, df, num_ptr, den_ptr, g, kmask, NP, NQ, G_SPAN == 1)
+        dx, gq, y = rational_grads(x, df, num_ptr, den_ptr, g, kmask, NP, NQ, G_SPAN == 1)
         tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
-        sums = _add_coef_partials(sums, x, gq, y, mask, g, kmask, g_first, NP, NQ, G_SPAN)
+        sums = add_coef_partials(sums, x, gq, y, mask, g, kmask, g_first, NP, NQ, G_SPAN)
     slot = pid_m * tl.cdiv(K, BLOCK_K) + pid_k
-    _reduce_coef_grads(dnum_ptr, dden_ptr, den_ptr, slot, sums, g_first, g_last, NP, NQ, G_SPAN, DETERMINISTIC)
+    reduce_coef_grads(dnum_ptr, dden_ptr, den_ptr, slot, sums, g_first, g_last, NP, NQ, G_SPAN, DETERMINISTIC)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -348,11 +326,6 @@ def matmul_candidates(rows: int, cols: int, inner: int) -> list[dict]:
     return tile_candidates(FWD_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), (rows, cols, inner))
 
 
-def _dot_args(dtype: torch.dtype) -> tuple:
-    dot = common.dot_dtype(dtype)
-    return dot, dot == tl.float32 and common.fp32_precision() == "ieee"
-
-
 def _key(m: int, n: int, k: int, groups: int, np_: int, nq: int, dtype: torch.dtype) -> tuple:
     return (common.row_bucket(m), n, k, groups, np_, nq, common.dot_dtype_key(dtype))
 
@@ -369,17 +342,12 @@ class _Plan(NamedTuple):
     direct: list | None  # the compiled kernel's launcher, once known (``common.launch_planned``)
     x_strides: tuple[int, int] | None
     extra: tuple = ()
+    outputs: tuple = ()  # stand-ins of the launch's outputs (``common.stand_in``)
 
 
 _fwd_plans: dict = {}
 _dw_plans: dict = {}
 _dx_plans: dict = {}
-
-
-def _plan_key(*tensors: torch.Tensor | None) -> tuple:
-    """operands_key plus the fp32 dot precision (TF32 or IEEE: another kernel) for fp32 operands."""
-    key = common.operands_key(*tensors)
-    return (*key, common.fp32_precision()) if tensors[0].dtype == torch.float32 else key
 
 
 def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,10 +357,10 @@ def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor) -> tuple[t
 @common.on_tensor_device
 def grkan_linear_forward(x, numerator, denominator, weight, bias):
     """Launch the fused forward: y = F(x) W^T + b, shape (..., N), in x's dtype (== weight's dtype)."""
-    key = _plan_key(x, numerator, denominator, weight, bias)
+    key = common.dot_plan_key((x, numerator, denominator, weight, bias))
     plan = common.planned(_fwd_plans, key, x.device, _fwd_plan, x, numerator, denominator, weight, bias)
     x2 = common.matrix_of(x, x.shape[-1], plan.x_strides)
-    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    y = torch.empty_like(plan.outputs[0])
     common.launch_planned(
         _grkan_linear_fwd_kernel,
         plan,
@@ -411,7 +379,7 @@ def _fwd_plan(x, numerator, denominator, weight, bias) -> _Plan:
     x2 = common.matrix_of(x, k_in, x_strides).view(-1, k_in)
     num, den = _coefficients(numerator, denominator)
     m, np_, nq = x2.shape[0], num.shape[1], den.shape[1]
-    dot, ieee = _dot_args(x.dtype)
+    dot, ieee = common.dot_args(x.dtype)
 
     def grid(cfg: dict) -> tuple[int]:
         return (common.cdiv(m, cfg["BLOCK_M"]) * common.cdiv(n_out, cfg["BLOCK_N"]),)
@@ -455,7 +423,9 @@ def _fwd_plan(x, numerator, denominator, weight, bias) -> _Plan:
     record = common.launch_record(
         OP, _grkan_linear_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward", placement="prologue"
     )
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, common.direct_launches(x.device), x_strides)
+    outputs = (common.stand_in((*x.shape[:-1], n_out), x.dtype, x.device),)
+    direct = common.direct_launches(x.device)
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, x_strides, outputs=outputs)
 
 
 @common.on_tensor_device
@@ -465,20 +435,19 @@ def grkan_linear_backward(grad, x, numerator, denominator, weight, has_bias: boo
     The dx kernel writes the final coefficient gradients (fp32, kanc's sign of d|b|/db applied; cast only for
     coefficients in another dtype). They are reduced with atomics, or bitwise reproducibly when torch's deterministic
     mode is on."""
-    key = (*_plan_key(grad, x, numerator, denominator, weight), has_bias)
+    key = common.dot_plan_key((grad, x, numerator, denominator, weight), has_bias)
     plans = common.planned(_bwd_plans, key, x.device, _bwd_plan, grad, x, numerator, denominator, weight, has_bias)
-    dy_stride, x_strides, dw_plan, dx_plan = plans
+    dy_stride, x_strides, dw_plan, dx_plan, dx_stand_in = plans
     k_in, n_out = x.shape[-1], weight.shape[0]
     if grad.dtype != x.dtype:
         grad = grad.to(x.dtype)
     dy2 = common.rows_of(grad, n_out, dy_stride)
     x2 = common.matrix_of(x, k_in, x_strides)
     num, den = _coefficients(numerator, denominator)
-    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
-    db = torch.empty(n_out if has_bias else 0, dtype=weight.dtype, device=x.device)
+    dw, db = torch.empty_like(dw_plan.outputs[0]), torch.empty_like(dw_plan.outputs[1])
     common.launch_planned(_grkan_linear_dw_kernel, dw_plan, x2, dy2, dw, db if has_bias else dw, num, den)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dnum, dden = coefficient_grads(dx_plan.extra, x.device)
+    dx = torch.empty_like(dx_stand_in)
+    dnum, dden = coefficient_grads(dx_plan.extra, dx_plan.outputs[1:])
     common.launch_planned(_grkan_linear_dx_kernel, dx_plan, x2, dy2, weight, dx, num, den, dnum, dden)
     return dx, *final_coefficient_grads(dx_plan.extra, dnum, dden, numerator.dtype, denominator.dtype), dw, db
 
@@ -487,8 +456,8 @@ _bwd_plans: dict = {}
 
 
 def _bwd_plan(grad, x, numerator, denominator, weight, has_bias: bool) -> tuple:
-    """(dy's row stride, x's matrix strides, the dW plan, the dx plan): how the backward passes its (rows, N) dy and
-    (rows, K) x (views when they can be, else copies) and launches its two kernels."""
+    """(dy's row stride, x's matrix strides, the dW plan, the dx plan, a stand-in of dx): how the backward passes its
+    (rows, N) dy and (rows, K) x (views when they can be, else copies), launches its two kernels and allocates dx."""
     k_in, n_out = x.shape[-1], weight.shape[0]
     if grad.dtype != x.dtype:  # converted per call: a tensor of the same layout (row-major where not dense)
         grad = grad.to(x.dtype)
@@ -502,13 +471,14 @@ def _bwd_plan(grad, x, numerator, denominator, weight, has_bias: bool) -> tuple:
         x_strides,
         _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias),
         _dx_plan(x2, dy2, weight, numerator, denominator),
+        common.stand_in(x.shape, x.dtype, x.device),
     )
 
 
 def launch_dw(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> None:
     """dW = dy^T F(x) into ``dw`` (and db = dy's column sums into ``db`` when ``has_bias``); x2 (M, K), dy2 (M, N)
     with a unit column stride."""
-    key = _plan_key(x2, dy2, numerator, denominator, dw, db if has_bias else None)
+    key = common.dot_plan_key((x2, dy2, numerator, denominator, dw, db if has_bias else None))
     plan = common.planned(_dw_plans, key, x2.device, _dw_plan, x2, dy2, numerator, denominator, dw, db, has_bias)
     common.launch_planned(
         _grkan_linear_dw_kernel, plan, x2, dy2, dw, db if has_bias else dw, *_coefficients(numerator, denominator)
@@ -519,7 +489,7 @@ def _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> _Plan:
     (m, k_in), n_out, groups = x2.shape, dy2.shape[1], denominator.shape[0]
     num, den = _coefficients(numerator, denominator)
     np_, nq = num.shape[1], den.shape[1]
-    dot, ieee = _dot_args(x2.dtype)
+    dot, ieee = common.dot_args(x2.dtype)
 
     def grid(cfg: dict) -> tuple[int]:
         return (common.cdiv(n_out, cfg["BLOCK_N"]) * common.cdiv(k_in, cfg["BLOCK_K"]),)
@@ -561,16 +531,18 @@ def _dw_plan(x2, dy2, numerator, denominator, dw, db, has_bias: bool) -> _Plan:
     record = common.launch_record(
         OP, _grkan_linear_dw_kernel, grid(cfg), cfg, shapes, x2.dtype, "backward", grads="weight,bias"
     )
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, common.direct_launches(x2.device), None)
+    outputs = (common.stand_in(dw.shape, dw.dtype, dw.device), common.stand_in(db.shape, db.dtype, db.device))
+    direct = common.direct_launches(x2.device)
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, None, outputs=outputs)
 
 
 def launch_dx(x2, dy2, weight, numerator, denominator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (M, K), d numerator, d denominator) of y = F(x) W^T: dF = dy W, then dx = dF F'(x) and the coefficient
     gradients in the epilogue; x2 (M, K), dy2 (M, N) with a unit column stride."""
-    key = _plan_key(x2, dy2, weight, numerator, denominator)
+    key = common.dot_plan_key((x2, dy2, weight, numerator, denominator))
     plan = common.planned(_dx_plans, key, x2.device, _dx_plan, x2, dy2, weight, numerator, denominator)
-    dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    dnum, dden = coefficient_grads(plan.extra, x2.device)
+    dx = torch.empty_like(plan.outputs[0])
+    dnum, dden = coefficient_grads(plan.extra, plan.outputs[1:])
     common.launch_planned(
         _grkan_linear_dx_kernel, plan, x2, dy2, weight, dx, *_coefficients(numerator, denominator), dnum, dden
     )
@@ -581,7 +553,7 @@ def _dx_plan(x2, dy2, weight, numerator, denominator) -> _Plan:
     (m, k_in), n_out, groups = x2.shape, dy2.shape[1], denominator.shape[0]
     num, den = _coefficients(numerator, denominator)
     np_, nq, group_size = num.shape[1], den.shape[1], k_in // groups
-    dot, ieee = _dot_args(x2.dtype)
+    dot, ieee = common.dot_args(x2.dtype)
     det = common.deterministic()
 
     def row_programs(cfg: dict) -> int:
@@ -623,10 +595,8 @@ def _dx_plan(x2, dy2, weight, numerator, denominator) -> _Plan:
         return tiles, group_span(cfg["BLOCK_K"], group_size), groups, np_, nq, k_in, cfg["BLOCK_K"], det
 
     def scratch(cfg: dict) -> None:
-        dx, (dnum, dden) = (
-            torch.empty(m, k_in, dtype=x2.dtype, device=x2.device),
-            coefficient_grads(buffers(cfg), x2.device),
-        )
+        dx = torch.empty(m, k_in, dtype=x2.dtype, device=x2.device)
+        dnum, dden = coefficient_grads(buffers(cfg), coefficient_stand_ins(buffers(cfg), x2.device))
         tensors = (x2, dy2, weight, dx, num, den, dnum, dden)
         _grkan_linear_dx_kernel[grid(cfg)](*tensors, *args(cfg), **common.launch_options(cfg))
 
@@ -649,4 +619,5 @@ def _dx_plan(x2, dy2, weight, numerator, denominator) -> _Plan:
         deterministic=det,
     )
     direct = common.direct_launches(x2.device)
-    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, None, buffers(cfg))
+    outputs = (common.stand_in(x2.shape, x2.dtype, x2.device), *coefficient_stand_ins(buffers(cfg), x2.device))
+    return _Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, None, buffers(cfg), outputs)

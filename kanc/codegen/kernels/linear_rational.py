@@ -22,8 +22,8 @@ import triton.language as tl
 
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
-from kanc.codegen.kernels.grkan_linear import _dot, _dot_args, _swizzle, tile_candidates
-from kanc.codegen.kernels.rational import _rational_pq
+from kanc.codegen.kernels.grkan_linear import tile_candidates
+from kanc.codegen.kernels.jit_common import dot_acc, rational_pq, swizzle, tile_groups
 
 OP = "kanc::grkan_mlp_epilogue"
 
@@ -65,7 +65,7 @@ def _linear_rational_fwd_kernel(
 ):
     """u = F(h) with h = x W^T + b, on one (BLOCK_M, BLOCK_N) tile: h accumulated in fp32 over K, rounded to the I/O
     dtype (and stored with STORE_H), then F(h) = P(h) / Q(h) per column group in fp32 registers."""
-    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = rm < M, rn < N
@@ -75,18 +75,15 @@ def _linear_rational_fwd_kernel(
         kmask = rk < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mmask[:, None] & kmask[None, :])
         w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk, mask=kmask[:, None] & nmask[None, :])
-        acc = _dot(x, w, acc, DOT, IEEE)
+        acc = dot_acc(x, w, acc, DOT, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     mask = mmask[:, None] & nmask[None, :]
     h = cast_to(acc, u_ptr.dtype.element_ty)  # F reads h as stored, so forward and backward see the same value
     if STORE_H:
         tl.store(h_ptr + rm[:, None] * stride_hm + rn[None, :], h, mask=mask)
-    if UNIFORM:
-        g = (pid_n * BLOCK_N) // D
-    else:
-        g = rn // D
-    p, q = _rational_pq(h.to(tl.float32), num_ptr, den_ptr, g, nmask, NP, NQ, UNIFORM)
+    g = tile_groups(pid_n * BLOCK_N, rn, D, UNIFORM)
+    p, q = rational_pq(h.to(tl.float32), num_ptr, den_ptr, g, nmask, NP, NQ, UNIFORM)
     tl.store(u_ptr + rm[:, None] * stride_um + rn[None, :], cast_to(p / q, u_ptr.dtype.element_ty), mask=mask)
 
 
@@ -109,32 +106,42 @@ EPILOGUE_TILES = [
 
 
 def _key(m: int, n: int, k: int, groups: int, np_: int, nq: int, dtype: torch.dtype, store_h: bool) -> tuple:
-    return (common.row_bucket(m), n, k, groups, np_, nq, str(dtype).removeprefix("torch."), int(store_h))
+    return (common.row_bucket(m), n, k, groups, np_, nq, common.dot_dtype_key(dtype), int(store_h))
+
+
+_plans: dict = {}
 
 
 def linear_rational_forward(x, weight, bias, numerator, denominator, store_h: bool):
     """Launch the fused forward: (h, u) with u = F(x W^T + b) of shape (..., N) in x's dtype (== weight's dtype);
-    h is the pre-rational output when ``store_h``, else an empty tensor (nothing written)."""
+    h is the pre-rational output when ``store_h``, else an empty tensor (nothing written). Config, grid and arguments
+    are planned once per operand geometry (``common.planned``)."""
+    key = common.dot_plan_key((x, weight, bias, numerator, denominator), store_h)
+    plan = common.planned(_plans, key, x.device, _plan, x, weight, bias, numerator, denominator, store_h)
+    x2 = x.reshape(-1, x.shape[-1])
+    u2, h2 = torch.empty_like(plan.outputs[0]), torch.empty_like(plan.outputs[1])
+    num, den = numerator.contiguous(), denominator.contiguous()
+    b = bias.contiguous() if bias is not None else x2  # read as a unit-stride vector
+    common.launch_planned(_linear_rational_fwd_kernel, plan, x2, weight, b, h2 if store_h else u2, u2, num, den)
+    n_out = weight.shape[0]
+    return h2.view(*x.shape[:-1], n_out) if store_h else h2, u2.view(*x.shape[:-1], n_out)
+
+
+def _plan(x, weight, bias, numerator, denominator, store_h: bool) -> common.Plan:
     k_in, n_out, groups = x.shape[-1], weight.shape[0], denominator.shape[0]
     x2 = x.reshape(-1, k_in)
     num, den = numerator.contiguous(), denominator.contiguous()
-    bias = bias.contiguous() if bias is not None else None  # read as a unit-stride vector
+    bias = bias.contiguous() if bias is not None else None
     m, np_, nq, group_size = x2.shape[0], num.shape[1], den.shape[1], n_out // groups
     u2 = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     h2 = torch.empty(m if store_h else 0, n_out, dtype=x.dtype, device=x.device)
-    dot, ieee = _dot_args(x.dtype)
+    dot, ieee = common.dot_args(x.dtype)
 
-    def run(cfg: dict, out_h: torch.Tensor = h2, out_u: torch.Tensor = u2) -> tuple:
-        grid = (common.cdiv(m, cfg["BLOCK_M"]) * common.cdiv(n_out, cfg["BLOCK_N"]),)
-        _linear_rational_fwd_kernel[grid](
-            # pointers
-            x2,
-            weight,
-            bias if bias is not None else x2,
-            out_h if store_h else out_u,
-            out_u,
-            num,
-            den,
+    def grid(cfg: dict) -> tuple[int]:
+        return (common.cdiv(m, cfg["BLOCK_M"]) * common.cdiv(n_out, cfg["BLOCK_N"]),)
+
+    def args(cfg: dict) -> tuple:
+        return (
             # sizes
             m,
             n_out,
@@ -145,8 +152,8 @@ def linear_rational_forward(x, weight, bias, numerator, denominator, store_h: bo
             x2.stride(1),
             weight.stride(0),
             weight.stride(1),
-            out_h.stride(0),
-            out_u.stride(0),
+            h2.stride(0),
+            u2.stride(0),
             # meta-parameters
             bias is not None,
             store_h,
@@ -159,15 +166,20 @@ def linear_rational_forward(x, weight, bias, numerator, denominator, store_h: bo
             cfg["BLOCK_N"],
             cfg["BLOCK_K"],
             cfg["GROUP_M"],
-            **common.launch_options(cfg),
         )
-        return grid
+
+    def scratch(cfg: dict) -> None:
+        out_h, out_u = torch.empty_like(h2), torch.empty_like(u2)
+        tensors = (x2, weight, bias if bias is not None else x2, out_h if store_h else out_u, out_u, num, den)
+        _linear_rational_fwd_kernel[grid(cfg)](*tensors, *args(cfg), **common.launch_options(cfg))
 
     key = _key(m, n_out, k_in, groups, np_, nq, x.dtype, store_h)
-    scratch = lambda c: run(c, torch.empty_like(h2), torch.empty_like(u2))
     candidates = tile_candidates(EPILOGUE_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), (m, n_out, k_in))
     cfg = common.choose(_linear_rational_fwd_kernel, key, candidates, scratch, x.device)
-    grid = run(cfg)
     shapes = [x.shape, weight.shape, num.shape, den.shape]
-    common.record(OP, _linear_rational_fwd_kernel, grid, cfg, shapes, x.dtype, "forward", placement="epilogue")
-    return h2.view(*x.shape[:-1], n_out) if store_h else h2, u2.view(*x.shape[:-1], n_out)
+    record = common.launch_record(
+        OP, _linear_rational_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward", placement="epilogue"
+    )
+    outputs = tuple(common.stand_in(t.shape, t.dtype, t.device) for t in (u2, h2))
+    direct = common.direct_launches(x.device)
+    return common.Plan(grid(cfg), args(cfg), common.launch_options(cfg), record, direct, outputs)

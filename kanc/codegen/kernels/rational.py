@@ -1,9 +1,9 @@
 """Group-rational Triton kernels: forward, backward (dx and per-program coefficient gradients), launchers.
 
 The math of ``kanc.codegen.rational.rational_ref`` on (rows, C) tiles, fp32 in registers, I/O in the tensor's dtype.
-The ``@triton.jit`` helpers (``_rational_pq``, ``_rational_grads``, ``_zero_sums``, ``_add_coef_partials``,
-``_flush_coef_grads``, ``_reduce_coef_grads``) are shared with the fused GR-KAN linear kernels, which evaluate the same
-rational in a matmul's prologue or epilogue.
+The rational's ``@triton.jit`` math (P and Q, gradients, coefficient sums and their reduction) lives in
+``kanc.codegen.kernels.jit_common``, shared with the fused GR-KAN linear kernels, which evaluate the same rational in a
+matmul's prologue or epilogue.
 
 Coefficient gradients (FlashKAT's design, not KAT's per-element global atomics): each program owns one column tile
 and ROWS_PER_PROGRAM consecutive row tiles (a tuning dimension). It reduces every tile over its rows and over the
@@ -31,139 +31,16 @@ from kanc.codegen import launches
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
+from kanc.codegen.kernels.jit_common import (
+    add_coef_partials,
+    rational_grads,
+    rational_pq,
+    reduce_coef_grads,
+    tile_groups,
+    zero_sums,
+)
 
 OP = "kanc::group_rational"
-
-
-@triton.jit
-def _coef(ptr, g, k, NCOEF: tl.constexpr, cmask, UNIFORM: tl.constexpr):
-    """Coefficient k in fp32: with UNIFORM (the tile lies in one group, g a scalar) one scalar, else that of each
-    column's group g as a (1, BLOCK_C) row. Scalars keep 10 vectors of coefficients out of the registers."""
-    if UNIFORM:
-        return tl.load(ptr + g * NCOEF + k).to(tl.float32)
-    else:
-        return tl.load(ptr + g * NCOEF + k, mask=cmask, other=0.0).to(tl.float32)[None, :]
-
-
-@triton.jit
-def _rational_pq(x, num_ptr, den_ptr, g, cmask, NP: tl.constexpr, NQ: tl.constexpr, UNIFORM: tl.constexpr):
-    """P(x) and Q(x) for an fp32 (rows, cols) tile, by Horner in the reference's order (same rounding, same NaNs)."""
-    p = tl.zeros(x.shape, tl.float32) + _coef(num_ptr, g, NP - 1, NP, cmask, UNIFORM)
-    for i in tl.static_range(1, NP):
-        p = p * x + _coef(num_ptr, g, NP - 1 - i, NP, cmask, UNIFORM)
-    ax = tl.abs(x)
-    q = tl.full(x.shape, 1.0, tl.float32)
-    if NQ > 0:
-        q = tl.abs(_coef(den_ptr, g, NQ - 1, NQ, cmask, UNIFORM)) * ax
-        for i in tl.static_range(1, NQ):
-            q = (q + tl.abs(_coef(den_ptr, g, NQ - 1 - i, NQ, cmask, UNIFORM))) * ax
-        q = q + 1.0
-    return p, q
-
-
-@triton.jit
-def _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP: tl.constexpr, NQ: tl.constexpr, UNIFORM: tl.constexpr):
-    """(dx, dy / Q, F(x)) for fp32 tiles: dx = dy (P' - F sign(x) Q'(|x|)) / Q."""
-    p, q = _rational_pq(x, num_ptr, den_ptr, g, cmask, NP, NQ, UNIFORM)
-    dp = tl.zeros(x.shape, tl.float32)
-    if NP > 1:
-        dp += _coef(num_ptr, g, NP - 1, NP, cmask, UNIFORM) * (NP - 1)
-        for i in tl.static_range(2, NP):
-            dp = dp * x + _coef(num_ptr, g, NP - i, NP, cmask, UNIFORM) * (NP - i)
-    ax = tl.abs(x)
-    dq = tl.zeros(x.shape, tl.float32)
-    if NQ > 0:
-        dq += tl.abs(_coef(den_ptr, g, NQ - 1, NQ, cmask, UNIFORM)) * NQ
-        for i in tl.static_range(1, NQ):
-            dq = dq * ax + tl.abs(_coef(den_ptr, g, NQ - 1 - i, NQ, cmask, UNIFORM)) * (NQ - i)
-    sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
-    gq = dy / q
-    y = p / q
-    return gq * (dp - y * sign * dq), gq, y
-
-
-@triton.jit
-def _zero_sums(NCOEF: tl.constexpr, G_SPAN: tl.constexpr):
-    """The coefficient-gradient sums a program carries over its row tiles: NCOEF fp32 zero vectors of G_SPAN (one
-    entry per group the program's columns touch), a tuple."""
-    out = ()
-    for _ in tl.static_range(NCOEF):
-        out = out + (tl.zeros((G_SPAN,), tl.float32),)
-    return out
-
-
-@triton.jit
-def _group_sums(s, g, cmask, g_first, G_SPAN: tl.constexpr):
-    """Sums of a (rows, cols) fp32 tile (zero where masked) over its rows and each group's columns: (G_SPAN,), entry j
-    for group g_first + j. A tile in one group (G_SPAN 1) is summed whole."""
-    col = tl.sum(s, axis=0)
-    if G_SPAN == 1:
-        return tl.zeros((1,), tl.float32) + tl.sum(col, axis=0)
-    else:
-        j = tl.arange(0, G_SPAN)
-        hit = ((g - g_first)[:, None] == j[None, :]) & cmask[:, None]
-        return tl.sum(tl.where(hit, col[:, None], 0.0), axis=0)
-
-
-@triton.jit
-def _add_coef_partials(
-    sums, x, gq, y, mask, g, cmask, g_first, NP: tl.constexpr, NQ: tl.constexpr, G_SPAN: tl.constexpr
-):
-    """``sums`` plus this tile's per-group sums of dF/da_k = dy x^k / Q and dF/d|b_k| = -dy F |x|^(k+1) / Q (fp32)."""
-    out = ()
-    t = tl.where(mask, gq, 0.0)
-    for k in tl.static_range(NP):
-        out = out + (sums[k] + _group_sums(t, g, cmask, g_first, G_SPAN),)
-        t = t * x
-    ax = tl.abs(x)
-    u = tl.where(mask, -gq * y, 0.0)
-    for k in tl.static_range(NQ):
-        u = u * ax
-        out = out + (sums[NP + k] + _group_sums(u, g, cmask, g_first, G_SPAN),)
-    return out
-
-
-@triton.jit
-def _signed(s, den_ptr, g, k, NQ: tl.constexpr, gmask):
-    """A sum of dL/d|b_k| (one per group g) as dL/db_k: d|b|/db is -1 where b < 0, else +1 (b = 0 included, as
-    ``kanc.codegen.rational.abs_grad_sign``)."""
-    b = tl.load(den_ptr + g * NQ + k, mask=gmask, other=0.0).to(tl.float32)
-    return tl.where(b < 0, -s, s)
-
-
-@triton.jit
-def _reduce_coef_grads(
-    dnum_ptr,
-    dden_ptr,
-    den_ptr,
-    slot,
-    sums,
-    g_first,
-    g_last,
-    NP: tl.constexpr,
-    NQ: tl.constexpr,
-    G_SPAN: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
-):
-    """A program's coefficient sums out, the denominator's with kanc's sign convention applied (``_signed``): atomic
-    adds into the fp32 gradients dnum (G, NP) and dden (G, NQ), one per (group touched, coefficient); or with
-    DETERMINISTIC (``torch.use_deterministic_algorithms``) stored whole into the program's own ``slot`` of a
-    (slots, G_SPAN, NP + NQ) partials buffer at dnum_ptr, which ``sum_coef_partials`` adds up in a fixed order:
-    bitwise reproducible, no atomics. Entries of groups past g_last are sums over no column: zero."""
-    j = tl.arange(0, G_SPAN)
-    g = g_first + j
-    gmask = g <= g_last
-    if DETERMINISTIC:
-        base = dnum_ptr + slot.to(tl.int64) * (G_SPAN * (NP + NQ))
-        for k in tl.static_range(NP):
-            tl.store(base + j * (NP + NQ) + k, sums[k])
-        for k in tl.static_range(NQ):
-            tl.store(base + j * (NP + NQ) + NP + k, _signed(sums[NP + k], den_ptr, g, k, NQ, gmask))
-    else:
-        for k in tl.static_range(NP):
-            tl.atomic_add(dnum_ptr + g * NP + k, sums[k], mask=gmask)
-        for k in tl.static_range(NQ):
-            tl.atomic_add(dden_ptr + g * NQ + k, _signed(sums[NP + k], den_ptr, g, k, NQ, gmask), mask=gmask)
 
 
 @triton.jit
@@ -173,15 +50,6 @@ def _tile(pid_r, pid_c, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     return rows, cols, cmask, (rows[:, None] < R) & cmask[None, :]
-
-
-@triton.jit
-def _groups(pid_c, cols, D, BLOCK_C: tl.constexpr, UNIFORM: tl.constexpr):
-    """Group of the tile (a scalar) when it lies in one group, else the group of each column."""
-    if UNIFORM:
-        return (pid_c * BLOCK_C) // D
-    else:
-        return cols // D
 
 
 @triton.jit
@@ -210,8 +78,8 @@ def _rational_fwd_kernel(
     pid_c = tl.program_id(1)
     rows, cols, cmask, mask = _tile(tl.program_id(0), pid_c, R, C, BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = _groups(pid_c, cols, D, BLOCK_C, UNIFORM)
-    p, q = _rational_pq(x, num_ptr, den_ptr, g, cmask, NP, NQ, UNIFORM)
+    g = tile_groups(pid_c * BLOCK_C, cols, D, UNIFORM)
+    p, q = rational_pq(x, num_ptr, den_ptr, g, cmask, NP, NQ, UNIFORM)
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], cast_to(p / q, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -244,16 +112,16 @@ def _rational_bwd_kernel(
 ):
     """dx = dy (P'(x) - F(x) sign(x) Q'(|x|)) / Q(x), and per group dL/da_k = sum dy x^k / Q (k = 0..NP-1) and
     dL/d|b_k| = -sum dy F |x|^k / Q (k = 1..NQ), on ROWS_PER_PROGRAM row tiles of one column tile: the coefficient sums
-    are carried in registers across the tiles, then leave the program once (``_reduce_coef_grads``: one atomic per
+    are carried in registers across the tiles, then leave the program once (``reduce_coef_grads``: one atomic per
     group and coefficient, or one store), as dL/db_k (kanc's sign of d|b|/db applied)."""
     pid_c = tl.program_id(1)
     first = tl.program_id(0) * ROWS_PER_PROGRAM
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    g = _groups(pid_c, cols, D, BLOCK_C, G_SPAN == 1)
+    g = tile_groups(pid_c * BLOCK_C, cols, D, G_SPAN == 1)
     g_first = (pid_c * BLOCK_C) // D
     g_last = (tl.minimum(pid_c * BLOCK_C + BLOCK_C, C) - 1) // D
-    sums = _zero_sums(NP + NQ, G_SPAN)
+    sums = zero_sums(NP + NQ, G_SPAN)
     # 32-bit offsets within a tile, loop-invariant; each tile moves 64-bit scalar bases (few registers per element)
     r = tl.arange(0, BLOCK_R)
     off_x, off_dy = r[:, None] * stride_x + cols[None, :], r[:, None] * stride_dy + cols[None, :]
@@ -263,11 +131,11 @@ def _rational_bwd_kernel(
         mask = (row0 + r[:, None] < R) & cmask[None, :]
         x = tl.load(x_ptr + row0 * stride_x + off_x, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row0 * stride_dy + off_dy, mask=mask, other=0.0).to(tl.float32)
-        dx, gq, y = _rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP, NQ, G_SPAN == 1)
+        dx, gq, y = rational_grads(x, dy, num_ptr, den_ptr, g, cmask, NP, NQ, G_SPAN == 1)
         tl.store(dx_ptr + row0 * stride_dx + off_dx, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
-        sums = _add_coef_partials(sums, x, gq, y, mask, g, cmask, g_first, NP, NQ, G_SPAN)
+        sums = add_coef_partials(sums, x, gq, y, mask, g, cmask, g_first, NP, NQ, G_SPAN)
     slot = tl.program_id(0) * tl.num_programs(1) + pid_c
-    _reduce_coef_grads(dnum_ptr, dden_ptr, den_ptr, slot, sums, g_first, g_last, NP, NQ, G_SPAN, DETERMINISTIC)
+    reduce_coef_grads(dnum_ptr, dden_ptr, den_ptr, slot, sums, g_first, g_last, NP, NQ, G_SPAN, DETERMINISTIC)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -337,6 +205,7 @@ class _Plan(NamedTuple):
     record: launches.Launch
     direct: list | None  # the compiled kernel's launcher, once known (``common.launch_planned``)
     extra: tuple = ()
+    outputs: tuple = ()  # stand-ins of the launch's outputs (``common.stand_in``)
 
 
 _fwd_plans: dict = {}
@@ -349,7 +218,7 @@ def rational_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torc
     plan = common.planned(
         _fwd_plans, common.operands_key(x, numerator, denominator), x.device, _fwd_plan, x, numerator, denominator
     )
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(plan.outputs[0])
     num, den = _coefficients(plan, numerator, denominator)
     common.launch_planned(_rational_fwd_kernel, plan, common.rows_of(x, x.shape[-1], plan.strides[0]), y, num, den)
     return y
@@ -398,7 +267,8 @@ def _fwd_plan(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tenso
     record = common.launch_record(OP, _rational_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward")
     contiguous = (numerator.is_contiguous(), denominator.is_contiguous())
     options, direct = common.launch_options(cfg), common.direct_launches(x.device)
-    return _Plan(grid(cfg), args(cfg), options, (stride,), contiguous, record, direct)
+    outputs = (common.stand_in(x.shape, x.dtype, x.device),)
+    return _Plan(grid(cfg), args(cfg), options, (stride,), contiguous, record, direct, outputs=outputs)
 
 
 @common.on_tensor_device
@@ -417,8 +287,8 @@ def rational_backward(
         grad = grad.to(x.dtype)
     dy = common.rows_of(grad, channels, plan.strides[0])
     num, den = _coefficients(plan, numerator, denominator)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dnum, dden = coefficient_grads(plan.extra, x.device)
+    dx = torch.empty_like(plan.outputs[0])
+    dnum, dden = coefficient_grads(plan.extra, plan.outputs[1:])
     rows = common.rows_of(x, channels, plan.strides[1])
     common.launch_planned(_rational_bwd_kernel, plan, rows, dy, dx, num, den, dnum, dden)
     return dx, *final_coefficient_grads(plan.extra, dnum, dden, numerator.dtype, denominator.dtype)
@@ -462,7 +332,8 @@ def _bwd_plan(grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, deno
         return (grid(cfg), group_span(cfg["BLOCK_C"], group_size), groups, np_, nq, channels, cfg["BLOCK_C"], det)
 
     def scratch(cfg: dict) -> None:
-        dx, (dnum, dden) = torch.empty_like(x), coefficient_grads(buffers(cfg), x.device)
+        dx, stand_ins = torch.empty_like(x), coefficient_stand_ins(buffers(cfg), x.device)
+        dnum, dden = coefficient_grads(buffers(cfg), stand_ins)
         _rational_bwd_kernel[grid(cfg)](x2, dy2, dx, num, den, dnum, dden, *args(cfg), **common.launch_options(cfg))
 
     key = _key(rows, channels, groups, x.dtype, np_, nq)
@@ -483,25 +354,34 @@ def _bwd_plan(grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, deno
     )
     contiguous = (numerator.is_contiguous(), denominator.is_contiguous())
     options, direct = common.launch_options(cfg), common.direct_launches(x.device)
-    return _Plan(grid(cfg), args(cfg), options, strides, contiguous, record, direct, buffers(cfg))
+    outputs = (common.stand_in(x.shape, x.dtype, x.device), *coefficient_stand_ins(buffers(cfg), x.device))
+    return _Plan(grid(cfg), args(cfg), options, strides, contiguous, record, direct, buffers(cfg), outputs)
 
 
 # ------------------------------------------------------------------------------- deterministic coefficient gradients
 
 
-def coefficient_grads(buffers: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where a backward launch writes its coefficient gradients, from a plan's ``buffers`` (grid, G_SPAN, G, NP, NQ,
-    channels, BLOCK, deterministic): zeroed fp32 (G, NP) and (G, NQ) gradients for its atomics, or (row programs,
-    column tiles, G_SPAN, NP + NQ) fp32 partials, one slot per program (every entry written), twice, when
+def coefficient_stand_ins(buffers: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-ins (``common.stand_in``) of where a backward launch writes its coefficient gradients, from a plan's
+    ``buffers`` (grid, G_SPAN, G, NP, NQ, channels, BLOCK, deterministic): fp32 (G, NP) and (G, NQ) gradients for
+    its atomics, or (row programs, column tiles, G_SPAN, NP + NQ) fp32 partials, one slot per program, twice, when
     deterministic."""
     grid, g_span, groups, np_, nq, _, _, det = buffers
     if det:
-        partials = torch.empty(*grid, g_span, np_ + nq, dtype=torch.float32, device=device)
+        partials = common.stand_in((*grid, g_span, np_ + nq), torch.float32, device)
         return partials, partials
-    return (
-        torch.zeros(groups, np_, dtype=torch.float32, device=device),
-        torch.zeros(groups, nq, dtype=torch.float32, device=device),
-    )
+    return common.stand_in((groups, np_), torch.float32, device), common.stand_in((groups, nq), torch.float32, device)
+
+
+def coefficient_grads(
+    buffers: tuple, stand_ins: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New buffers for a backward launch's coefficient gradients (see :func:`coefficient_stand_ins`): zeroed for its
+    atomics, or one uninitialised partials tensor (every entry written), twice, when deterministic."""
+    if buffers[-1]:
+        partials = torch.empty_like(stand_ins[0])
+        return partials, partials
+    return torch.zeros_like(stand_ins[0]), torch.zeros_like(stand_ins[1])
 
 
 def final_coefficient_grads(

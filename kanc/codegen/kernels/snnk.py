@@ -32,7 +32,7 @@ import triton.language as tl
 from kanc.codegen.checker import interpreting
 from kanc.codegen.kernels import common
 from kanc.codegen.kernels.common import cast_to
-from kanc.codegen.kernels.grkan_linear import _dot
+from kanc.codegen.kernels.jit_common import dot_acc
 
 OP = "kanc::snnk_block"
 KIND_CODES = {"relu": 0, "exp": 1, "cos": 2}
@@ -63,7 +63,7 @@ def _projection(
         x = tl.load(x_rows + rd[None, :] * stride_xd, mask=mmask[:, None] & dmask[None, :], other=0.0)
         x = x.to(tl.float32) * scale
         g = tl.load(g_cols + rd[:, None] * stride_gd, mask=dmask[:, None] & fmask[None, :], other=0.0)
-        z = _dot(x, g, z, tl.float32, Z_IEEE)
+        z = dot_acc(x, g, z, tl.float32, Z_IEEE)
         if NORM:
             r += tl.sum(x * x, axis=1)
     return z, r
@@ -110,9 +110,9 @@ def _feature_grads(
         dy = tl.load(dy_rows + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
         w_ptrs = w_cols + rn[:, None] * stride_wn
         wmask = nmask[:, None] & fmask[None, :]
-        dphi = _dot(dy, tl.load(w_ptrs, mask=wmask, other=0.0), dphi, DOT, IEEE)
+        dphi = dot_acc(dy, tl.load(w_ptrs, mask=wmask, other=0.0), dphi, DOT, IEEE)
         if KIND == 2:
-            dphi_s = _dot(dy, tl.load(w_ptrs + sin_offset, mask=wmask, other=0.0), dphi_s, DOT, IEEE)
+            dphi_s = dot_acc(dy, tl.load(w_ptrs + sin_offset, mask=wmask, other=0.0), dphi_s, DOT, IEEE)
     return dphi, dphi_s
 
 
@@ -192,9 +192,10 @@ def _snnk_fwd_kernel(
             nmask = rn < D_OUT
             w_ptrs = w_ptr + rn[None, :] * stride_wn + rf[:, None] * stride_wf
             wmask = fmask[:, None] & nmask[None, :]
-            acc = _dot(phi, tl.load(w_ptrs, mask=wmask, other=0.0), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT, IEEE)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc = dot_acc(phi, tl.load(w_ptrs, mask=wmask, other=0.0), acc, DOT, IEEE)
             if KIND == 2:
-                acc = _dot(phi_s, tl.load(w_ptrs + M_FEAT * stride_wf, mask=wmask, other=0.0), acc, DOT, IEEE)
+                acc = dot_acc(phi_s, tl.load(w_ptrs + M_FEAT * stride_wf, mask=wmask, other=0.0), acc, DOT, IEEE)
             if HAS_BIAS:
                 if f0 == 0:  # the sum over feature tiles starts at b
                     acc += tl.load(b_ptr + rn * stride_b, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -275,7 +276,7 @@ def _snnk_dx_kernel(
             dmask = rd < D_IN
             g_ptrs = g_ptr + rf[:, None] * stride_gf + rd[None, :] * stride_gd
             g = tl.load(g_ptrs, mask=fmask[:, None] & dmask[None, :], other=0.0)
-            dx = _dot(dz, g, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), tl.float32, Z_IEEE) * scale
+            dx = dot_acc(dz, g, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), tl.float32, Z_IEEE) * scale
             mask = mmask[:, None] & dmask[None, :]
             if KIND == 1:
                 if f0 + BLOCK_F >= M_FEAT:  # once t holds every feature
@@ -348,9 +349,9 @@ def _snnk_dw_kernel(
         phi, phi_s = _features(z, r, fmask, floor, coef, KIND)
         dy_ptrs = dy_ptr + rm[None, :] * stride_dym + rn[:, None]
         dyt = tl.load(dy_ptrs, mask=nmask[:, None] & mmask[None, :], other=0.0)  # (BLOCK_N, BLOCK_M): dy^T
-        acc = _dot(dyt, phi, acc, DOT, IEEE)
+        acc = dot_acc(dyt, phi, acc, DOT, IEEE)
         if KIND == 2:
-            acc_s = _dot(dyt, phi_s, acc_s, DOT, IEEE)
+            acc_s = dot_acc(dyt, phi_s, acc_s, DOT, IEEE)
         if HAS_BIAS:
             if pid_f == 0:
                 db += tl.sum(dyt.to(tl.float32), axis=1)
@@ -509,9 +510,37 @@ def _partials(out: torch.Tensor, feats: int, block_f: int) -> torch.Tensor:
     return torch.empty(out.shape, dtype=torch.float32, device=out.device)
 
 
+_fwd_plans: dict = {}
+_dx_plans: dict = {}
+_dw_plans: dict = {}
+
+
+def _outputs(out: torch.Tensor, feats: int, block_f: int) -> tuple[torch.Tensor, ...]:
+    """Stand-ins of the output ``out`` and, where :func:`_partials` would allocate them, its fp32 partials."""
+    outputs = (common.stand_in(out.shape, out.dtype, out.device),)
+    part = _partials(out, feats, block_f)
+    return outputs if part is out else (*outputs, common.stand_in(part.shape, torch.float32, out.device))
+
+
+def _planned_out(plan: common.Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, partials) for one call of ``plan``: new tensors, the partials being the output where it holds them."""
+    out = torch.empty_like(plan.outputs[0])
+    return out, out if len(plan.outputs) == 1 else torch.empty_like(plan.outputs[1])
+
+
 @common.on_tensor_device
 def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_scale: float) -> torch.Tensor:
     """Launch the fused forward: y (..., d_out) in x's dtype."""
+    floor, input_scale = float(floor), float(input_scale)
+    key = common.dot_plan_key((x, projection, weight, bias), kind, floor, input_scale)
+    plan = common.planned(_fwd_plans, key, x.device, _fwd_plan, x, projection, weight, bias, kind, floor, input_scale)
+    x2 = x.reshape(-1, x.shape[-1])
+    y2, part = _planned_out(plan)
+    common.launch_planned(_snnk_fwd_kernel, plan, x2, projection, weight, weight if bias is None else bias, y2, part)
+    return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+def _fwd_plan(x, projection, weight, bias, kind: str, floor: float, input_scale: float) -> common.Plan:
     d_in, (feats, _), d_out = x.shape[-1], projection.shape, weight.shape[0]
     x2 = x.reshape(-1, d_in)
     m = x2.shape[0]
@@ -519,23 +548,17 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
     flags, coef = _flags(x), 1.0 / math.sqrt(feats)
     b, stride_b = (bias, bias.stride(0)) if bias is not None else (weight, 0)
 
-    def run(cfg: dict, out: torch.Tensor = y2) -> tuple:
-        grid = (common.cdiv(m, cfg["BLOCK_M"]),)
-        part = _partials(out, feats, cfg["BLOCK_F"])
-        _snnk_fwd_kernel[grid](
-            # pointers
-            x2,
-            projection,
-            weight,
-            b,
-            out,
-            part,
+    def grid(cfg: dict) -> tuple[int]:
+        return (common.cdiv(m, cfg["BLOCK_M"]),)
+
+    def args(cfg: dict) -> tuple:
+        return (
             # sizes
             m,
             d_in,
             d_out,
             feats,
-            # strides
+            # strides (the output and its partials are row-major (m, d_out))
             x2.stride(0),
             x2.stride(1),
             projection.stride(0),
@@ -543,11 +566,11 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
             weight.stride(0),
             weight.stride(1),
             stride_b,
-            out.stride(0),
-            part.stride(0),
+            y2.stride(0),
+            y2.stride(0),
             # scalars of the feature map
-            float(input_scale),
-            float(floor),
+            input_scale,
+            floor,
             coef,
             # meta-parameters
             KIND_CODES[kind],
@@ -560,29 +583,24 @@ def snnk_forward(x, projection, weight, bias, kind: str, floor: float, input_sca
             cfg["BLOCK_F"],
             cfg["BLOCK_D"],
             cfg["BLOCK_N"],
-            **common.launch_options(cfg),
         )
-        return grid
+
+    def scratch(cfg: dict) -> None:
+        out = torch.empty_like(y2)
+        part = _partials(out, feats, cfg["BLOCK_F"])
+        _snnk_fwd_kernel[grid(cfg)](x2, projection, weight, b, out, part, *args(cfg), **common.launch_options(cfg))
 
     key = _key(m, d_in, feats, d_out, kind, x.dtype)
     candidates = snnk_candidates(m, feats, kind)
-    cfg = common.choose(_snnk_fwd_kernel, key, candidates, lambda c: run(c, torch.empty_like(y2)), x.device)
-    grid = run(cfg)
+    cfg = common.choose(_snnk_fwd_kernel, key, candidates, scratch, x.device)
     shapes = [x.shape, projection.shape, weight.shape]
     tiles = common.cdiv(feats, cfg["BLOCK_F"])
-    common.record(
-        OP,
-        _snnk_fwd_kernel,
-        grid,
-        cfg,
-        shapes,
-        x.dtype,
-        "forward",
-        kind=kind,
-        BLOCK_F=cfg["BLOCK_F"],
+    record = common.launch_record(
+        OP, _snnk_fwd_kernel, grid(cfg), cfg, shapes, x.dtype, "forward", kind=kind, BLOCK_F=cfg["BLOCK_F"],
         feature_tiles=tiles,
-    )
-    return y2.view(*x.shape[:-1], d_out)
+    )  # fmt: skip
+    options, direct = common.launch_options(cfg), common.direct_launches(x.device)
+    return common.Plan(grid(cfg), args(cfg), options, record, direct, _outputs(y2, feats, cfg["BLOCK_F"]))
 
 
 @common.on_tensor_device
@@ -604,9 +622,8 @@ def snnk_backward(
     ``weight_grad`` and ``has_bias``. With a bias but no weight gradient, db is dy's column sums (torch).
     """
     d_in, d_out = x.shape[-1], weight.shape[0]
-    x2, dy2 = x.reshape(-1, d_in), common.as_rows(grad.to(x.dtype), d_out)
-    flags, coef = _flags(x), 1.0 / math.sqrt(projection.shape[0])
-    args = (x2, projection, weight, dy2, kind, float(floor), float(input_scale), flags, coef)
+    x2, dy2 = x.reshape(-1, d_in), common.as_rows(grad if grad.dtype == x.dtype else grad.to(x.dtype), d_out)
+    args = (x2, projection, weight, dy2, kind, float(floor), float(input_scale))
     dx = _launch_dx(*args).view(x.shape) if input_grad else x.new_empty(0)
     if weight_grad:
         dw, db = _launch_dw(*args, has_bias)
@@ -616,27 +633,30 @@ def snnk_backward(
     return dx, dw, db if has_bias else weight.new_empty(0)
 
 
-def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coef) -> torch.Tensor:
+def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale) -> torch.Tensor:
+    key = common.dot_plan_key((x2, projection, weight, dy2), kind, floor, input_scale)
+    plan = common.planned(_dx_plans, key, x2.device, _dx_plan, x2, projection, weight, dy2, kind, floor, input_scale)
+    dx2, part = _planned_out(plan)
+    common.launch_planned(_snnk_dx_kernel, plan, x2, projection, weight, dy2, dx2, part)
+    return dx2
+
+
+def _dx_plan(x2, projection, weight, dy2, kind, floor, input_scale) -> common.Plan:
     (m, d_in), feats, d_out = x2.shape, projection.shape[0], weight.shape[0]
     dx2 = torch.empty(m, d_in, dtype=x2.dtype, device=x2.device)
+    flags, coef = _flags(x2), 1.0 / math.sqrt(feats)
 
-    def run(cfg: dict, out: torch.Tensor = dx2) -> tuple:
-        grid = (common.cdiv(m, cfg["BLOCK_M"]),)
-        part = _partials(out, feats, cfg["BLOCK_F"])
-        _snnk_dx_kernel[grid](
-            # pointers
-            x2,
-            projection,
-            weight,
-            dy2,
-            out,
-            part,
+    def grid(cfg: dict) -> tuple[int]:
+        return (common.cdiv(m, cfg["BLOCK_M"]),)
+
+    def args(cfg: dict) -> tuple:
+        return (
             # sizes
             m,
             d_in,
             d_out,
             feats,
-            # strides
+            # strides (dx and its partials are row-major (m, d_in))
             x2.stride(0),
             x2.stride(1),
             projection.stride(0),
@@ -644,8 +664,8 @@ def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
             weight.stride(0),
             weight.stride(1),
             dy2.stride(0),
-            out.stride(0),
-            part.stride(0),
+            dx2.stride(0),
+            dx2.stride(0),
             # scalars of the feature map
             input_scale,
             floor,
@@ -660,58 +680,67 @@ def _launch_dx(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
             cfg["BLOCK_F"],
             cfg["BLOCK_D"],
             cfg["BLOCK_N"],
-            **common.launch_options(cfg),
         )
-        return grid
+
+    def scratch(cfg: dict) -> None:
+        out = torch.empty_like(dx2)
+        part = _partials(out, feats, cfg["BLOCK_F"])
+        _snnk_dx_kernel[grid(cfg)](x2, projection, weight, dy2, out, part, *args(cfg), **common.launch_options(cfg))
 
     key = _key(m, d_in, feats, d_out, kind, x2.dtype)
     candidates = snnk_candidates(m, feats, kind, DX_CHUNKS)
-    cfg = common.choose(_snnk_dx_kernel, key, candidates, lambda c: run(c, torch.empty_like(dx2)), x2.device)
-    grid = run(cfg)
+    cfg = common.choose(_snnk_dx_kernel, key, candidates, scratch, x2.device)
     shapes = [x2.shape, projection.shape, weight.shape]
     tiles = common.cdiv(feats, cfg["BLOCK_F"])
-    common.record(
-        OP,
-        _snnk_dx_kernel,
-        grid,
-        cfg,
-        shapes,
-        x2.dtype,
-        "backward",
-        kind=kind,
-        BLOCK_F=cfg["BLOCK_F"],
-        feature_tiles=tiles,
-        grads="input",
-    )
-    return dx2
+    record = common.launch_record(
+        OP, _snnk_dx_kernel, grid(cfg), cfg, shapes, x2.dtype, "backward", kind=kind, BLOCK_F=cfg["BLOCK_F"],
+        feature_tiles=tiles, grads="input",
+    )  # fmt: skip
+    options, direct = common.launch_options(cfg), common.direct_launches(x2.device)
+    return common.Plan(grid(cfg), args(cfg), options, record, direct, _outputs(dx2, feats, cfg["BLOCK_F"]))
 
 
-def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, flags, coef, has_bias: bool) -> tuple:
+def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, has_bias: bool) -> tuple:
     """dW (and db) by ``_snnk_dw_kernel``: one launch over (output tiles x feature tiles, row splits); with more than
     one split each writes fp32 partial sums (splits, d_out, width) that torch adds up (deterministic, no atomics)."""
+    key = (*common.dot_plan_key((x2, projection, weight, dy2), kind, floor, input_scale), has_bias)
+    plan = common.planned(
+        _dw_plans, key, x2.device, _dw_plan, x2, projection, weight, dy2, kind, floor, input_scale, has_bias
+    )
+    dw, db = torch.empty_like(plan.outputs[0]), torch.empty_like(plan.outputs[1])
+    common.launch_planned(_snnk_dw_kernel, plan, x2, projection, dy2, dw, db if has_bias else dw)
+    if plan.grid[1] == 1:
+        return dw[0], db[0]
+    return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+def _dw_plan(x2, projection, weight, dy2, kind, floor, input_scale, has_bias: bool) -> common.Plan:
     (m, d_in), feats, (d_out, width) = x2.shape, projection.shape[0], weight.shape
     device = x2.device
+    flags, coef = _flags(x2), 1.0 / math.sqrt(feats)
 
-    def run(cfg: dict) -> tuple:
-        rows_per_split = common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["SPLIT_M"]) * cfg["BLOCK_M"]
-        splits = common.cdiv(m, rows_per_split)
+    def rows_per_split(cfg: dict) -> int:
+        return common.cdiv(common.cdiv(m, cfg["BLOCK_M"]), cfg["SPLIT_M"]) * cfg["BLOCK_M"]
+
+    def grid(cfg: dict) -> tuple[int, int]:
+        splits = common.cdiv(m, rows_per_split(cfg))
+        return common.cdiv(d_out, cfg["BLOCK_N"]) * common.cdiv(feats, cfg["BLOCK_F"]), splits
+
+    def buffers(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        splits = grid(cfg)[1]
         dtype = weight.dtype if splits == 1 else torch.float32
         dw = torch.empty(splits, d_out, width, dtype=dtype, device=device)
-        db = torch.empty(splits, d_out if has_bias else 0, dtype=dtype, device=device)
-        grid = (common.cdiv(d_out, cfg["BLOCK_N"]) * common.cdiv(feats, cfg["BLOCK_F"]), splits)
-        _snnk_dw_kernel[grid](
-            # pointers
-            x2,
-            projection,
-            dy2,
-            dw,
-            db if has_bias else dw,
+        return dw, torch.empty(splits, d_out if has_bias else 0, dtype=dtype, device=device)
+
+    def args(cfg: dict) -> tuple:
+        dw, db = buffers(cfg)
+        return (
             # sizes
             m,
             d_in,
             d_out,
             feats,
-            rows_per_split,
+            rows_per_split(cfg),
             # strides
             x2.stride(0),
             x2.stride(1),
@@ -735,28 +764,21 @@ def _launch_dw(x2, projection, weight, dy2, kind, floor, input_scale, flags, coe
             cfg["BLOCK_F"],
             cfg["BLOCK_M"],
             cfg["BLOCK_D"],
-            **common.launch_options(cfg),
         )
-        return grid, dw, db
+
+    def scratch(cfg: dict) -> None:
+        dw, db = buffers(cfg)
+        tensors = (x2, projection, dy2, dw, db if has_bias else dw)
+        _snnk_dw_kernel[grid(cfg)](*tensors, *args(cfg), **common.launch_options(cfg))
 
     key = _key(m, d_in, feats, d_out, kind, x2.dtype)
     candidates = dw_candidates(m, d_in, feats, d_out, kind, common.sm_count(device), x2.dtype.itemsize)
-    cfg = common.choose(_snnk_dw_kernel, key, candidates, run, device)
-    grid, dw, db = run(cfg)
+    cfg = common.choose(_snnk_dw_kernel, key, candidates, scratch, device)
     shapes = [x2.shape, projection.shape, weight.shape]
-    common.record(
-        OP,
-        _snnk_dw_kernel,
-        grid,
-        cfg,
-        shapes,
-        x2.dtype,
-        "backward",
-        kind=kind,
-        grads="weight,bias",
-        splits=grid[1],
-        z_recomputed=common.cdiv(d_out, cfg["BLOCK_N"]),
-    )
-    if grid[1] == 1:
-        return dw[0], db[0]
-    return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+    record = common.launch_record(
+        OP, _snnk_dw_kernel, grid(cfg), cfg, shapes, x2.dtype, "backward", kind=kind, grads="weight,bias",
+        splits=grid(cfg)[1], z_recomputed=common.cdiv(d_out, cfg["BLOCK_N"]),
+    )  # fmt: skip
+    outputs = tuple(common.stand_in(t.shape, t.dtype, device) for t in buffers(cfg))
+    options, direct = common.launch_options(cfg), common.direct_launches(device)
+    return common.Plan(grid(cfg), args(cfg), options, record, direct, outputs)
