@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from kanc.errors import one_line
 from kanc.frontend.leaves import is_leaf, linear_kind
 from kanc.frontend.recording import code_site
 from kanc.frontend.source import chain_graph, inline_chains
+from kanc.text import ellipsize
 
 
 class LeafTracer(fx.Tracer):
@@ -135,13 +137,11 @@ def _worth_tracing(module: nn.Module) -> bool:
 
 
 def _reason(e: BaseException, module: nn.Module) -> str:
-    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
-    text = lines[0] if lines else ""
-    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    text = one_line(e)
     wrapper = _varargs_wrapper(module)
     if wrapper is not None and "co_varnames" in text:  # what torch.fx raises, not what it means
         text = f"torch.fx cannot trace the (*args, **kwargs) decorator at {wrapper} ({text.rpartition(': ')[2]})"
-    return text if len(text) <= 200 else text[:197] + "..."
+    return ellipsize(text, 200, keep="start")
 
 
 def _varargs_wrapper(module: nn.Module) -> str | None:
