@@ -163,6 +163,16 @@ def first_tensor(out: Any) -> Tensor:
     return tensors[0][1]
 
 
+def with_hidden(inputs: dict[str, Any], hidden: Tensor | None) -> dict[str, Any]:
+    """``inputs`` with its first argument (the hidden states) replaced by ``hidden``; ``inputs`` itself if None."""
+    if hidden is None:
+        return inputs
+    first = next(iter(inputs))
+    if not isinstance(inputs[first], Tensor) or inputs[first].shape != hidden.shape:
+        raise KancError(f"cannot carry the original hidden states: the layer's first argument {first!r} differs")
+    return {**inputs, first: hidden}
+
+
 def describe(inputs: Any) -> str:
     tensors = calibrate.output_tensors(inputs, "input")
     return ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors) or "inputs"

@@ -111,16 +111,16 @@ def test_bf16_checkpoints_keep_their_dtypes(tmp_path):
 def test_one_layer_is_held_at_a_time_and_reads_never_span_layers(llama_dir, tmp_path, monkeypatch):
     src, _ = llama_dir
     built, reads, held = [], [], []
-    empty_model, read, compile_ = meta.empty_model, CheckpointReader.read, stream.kanc_compile
+    empty_model, read, convert = meta.empty_model, CheckpointReader.read, stream.run_pipeline
     monkeypatch.setattr(meta, "empty_model", lambda *a: built.append(empty_model(*a)) or built[-1])
     monkeypatch.setattr(CheckpointReader, "read", lambda self, names: reads.append(list(names)) or read(self, names))
 
-    def counting_compile(layer, *args, **kwargs):
+    def counting_convert(layer, *args, **kwargs):
         layers = built[0].model.layers
         held.append(sum(any(not p.is_meta for p in m.parameters()) for m in layers))
-        return compile_(layer, *args, **kwargs)
+        return convert(layer, *args, **kwargs)
 
-    monkeypatch.setattr(stream, "kanc_compile", counting_compile)
+    monkeypatch.setattr(stream, "run_pipeline", counting_convert)
     kanc.convert_checkpoint(src, tmp_path / "out", "grkan")
     assert held == [1, 1, 1]
     layer_reads = [names for names in reads if names[0].startswith("model.layers.")]
@@ -244,10 +244,10 @@ def test_a_failure_in_a_later_layer_leaves_nothing(llama_dir, tmp_path, monkeypa
         calls.append(1)
         if len(calls) == 2:
             raise KancError("boom")
-        return stream.__dict__["_real_compile"](layer, *args, **kwargs)
+        return stream.__dict__["_real_convert"](layer, *args, **kwargs)
 
-    monkeypatch.setitem(stream.__dict__, "_real_compile", stream.kanc_compile)
-    monkeypatch.setattr(stream, "kanc_compile", failing)
+    monkeypatch.setitem(stream.__dict__, "_real_convert", stream.run_pipeline)
+    monkeypatch.setattr(stream, "run_pipeline", failing)
     with pytest.raises(KancError, match="boom"):
         kanc.convert_checkpoint(src, tmp_path / "out")
     assert _left(tmp_path) == []
@@ -348,12 +348,12 @@ def test_a_layer_whose_root_the_conversion_replaces_is_run_as_converted(tmp_path
 def test_when_the_fit_never_runs_the_layer_the_original_is_read_again(tmp_path, monkeypatch):
     """Without the fit's forward to catch, the original layer's output comes from a fresh read of the checkpoint:
     the recorded errors are those of the converted layers against the original ones on the same inputs."""
-    real = stream.kanc_compile
-    monkeypatch.setattr(stream, "kanc_compile", lambda layer, *a, calibration, **k: real(layer, *a, **k))
+    real = stream.run_pipeline
+    monkeypatch.setattr(stream, "run_pipeline", lambda layer, *a, calibration, **k: real(layer, *a, **k))
     net, run, x = _stream_plain(tmp_path)
     h = x
     for rec, layer in zip(run.records, net.layers):
-        converted = real(layer, "grkan", verify=False)  # synthetic rows, as in the run: the same layer
+        converted = kanc.compile(layer, "grkan", verify=False)  # synthetic rows, as in the run: the same layer
         with torch.no_grad():
             want, got = layer(h), converted(h)
         assert rec.error == pytest.approx(kanc.testing.rel_error(got, want), rel=1e-6) and rec.error > 0
