@@ -290,7 +290,8 @@ def _snnk_module(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> SNN
         snnk = SNNKMlp(block.in_features, block.out_features, m, opts.kind, opts.orthogonal, seed)
         snnk.to(device)
         if opts.init == "variance":
-            snnk.reset_variance_()
+            if device.type != "meta":  # on meta (kanc.load of a big folder) the weights are assigned later
+                snnk.reset_variance_()
         else:
             rows = ctx.calibration.get(block.key)
             snnk.fit_to(block.reference(), rows.to(device) if rows is not None else None, opts.ridge)

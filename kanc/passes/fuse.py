@@ -79,7 +79,7 @@ def fuse_prologue(site: FusionSite, rational: GroupRational, variance: bool) -> 
     if w.bias is not None:
         layer.bias = _parameter(w.bias, variance)
     layer.rational = rational.to(device)
-    if variance:
+    if variance and not layer.weight.is_meta:  # on meta (kanc.load of a big folder) the weights are assigned later
         init_grkan_linear_(layer)
     return layer
 
