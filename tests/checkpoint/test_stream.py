@@ -50,8 +50,18 @@ def test_recorded_layer_errors_match_a_check_of_the_written_files(llama_dir, tmp
     assert [r["name"] for r in recorded] == [c["name"] for c in checked["layers"]]
     for rec, chk in zip(recorded, checked["layers"]):
         assert rec["error"] == pytest.approx(chk["layer_error"], rel=1e-6) and 0 < chk["layer_error"] < 1e-3
-        assert 0 < chk["drift"] < 1e-3
+        assert 0 < chk["drift"] < 1e-3 and rec["drift"] == pytest.approx(chk["drift"], rel=1e-5)
+        assert set(rec["errors"]) == {"no_grad", "grad"} and rec["error"] == max(rec["errors"].values())
     assert report.fidelity["layers"]["model.layers.0"] == recorded[0]["error"]
+    streamed = report.fidelity["streamed"]
+    assert streamed["final_drift"] == {"after": "model.layers.2", "error": recorded[-1]["drift"]}
+    worst = max(recorded, key=lambda r: r["errors"]["grad"])
+    assert streamed["worst_layer"]["grad"] == {"layer": worst["name"], "error": worst["errors"]["grad"]}
+    text = str(report)  # says what was measured, not "model outputs: not measured"
+    assert "not measured" not in text and "each of the 3 layers checked against the original layer" in text
+    assert f"{worst['errors']['grad']:.2e} in {worst['name']} (grad)" in text
+    assert "hidden states after the last layer (model.layers.2)" in text and f"{recorded[-1]['drift']:.2e}" in text
+    assert all(c["error"] is not None and "calibration inputs" in c["error_inputs"] for c in report.converted)
     assert checked["outside_tensors"] == 3 and checked["outside_different"] == []
 
 
@@ -234,6 +244,25 @@ def test_non_finite_weights_fail_the_layer_check(tmp_path):
     with pytest.raises(KancError, match="layer model.layers.1 gives non-finite outputs"):
         kanc.convert_checkpoint(src, tmp_path / "out")
     assert _left(tmp_path) == ["src"]
+
+
+@pytest.mark.parametrize(("change", "failure"), [(float("nan"), "not in the converted model \\(grad\\)"),
+                                                 (1.5, "differs between no_grad and grad mode")])  # fmt: skip
+def test_a_layer_that_goes_wrong_only_with_grad_fails_the_check(llama_dir, tmp_path, monkeypatch, change, failure):
+    """Each layer is checked in grad mode too: a converted MLP that is non-finite, or different, only when grad is
+    enabled (what a fused path that autograd bypasses would do) ends the run with nothing written."""
+    src, _ = llama_dir
+    real = stream.run_pipeline
+
+    def with_grad_only_change(layer, *args, **kwargs):
+        conv = real(layer, *args, **kwargs)
+        layer.mlp.register_forward_hook(lambda m, a, out: out * change if torch.is_grad_enabled() else None)
+        return conv
+
+    monkeypatch.setattr(stream, "run_pipeline", with_grad_only_change)
+    with pytest.raises(KancError, match=f"layer model.layers.0: output .*{failure}"):
+        kanc.convert_checkpoint(src, tmp_path / "out")
+    assert _left(tmp_path) == []
 
 
 def test_a_failure_in_a_later_layer_leaves_nothing(llama_dir, tmp_path, monkeypatch):
