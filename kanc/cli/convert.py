@@ -203,9 +203,10 @@ def convert(
         return
     if shapes:
         example = example_inputs(loaded.module, shapes, input_dtype, vocab)
+    # in place: the loaded model is this command's own, and a copy would double the memory
     converted = kanc.compile(
-        loaded.module, target, calibration=calib, example_inputs=example, include=include, exclude=exclude,
-        progress=_Progress(not quiet), **options,
+        loaded.module, target, inplace=True, calibration=calib, example_inputs=example, include=include,
+        exclude=exclude, progress=_Progress(not quiet), **options,
     )  # fmt: skip
     report = kanc.report(converted)
     require_blocks(report)
