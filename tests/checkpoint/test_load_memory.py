@@ -23,8 +23,12 @@ def peak():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
 
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak RSS to the current RSS
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current RSS
+except OSError:
+    print("cannot reset the peak RSS")
+    sys.exit(0)
 before = peak()
 model = kanc.load(sys.argv[1])
 print(peak() - before)
@@ -52,6 +56,8 @@ def test_loading_a_converted_folder_peaks_near_its_size(bf16_folder):
     size = sum(f.stat().st_size for f in bf16_folder.glob("*.safetensors"))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(bf16_folder)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    if "cannot reset" in proc.stdout:
+        pytest.skip("this system does not let a process reset its peak RSS (/proc/self/clear_refs)")
     grown = int(proc.stdout.split()[-1])
     # building the fp32 model and copying the weights in took about 4.5x the folder (340 MB for 76 MB)
     assert grown < 1.5 * size, f"kanc.load grew the peak RSS by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB folder"
