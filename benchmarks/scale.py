@@ -174,6 +174,7 @@ def bench_model(name: str, folder: Path, args: argparse.Namespace) -> dict[str, 
         "shards": len(reader.files), "layer_gb": _largest_layer(reader) / 1e9,
         "load_average": os.getloadavg()[0],  # other users' work slows every run: say how busy the machine was
     }  # fmt: skip
+    row["uptime"] = _output(["uptime"])
     for run in RUNS:
         if run in args.skip:
             row[run] = {"skipped": "--skip"}
@@ -216,6 +217,8 @@ def _check(src: Path, out: Path) -> dict[str, Any]:
     from kanc.checkpoint import compare_checkpoints
 
     start = time.perf_counter()
+    manifest = json.loads((out / "kanc.json").read_text())
+    stream, report = manifest["stream"], manifest["report"]
     result = compare_checkpoints(src, out)
     layers = result["layers"]
     return {
@@ -224,7 +227,8 @@ def _check(src: Path, out: Path) -> dict[str, Any]:
         "worst_layer_error": max(r["layer_error"] for r in layers),
         "final_drift": layers[-1]["drift"],
         "outside_different": result["outside_different"],
-        "manifest_seconds": json.loads((out / "kanc.json").read_text())["stream"]["seconds"],
+        "manifest_seconds": stream["seconds"],
+        "stream_fidelity": report["fidelity"].get("streamed"),  # what the stream itself measured (both modes)
     }
 
 
@@ -276,8 +280,17 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
                      "transformers": transformers.__version__, "kanc": kanc.__version__},
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "uptime_at_start": _output(["uptime"]),
+        "git_commit": _output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
         "target": args.target,
     }  # fmt: skip
+
+
+def _output(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _write(results: dict, path: Path) -> None:

@@ -178,9 +178,12 @@ def load(
         weights = read_weights(path)
         base = _base_model(path, manifest, arch, arch_kwargs, trust_pickle)
         module = reapply(base, manifest, manifest_path(path))
-        load_weights(module, weights, path, "the converted architecture", ignore=_tied_names(module))
+        on_meta = any(p.is_meta for p in module.parameters())  # built without memory: the weights are assigned
+        load_weights(module, weights, path, "the converted architecture", ignore=_tied_names(module), assign=on_meta)
         if hasattr(module, "tie_weights"):
             module.tie_weights()
+        if on_meta:
+            _check_materialised(module, path)
     attach_manifest(module, manifest, manifest_path(path))
     return module
 
@@ -199,14 +202,28 @@ def _base_model(path: Path, manifest: dict, arch: str | None, arch_kwargs: Any, 
         kwargs = parse_kwargs(arch_kwargs if arch_kwargs is not None else manifest.get("arch_kwargs"))
         return build_arch(name, kwargs).eval()
     if manifest.get("hf"):
-        return _hf_model(mpath, manifest["hf"])
+        return _hf_model(mpath, manifest["hf"], on_meta=_rebuilds_without_running(manifest))
     guess = manifest.get("arch_guess")
     hint = f" (it was {printable(guess)})" if isinstance(guess, str) else ""
     raise KancError(f"{path} holds converted weights: pass --arch package.module:Class to rebuild the model{hint}")
 
 
-def _hf_model(where: Path, hf: dict) -> nn.Module:
-    """A transformers model class the manifest names, built from the config it recorded (library code only)."""
+def _rebuilds_without_running(manifest: dict) -> bool:
+    """Whether the recorded conversion is found again without running the model (no recorded discovery inputs): the
+    model may then be built with its parameters on the meta device and the saved weights assigned, dtype kept."""
+    return (manifest.get("options") or {}).get("discovery_inputs") is None
+
+
+def _check_materialised(module: nn.Module, path: Path) -> None:
+    """After assigning the weights to a model built on meta: nothing may be left there (the folder lacks it)."""
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise KancError(f"the weights in {path} do not fit the converted architecture: missing {', '.join(left[:4])}")
+
+
+def _hf_model(where: Path, hf: dict, on_meta: bool = False) -> nn.Module:
+    """A transformers model class the manifest names, built from the config it recorded (library code only); with
+    ``on_meta``, its parameters on the meta device (no memory, no random init; buffers stay real)."""
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -217,7 +234,12 @@ def _hf_model(where: Path, hf: dict) -> nn.Module:
     check_hf_config(hf.get("config"), where)
     try:
         config = cls.config_class.from_dict(hf["config"])
-        return cls(config).eval()
+        if not on_meta:
+            return cls(config).eval()
+        from kanc.checkpoint.meta import meta_parameters
+
+        with meta_parameters():
+            return cls(config).eval()
     except Exception as e:  # noqa: BLE001 - a tampered config fails inside transformers in many ways
         raise KancError(f"{where}: cannot build {cls.__name__} from the recorded config: {one_line(e)}") from None
 
@@ -243,7 +265,7 @@ def reapply(model: nn.Module, manifest: dict, where: Path | None = None) -> nn.M
     opts = dataclasses.asdict(check_options(target, options))
     discovery = inputs_from_spec(spec, where) if spec is not None else None
     try:
-        conv = run_pipeline(model, target, include=include, discovery_inputs=discovery, **opts)
+        conv = run_pipeline(model, target, include=include, discovery_inputs=discovery, measure=False, **opts)
     except KancError:
         raise
     except Exception as e:  # noqa: BLE001 - recorded options are untrusted data: any failure is one line

@@ -19,7 +19,15 @@ from torch import Tensor, nn
 from kanc.api import read_manifest, reapply
 from kanc.checkpoint import meta
 from kanc.checkpoint.shards import CheckpointReader
-from kanc.checkpoint.walk import LayerWalk, Progress, calibration_inputs, describe, first_tensor, output_error
+from kanc.checkpoint.walk import (
+    LayerWalk,
+    Progress,
+    calibration_inputs,
+    describe,
+    first_tensor,
+    output_error,
+    with_hidden,
+)
 from kanc.errors import KancError
 
 
@@ -72,7 +80,7 @@ class _SideBySide(LayerWalk):
     def before(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> None:
         meta.fill(layer, _layer_tensors(self.original, name, self.ignored), name)
         same = layer(**inputs)
-        ours = _with_hidden(inputs, self._hidden)
+        ours = with_hidden(inputs, self._hidden)
         alone = layer(**ours) if ours is not inputs else same
         blocks = [b[len(name) + 1 :] for b in self.manifest.get("blocks", []) if b.startswith(f"{name}.")]
         conv = layer
@@ -102,16 +110,6 @@ def _layer_tensors(reader: CheckpointReader, name: str, ignored: set[str]) -> di
     prefix = f"{name}."
     keys = [k for k in reader.keys() if k.startswith(prefix) and k not in ignored]
     return {k[len(prefix) :]: t for k, t in reader.read(keys).items()}
-
-
-def _with_hidden(inputs: dict[str, Any], hidden: Tensor | None) -> dict[str, Any]:
-    """``inputs`` with its first argument (the hidden states) replaced by ``hidden``; ``inputs`` itself if None."""
-    if hidden is None:
-        return inputs
-    first = next(iter(inputs))
-    if not isinstance(inputs[first], Tensor) or inputs[first].shape != hidden.shape:
-        raise KancError(f"cannot carry the original hidden states: the layer's first argument {first!r} differs")
-    return {**inputs, first: hidden}
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from kanc.api import check_options, require_blocks
-from kanc.api import compile as kanc_compile
-from kanc.api import report as conversion_report
 from kanc.checkpoint import meta
 from kanc.checkpoint.shards import (
     DEFAULT_SHARD_SIZE,
@@ -40,13 +39,13 @@ from kanc.checkpoint.shards import (
     ShardWriter,
     parse_size,
 )
-from kanc.checkpoint.walk import LayerWalk, calibration_inputs, describe, output_error
-from kanc.errors import KancError
-from kanc.manifest import DIR_MANIFEST, make_manifest
-from kanc.manifest import attach as _attach  # local names kept: engineer scale owns the code below
-from kanc.manifest import is_kanc_folder as _is_kanc_folder
-from kanc.manifest import manifest_source as _manifest_source
-from kanc.passes.report import ConversionReport
+from kanc.checkpoint.walk import LayerWalk, calibration_inputs, describe, first_tensor, output_error, with_hidden
+from kanc.errors import CheckFailedError, KancError
+from kanc.manifest import DIR_MANIFEST, attach, is_kanc_folder, make_manifest, manifest_source
+from kanc.passes import calibrate
+from kanc.passes.pipeline import Conversion, record_block_errors, run_pipeline
+from kanc.passes.report import ConversionReport, build_report, count_params
+from kanc.passes.verify import Snapshot, verify_equivalence
 from kanc.writing import Output, check_outputs, write_outputs
 
 PROPAGATE = ("converted", "original")
@@ -55,16 +54,23 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class LayerRecord:
-    """One streamed layer: its blocks (names relative to it), its output error against the original, its time."""
+    """One streamed layer: its blocks (names relative to it), its output error against the original layer on the
+    same inputs (the worse grad mode, and per mode), the converted model's drift after it (None: not measured),
+    its time."""
 
     name: str
     blocks: list[str]
     error: float
     seconds: float
     report: ConversionReport = field(repr=False)
+    modes: dict[str, float] = field(default_factory=dict)
+    drift: float | None = None
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "blocks": self.blocks, "error": self.error, "seconds": self.seconds}
+        return {
+            "name": self.name, "blocks": self.blocks, "error": self.error, "errors": self.modes,
+            "drift": self.drift, "seconds": self.seconds,
+        }  # fmt: skip
 
 
 def convert_checkpoint(
@@ -122,7 +128,7 @@ def convert_checkpoint(
 
 def _output(out: Path, fill: Callable[[Path], None] | None = None) -> Output:
     """The converted folder, for kanc.writing: replaceable (with force) only when kanc wrote it."""
-    return Output(out, fill, directory=True, replaceable=_is_kanc_folder)
+    return Output(out, fill, directory=True, replaceable=is_kanc_folder)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -145,6 +151,8 @@ class _Stream(LayerWalk):
         self.calibration_text = ""
         self.report: ConversionReport | None = None
         self._current: dict[str, Any] = {}
+        self._hidden: Tensor | None = None  # the original model's hidden states, carried beside the converted ones
+        self.drift_note: str | None = None  # why the drift is not measured, once it cannot be
         self.seconds: dict[str, float] = {}  # where the time went, summed over the layers
 
     def execute(self, writer: ShardWriter, calibration: Any) -> None:
@@ -173,33 +181,74 @@ class _Stream(LayerWalk):
         start = time.perf_counter()
         meta.fill(layer, self._read(name), name)
         mark = self._tick("read", start)
+        alone = self._original_chain(layer, inputs)
+        mark = self._tick("drift", mark)
+        params = count_params(layer)
         seen: list[Any] = []
         catch = layer.register_forward_hook(lambda m, a, out: seen.append(out) if not seen else None)
         try:
-            converted = kanc_compile(layer, self.target, inplace=True, calibration=inputs, verify=False, **self._opts())
+            conv = self._convert(layer, inputs)
         finally:
             catch.remove()
         original = seen[0] if seen else self._run_original(name, inputs)
         self._tick("convert", mark)
-        self._current = {"converted": converted, "original": original, "start": start, "ran": time.perf_counter()}
+        if alone is None:
+            alone = original
+        self._current = {"conv": conv, "original": original, "alone": alone, "params": params, "start": start}
+        self._current["ran"] = time.perf_counter()
+
+    def _convert(self, layer: nn.Module, inputs: dict[str, Any]) -> Conversion:
+        """``kanc.compile(layer, inplace=True)`` without its measurement: the walk checks the layer itself (after)."""
+        return run_pipeline(layer, self.target, calibration=inputs, measure=False, **self._opts())
+
+    def _original_chain(self, layer: nn.Module, inputs: dict[str, Any]) -> Any:
+        """The original layer (not converted yet) on the original model's hidden states, carried on their own: how
+        far the converted model drifts. None when those are the layer's inputs (the first layer, or "original")."""
+        if self._hidden is None or self.propagate != "converted":
+            return None
+        try:
+            ours = with_hidden(inputs, self._hidden)
+        except KancError as e:
+            self._hidden, self.drift_note = None, f"drift not measured: {e}"
+            return None
+        return layer(**ours)
+
+    def _drift(self, name: str, output: Any, alone: Any) -> float | None:
+        """The converted model's hidden states after layer ``name`` against the original model's; carries the latter."""
+        if self.propagate != "converted" or self.drift_note is not None:
+            return None
+        try:
+            drift = output_error(output, alone, f"model after {name}")
+        except KancError as e:  # the original chain itself is not finite: nothing to measure the drift against
+            self._hidden, self.drift_note = None, f"drift not measured: {e}"
+            return None
+        self._hidden = first_tensor(alone)
+        return drift
 
     def after(self, name: str, layer: nn.Module, inputs: dict[str, Any], output: Any) -> Any:
-        """Check the converted layer's output, write its tensors, drop the layer; the next layer's input out."""
+        """Check the converted layer in both grad modes, write its tensors, drop the layer; the next layer's input."""
         cur, self._current = self._current, {}
         self._tick("forward", cur["ran"])
-        converted = cur["converted"]
+        mark = time.perf_counter()
+        conv: Conversion = cur["conv"]
+        converted = conv.model
         if converted is not layer:  # the conversion replaced the layer's root: run the new one
             output = converted(**inputs)
-        error = output_error(output, cur["original"], f"layer {name}")
-        mark = time.perf_counter()
+        fidelity = _check_layer(name, converted, inputs, cur["original"], output, conv)
+        drift = self._drift(name, output, cur["alone"])
+        options = {**self.opts, "include": [], "exclude": []}  # as kanc.compile records them
+        report = build_report(conv, type(layer).__name__, options, cur["params"])
+        mark = self._tick("check", mark)
         for key, tensor in converted.state_dict().items():
             self.writer.add(f"{name}.{key}", tensor)
         self._tick("write", mark)
-        report = conversion_report(converted)
         meta.release(converted)
         meta.release(layer)
         meta.return_memory()
-        self.records.append(LayerRecord(name, report.blocks, error, time.perf_counter() - cur["start"], report))
+        modes = {"no_grad": max(fidelity.outputs.values(), default=0.0)}
+        modes["grad"] = max(fidelity.outputs_grad.values(), default=0.0)
+        seconds = time.perf_counter() - cur["start"]
+        self.records.append(LayerRecord(name, report.blocks, max(modes.values()), seconds, report, modes, drift))
         return output if self.propagate == "converted" else cur["original"]
 
     def _tick(self, what: str, since: float) -> float:
@@ -238,24 +287,51 @@ class _Stream(LayerWalk):
         merged.params_before = merged.params_after = self.params_outside
         for r in self.records:
             _merge(merged, r.name, r.report)
-        worst = max(self.records, key=lambda r: r.error)
         merged.fidelity = {
             "inputs": self.calibration_text,
             "outputs": {},
             "blocks": {},
             "layers": {r.name: r.error for r in self.records},
+            "streamed": self._fidelity_summary(),
+            "summary": self._summary_lines(),
         }
-        merged.notes.append(
-            f"streamed {len(self.records)} layers; layer outputs vs the original layers on the calibration inputs "
-            f"({self.calibration_text}): worst {worst.error:.2e} ({worst.name})"
-        )
         if self.ignored:
             merged.notes.append(f"dropped {len(self.ignored)} tensors the architecture ignores on load")
         return merged
 
+    def _fidelity_summary(self) -> dict:
+        """What the walk measured: the worst layer per grad mode, the drift after the last layer (JSON-ready)."""
+        worst = {}
+        for mode in ("no_grad", "grad"):
+            r = max(self.records, key=lambda r: r.modes.get(mode, 0.0))
+            worst[mode] = {"layer": r.name, "error": r.modes.get(mode, 0.0)}
+        last = self.records[-1]
+        drift = {"after": last.name, "error": last.drift} if last.drift is not None else None
+        return {"path": "layer by layer", "layers": len(self.records), "worst_layer": worst, "final_drift": drift,
+                "drift_note": self.drift_note}  # fmt: skip
+
+    def _summary_lines(self) -> list[str]:
+        """The report's fidelity lines: every layer was checked (both grad modes), and how far the model drifted."""
+        info = self._fidelity_summary()
+        worst = ", ".join(f"{w['error']:.2e} in {w['layer']} ({mode})" for mode, w in info["worst_layer"].items())
+        lines = [
+            f"streamed layer by layer: each of the {info['layers']} layers checked against the original layer on the "
+            f"same inputs (calibration {self.calibration_text}), no_grad and grad mode",
+            f"worst layer output error: {worst}",
+        ]
+        drift = info["final_drift"]
+        if drift is not None:
+            lines.append(
+                f"hidden states after the last layer ({drift['after']}) vs the original model's, both carried from the "
+                f"first layer on the calibration tokens (no_grad): drift {drift['error']:.2e}"
+            )
+        else:
+            lines.append("model drift: " + (self.drift_note or "not measured (propagate='original')"))
+        return lines
+
     def write_manifest(self, tmp: Path, out: Path, max_shard_size: Any) -> None:
         """kanc.json: kanc.save's manifest of an ``hf_dir`` (what kanc.load reads), plus how the run went."""
-        _attach(self.model, self.report, _manifest_source(self.model))
+        attach(self.model, self.report, manifest_source(self.model))
         manifest = make_manifest(self.model, "hf_dir", out, None, None)
         manifest["stream"] = {
             "calibration": self.calibration_text,
@@ -293,6 +369,27 @@ def _merge(into: ConversionReport, prefix: str, part: ConversionReport) -> None:
     into.params_before += part.params_before
     into.params_after += part.params_after
     into.seconds += part.seconds
+
+
+def _check_layer(name: str, layer: nn.Module, inputs: dict, original: Any, output: Any, conv: Conversion) -> Any:
+    """The converted ``layer`` against the original's ``original`` output on the same ``inputs``, in no_grad (its
+    ``output`` from the walk) and grad mode, each block hooked (kanc.passes.verify, the original run once, without
+    grad); a non-finite output or modes that disagree fail the check: nothing is written."""
+    expected = _named(original)
+    for key, value in expected:
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise KancError(f"the original layer {name} gives non-finite outputs ({key}) on the calibration inputs")
+    reference = Snapshot({"no_grad": expected, "grad": expected})
+    fidelity = verify_equivalence(reference, layer, inputs, conv.result, no_grad_outputs=_named(output))
+    if fidelity.failed:
+        raise CheckFailedError(f"layer {name}: {fidelity.failures[0]}; nothing written")
+    fidelity.inputs = "the layer's calibration inputs"
+    record_block_errors(conv.result, fidelity)
+    return fidelity
+
+
+def _named(out: Any) -> list[tuple[str, Tensor]]:
+    return [(key, t.detach()) for key, t in calibrate.output_tensors(out)]
 
 
 def _join(prefix: str, name: str) -> str:

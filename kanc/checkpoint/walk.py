@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from kanc.api import default_inputs
 from kanc.checkpoint import meta
+from kanc.checkpoint.precision import Fp32Gemm
 from kanc.errors import CheckFailedError, KancError, first_line
 from kanc.numerics import rel_error
 from kanc.passes import calibrate
@@ -37,6 +38,7 @@ class LayerWalk:
         self.done: list[str] = []
         self._names = {id(m): name for name, m in self.layers}
         self._busy = False
+        self._gemm = Fp32Gemm()
 
     def before(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> None:
         """The forward reached ``layer``, called with ``inputs`` (its arguments by name)."""
@@ -52,7 +54,7 @@ class LayerWalk:
             hooks.append(layer.register_forward_pre_hook(self._pre, with_kwargs=True))
             hooks.append(layer.register_forward_hook(self._post, with_kwargs=True))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), Fp32Gemm() as self._gemm:  # half-precision GEMMs as fp32 ones on the CPU: faster
                 call(self.model, inputs)
         except (KancError, OSError):
             raise  # an OSError is the file system's (reading, writing): the writer names the file and the cause
@@ -81,6 +83,7 @@ class LayerWalk:
             return None
         name = self._names[id(layer)]
         output = self._quietly(self.after, name, layer, bind_inputs(layer, args, kwargs), output)
+        self._gemm.clear()  # the layer's fp32 weight copies
         self.done.append(name)
         return output
 
@@ -161,6 +164,16 @@ def first_tensor(out: Any) -> Tensor:
     if not tensors:
         raise KancError(f"a layer returned {type(out).__name__}, which holds no tensor")
     return tensors[0][1]
+
+
+def with_hidden(inputs: dict[str, Any], hidden: Tensor | None) -> dict[str, Any]:
+    """``inputs`` with its first argument (the hidden states) replaced by ``hidden``; ``inputs`` itself if None."""
+    if hidden is None:
+        return inputs
+    first = next(iter(inputs))
+    if not isinstance(inputs[first], Tensor) or inputs[first].shape != hidden.shape:
+        raise KancError(f"cannot carry the original hidden states: the layer's first argument {first!r} differs")
+    return {**inputs, first: hidden}
 
 
 def describe(inputs: Any) -> str:

@@ -145,9 +145,18 @@ def _kanc_graph(module: Any) -> str | None:
     default=None,
     help="torch.save'd model inputs (tensor, tuple or dict): each block is fitted on what it sees.",
 )
-@click.option("--inputs", type=MODEL, default=None, help="torch.save'd model inputs to measure fidelity on.")
 @click.option(
-    "--input-shape", "shapes", multiple=True, help="Measure fidelity on random inputs of this shape (repeatable)."
+    "--inputs",
+    type=MODEL,
+    default=None,
+    help="torch.save'd model inputs to measure the whole model's outputs on (a save_pretrained folder is then loaded "
+    "whole, not streamed layer by layer; streaming checks every layer on the calibration tokens).",
+)
+@click.option(
+    "--input-shape",
+    "shapes",
+    multiple=True,
+    help="Measure fidelity on random inputs of this shape (repeatable; loads a save_pretrained folder whole).",
 )
 @input_dtype_option()
 @vocab_option
@@ -194,9 +203,10 @@ def convert(
         return
     if shapes:
         example = example_inputs(loaded.module, shapes, input_dtype, vocab)
+    # in place: the loaded model is this command's own, and a copy would double the memory
     converted = kanc.compile(
-        loaded.module, target, calibration=calib, example_inputs=example, include=include, exclude=exclude,
-        progress=_Progress(not quiet), **options,
+        loaded.module, target, inplace=True, calibration=calib, example_inputs=example, include=include,
+        exclude=exclude, progress=_Progress(not quiet), **options,
     )  # fmt: skip
     report = kanc.report(converted)
     require_blocks(report)
@@ -206,7 +216,20 @@ def convert(
         return
     kwargs = parse_kwargs(arch_kwargs) if arch_kwargs else None
     manifest = save(converted, out, format=loaded.format, arch=arch, arch_kwargs=kwargs, force=force, protect=reads)
-    _finish(as_json, report, model, out, manifest, loaded.format, f"wrote {out} ({loaded.format}) and {manifest.name}")
+    how = f"{loaded.format}{_whole_model_note(model, include, exclude, inputs, shapes, arch)}"
+    _finish(as_json, report, model, out, manifest, loaded.format, f"wrote {out} ({how}) and {manifest.name}")
+
+
+def _whole_model_note(model: Path, include: tuple, exclude: tuple, inputs: Any, shapes: tuple, arch: Any) -> str:
+    """Which path a save_pretrained folder took when it was not streamed, and the options that chose it."""
+    from kanc.checkpoint.stream import streams
+
+    if not model.is_dir() or not streams(model):
+        return ""
+    given = [("--include", include), ("--exclude", exclude), ("--inputs", inputs), ("--input-shape", shapes),
+             ("--arch", arch)]  # fmt: skip
+    flags = ", ".join(flag for flag, value in given if value)
+    return f", the whole model loaded, not streamed layer by layer: {flags} need{'s' if ',' not in flags else ''} it"
 
 
 def _check_fidelity(report: Any, keep_failed: bool) -> None:
@@ -240,7 +263,7 @@ def _convert_checkpoint(model: Path, out: Path, target: str, calib: Any, force: 
         model, out, target, calibration=calib, force=force, progress=_Progress(not quiet), **options
     )
     manifest = out / "kanc.json"
-    line = f"wrote {out} (hf_dir, layer by layer) and {manifest.name}"
+    line = f"wrote {out} (hf_dir, streamed layer by layer) and {manifest.name}"
     _finish(as_json, report, model, out, manifest, "hf_dir", line)
 
 

@@ -242,11 +242,14 @@ def _with_weights(weights: dict[str, Tensor], path: Path, arch: str | None, kwar
     return module
 
 
-def load_weights(module: nn.Module, weights: Mapping[str, Tensor], path: Any, what: str, ignore=()) -> None:
+def load_weights(
+    module: nn.Module, weights: Mapping[str, Tensor], path: Any, what: str, ignore=(), assign: bool = False
+) -> None:
     """``module.load_state_dict(weights)``, every mismatch named in one line (torch's message puts them on the lines
-    after a header); missing keys listed in ``ignore`` (tied weights saved once) are not mismatches."""
+    after a header); missing keys listed in ``ignore`` (tied weights saved once) are not mismatches. ``assign``: the
+    tensors become the parameters (dtype kept; for a module built on the meta device)."""
     try:
-        result = module.load_state_dict(weights, strict=False)
+        result = module.load_state_dict(weights, strict=False, assign=assign)
     except RuntimeError as e:  # size mismatches: torch lists them one per line after a header line
         detail = [s.strip() for s in str(e).splitlines()[1:] if s.strip()] or [first_line(e)]
         more = f" (+{len(detail) - 1} more)" if len(detail) > 1 else ""

@@ -192,10 +192,12 @@ def block_rows(block: MLPBlock, ctx: RewriteContext, seed: int = 777) -> Tensor:
 @torch.no_grad()
 def _preacts(block: MLPBlock, opts: GRKANOptions, ctx: RewriteContext) -> Tensor | None:
     """The activation's inputs on the block's rows (what the rational must get right), for fit="data"."""
-    pre_activation = block.pre_activation()
+    weight = block.fc1.weights.weight
+    dtype = torch.promote_types(weight.dtype, torch.float32)  # the model's precision: no fp64 copy of fc1
+    pre_activation = block.pre_activation(dtype)
     if opts.fit != "data" or opts.init != "preserve" or pre_activation is None:
         return None
-    return pre_activation(block_rows(block, ctx).to(block.fc1.weights.weight.device, torch.float64))
+    return pre_activation(block_rows(block, ctx).to(weight.device, dtype))
 
 
 # ---- GR-KAN --------------------------------------------------------------------------------------------------
@@ -287,7 +289,8 @@ def _snnk_module(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> SNN
         snnk = SNNKMlp(block.in_features, block.out_features, m, **features)
         snnk.to(device)
         if opts.init == "variance":
-            snnk.reset_variance_()
+            if device.type != "meta":  # on meta (kanc.load of a big folder) the weights are assigned later
+                snnk.reset_variance_()
         else:
             rows = ctx.calibration.get(block.key)
             snnk.fit_to(block.reference(), rows.to(device) if rows is not None else None, opts.ridge)

@@ -312,6 +312,8 @@ def _measure(
     if replacement is None:
         return None, "not measured: fc2 also reads features from outside the block"
     weight = block.fc1.weights.weight
+    if weight.is_meta:
+        return None, "not measured: no weights yet (built on the meta device)"
     rows = ctx.evaluation.get(block.key) if block.rowwise else None
     label = "held-out calibration rows" if rows is not None else f"{EVAL_ROWS} synthetic N(0,1) rows"
     if not block.rowwise:

@@ -59,20 +59,38 @@ class FuseResult:
 
 @torch.no_grad()
 def fuse_prologue(site: FusionSite, rational: GroupRational, variance: bool) -> nn.Module:
-    """GRKANLinear(F(x)) with ``site.linear``'s weights (or KAT's variance init) and ``rational`` as F."""
+    """GRKANLinear(F(x)) with ``site.linear``'s weights (or KAT's variance init) and ``rational`` as F.
+
+    The layer's own parameters are the linear's when they have its layout (an nn.Linear: shared, not copied, so
+    ties and requires_grad are kept and no second copy exists); a transposed or computed weight is copied."""
     w = site.linear.weights
+    device, dtype = w.weight.device, w.weight.dtype
     layer = GRKANLinear(
-        w.in_features, w.out_features, w.bias is not None, rational.groups, "identity", rational.degrees,
-        device=w.weight.device, dtype=w.weight.dtype,
-    )  # fmt: skip
-    layer.rational = rational.to(w.weight.device)
-    if variance:
+        w.in_features,
+        w.out_features,
+        w.bias is not None,
+        rational.groups,
+        "identity",
+        rational.degrees,
+        device="meta",  # no init of weights replaced at once
+        dtype=dtype,
+    )  # fmt: skip  (on meta: no init of weights that are replaced at once)
+    layer.weight = _parameter(w.weight, variance)
+    if w.bias is not None:
+        layer.bias = _parameter(w.bias, variance)
+    layer.rational = rational.to(device)
+    if variance and not layer.weight.is_meta:  # on meta (kanc.load of a big folder) the weights are assigned later
         init_grkan_linear_(layer)
-    else:
-        layer.weight.copy_(w.weight)
-        if w.bias is not None:
-            layer.bias.copy_(w.bias)
     return layer
+
+
+def _parameter(t: torch.Tensor, fresh: bool) -> nn.Parameter:
+    """``t`` itself when it is a parameter to keep; else a new parameter of its shape (its values unless ``fresh``)."""
+    if isinstance(t, nn.Parameter) and not fresh:
+        return t
+    if fresh:
+        return nn.Parameter(torch.empty_like(t, memory_format=torch.contiguous_format))
+    return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format))
 
 
 PLACEMENTS: dict[str, Callable[[FusionSite, GroupRational, bool], nn.Module]] = {"prologue": fuse_prologue}

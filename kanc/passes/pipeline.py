@@ -66,13 +66,15 @@ def run_pipeline(
     discovery_inputs: Any = None,
     progress: Callable[[str, int, int], None] | None = None,
     near_misses: bool = False,
+    measure: bool | None = None,
     **options: Any,
 ) -> Conversion:
     """Convert ``model`` in place and, with ``verify_inputs``, measure it against ``reference`` (the original model
     or its Snapshot; when None, a snapshot of ``model`` is taken on those inputs before it is rewritten).
 
     Blocks are found on a recorded run of the model on ``verify_inputs`` (or ``discovery_inputs``, which only find),
-    and on its symbolic trace."""
+    and on its symbolic trace. Each block is measured on rows inside the rewrite when no ``verify_inputs`` are given,
+    unless ``measure=False`` (the caller measures the converted model itself, e.g. with verify_equivalence)."""
     if target not in REWRITES:
         raise KancError(f"unknown target {target!r}: use one of {', '.join(REWRITES)}")
     ran: list[PassRecord] = []
@@ -90,7 +92,7 @@ def run_pipeline(
     if verify_inputs is not None and reference is None and found.blocks:
         reference = _run(ran, "snapshot", lambda: snapshot(model, verify_inputs))
     rewrite = REWRITES[target]
-    measure = verify_inputs is None
+    measure = verify_inputs is None if measure is None else measure
     result = _run(
         ran,
         f"rewrite_to_{target}",
@@ -109,11 +111,11 @@ def run_pipeline(
         fidelity = _run(
             ran, "verify_equivalence", lambda: verify_equivalence(reference, result.model, verify_inputs, result)
         )
-        _record_block_errors(result, fidelity)
+        record_block_errors(result, fidelity)
     return Conversion(result.model, target, found, result, fidelity, ran)
 
 
-def _record_block_errors(result: PassResult, fidelity: Fidelity) -> None:
+def record_block_errors(result: PassResult, fidelity: Fidelity) -> None:
     for c in result.converted:
         if c.name in fidelity.blocks:
             c.error, c.error_inputs = fidelity.blocks[c.name], f"example inputs ({fidelity.inputs})"

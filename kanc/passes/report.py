@@ -111,6 +111,8 @@ def _lines(r: ConversionReport) -> list[str]:
         for mode, key in (("no_grad", "outputs"), ("grad", "outputs_grad")):
             outs = ", ".join(f"{k} {_error_text(v)}" for k, v in (r.fidelity.get(key) or {}).items()) or "-"
             lines.append(f"model outputs on {r.fidelity['inputs']} ({mode}): relative error {outs}")
+    elif r.fidelity and r.fidelity.get("summary"):  # measured another way (a checkpoint streamed layer by layer)
+        lines += ["", *(str(line) for line in r.fidelity["summary"])]
     elif r.converted:
         lines += ["", "model outputs: not measured (pass example_inputs= / --inputs to measure them)"]
     if r.failed_checks:

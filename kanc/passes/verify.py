@@ -85,19 +85,26 @@ def snapshot(model: nn.Module, inputs: Any) -> Snapshot:
 
 
 def verify_equivalence(
-    original: nn.Module | Snapshot, converted: nn.Module, inputs: Any, result: PassResult | None = None
+    original: nn.Module | Snapshot,
+    converted: nn.Module,
+    inputs: Any,
+    result: PassResult | None = None,
+    no_grad_outputs: list[tuple[str, Tensor]] | None = None,
 ) -> Fidelity:
     """Relative error of every output of ``converted`` vs ``original`` on ``inputs`` in both grad modes, and of
     every block in ``result`` (hooked on ``converted``); failed checks in ``Fidelity.failures``.
 
-    ``original`` may be a Snapshot taken before an in-place conversion.
+    ``original`` may be a Snapshot taken before an in-place conversion. ``no_grad_outputs``: ``converted``'s named
+    outputs on ``inputs`` from a no_grad eval run the caller already made (a layer-by-layer walk), not run again.
     """
     before = original if isinstance(original, Snapshot) else snapshot(original, inputs)
     converted_blocks = result.converted if result is not None else []
     blocks = [c for c in converted_blocks if c.entry is not None and c.exit is not None and c.reference is not None]
     fidelity = Fidelity(inputs=_describe(inputs))
     probes = [_BlockProbe(c) for c in blocks]
-    after = {"no_grad": _run_converted(converted, inputs, "no_grad")}
+    if no_grad_outputs is None:
+        no_grad_outputs = _run_converted(converted, inputs, "no_grad")
+    after = {"no_grad": no_grad_outputs}
     handles = [h for p in probes for h in p.attach()]  # only now: hooks turn PyTorch's fused paths off
     try:
         after["grad"] = _run_converted(converted, inputs, "grad")

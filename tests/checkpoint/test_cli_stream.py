@@ -56,8 +56,9 @@ def test_options_that_need_the_whole_model_take_the_whole_model_path(llama_dir, 
     taken = []
     monkeypatch.setattr("kanc.cli.convert.load_model_file", lambda *a: taken.append(a) or common.load_model_file(*a))
     argv = ["convert", src, "-t", "grkan", "-o", tmp_path / "out", "--include", "model.layers.1.*", "-q"]
-    code, _, err = run_cli(argv, capsys)
+    code, stdout, err = run_cli(argv, capsys)
     assert code == EXIT_OK, err
+    assert "the whole model loaded, not streamed layer by layer: --include needs it" in stdout  # which path ran
     manifest = json.loads((tmp_path / "out" / "kanc.json").read_text())
     assert taken and manifest["blocks"] == ["model.layers.1.mlp"] and "stream" not in manifest
 

@@ -28,6 +28,6 @@ def test_the_smoke_run_measures_and_checks(tmp_path):
     assert 0 < check["worst_layer_error"] < 1e-3 and math.isfinite(check["final_drift"])
     assert check["worst_layer_error"] == row["stream"]["worst_layer_error"]
     assert check["outside_different"] == []
-    assert set(check["manifest_seconds"]) == {"pass_through", "read", "convert", "forward", "write"}
+    assert set(check["manifest_seconds"]) == {"pass_through", "read", "drift", "convert", "forward", "check", "write"}
     assert not any((tmp_path / "work").iterdir())  # the checkpoints are removed
     assert "tiny-llama: " in proc.stdout and "check: worst layer error" in proc.stdout

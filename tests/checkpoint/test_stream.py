@@ -53,8 +53,18 @@ def test_recorded_layer_errors_match_a_check_of_the_written_files(llama_dir, tmp
     assert [r["name"] for r in recorded] == [c["name"] for c in checked["layers"]]
     for rec, chk in zip(recorded, checked["layers"]):
         assert rec["error"] == pytest.approx(chk["layer_error"], rel=1e-6) and 0 < chk["layer_error"] < 1e-3
-        assert 0 < chk["drift"] < 1e-3
+        assert 0 < chk["drift"] < 1e-3 and rec["drift"] == pytest.approx(chk["drift"], rel=1e-5)
+        assert set(rec["errors"]) == {"no_grad", "grad"} and rec["error"] == max(rec["errors"].values())
     assert report.fidelity["layers"]["model.layers.0"] == recorded[0]["error"]
+    streamed = report.fidelity["streamed"]
+    assert streamed["final_drift"] == {"after": "model.layers.2", "error": recorded[-1]["drift"]}
+    worst = max(recorded, key=lambda r: r["errors"]["grad"])
+    assert streamed["worst_layer"]["grad"] == {"layer": worst["name"], "error": worst["errors"]["grad"]}
+    text = str(report)  # says what was measured, not "model outputs: not measured"
+    assert "not measured" not in text and "each of the 3 layers checked against the original layer" in text
+    assert f"{worst['errors']['grad']:.2e} in {worst['name']} (grad)" in text
+    assert "hidden states after the last layer (model.layers.2)" in text and f"{recorded[-1]['drift']:.2e}" in text
+    assert all(c["error"] is not None and "calibration inputs" in c["error_inputs"] for c in report.converted)
     assert checked["outside_tensors"] == 3 and checked["outside_different"] == []
 
 
@@ -114,16 +124,16 @@ def test_bf16_checkpoints_keep_their_dtypes(tmp_path):
 def test_one_layer_is_held_at_a_time_and_reads_never_span_layers(llama_dir, tmp_path, monkeypatch):
     src, _ = llama_dir
     built, reads, held = [], [], []
-    empty_model, read, compile_ = meta.empty_model, CheckpointReader.read, stream.kanc_compile
+    empty_model, read, convert = meta.empty_model, CheckpointReader.read, stream.run_pipeline
     monkeypatch.setattr(meta, "empty_model", lambda *a: built.append(empty_model(*a)) or built[-1])
     monkeypatch.setattr(CheckpointReader, "read", lambda self, names: reads.append(list(names)) or read(self, names))
 
-    def counting_compile(layer, *args, **kwargs):
+    def counting_convert(layer, *args, **kwargs):
         layers = built[0].model.layers
         held.append(sum(any(not p.is_meta for p in m.parameters()) for m in layers))
-        return compile_(layer, *args, **kwargs)
+        return convert(layer, *args, **kwargs)
 
-    monkeypatch.setattr(stream, "kanc_compile", counting_compile)
+    monkeypatch.setattr(stream, "run_pipeline", counting_convert)
     kanc.convert_checkpoint(src, tmp_path / "out", "grkan")
     assert held == [1, 1, 1]
     layer_reads = [names for names in reads if names[0].startswith("model.layers.")]
@@ -239,6 +249,25 @@ def test_non_finite_weights_fail_the_layer_check(tmp_path):
     assert _left(tmp_path) == ["src"]
 
 
+@pytest.mark.parametrize(("change", "failure"), [(float("nan"), "not in the converted model \\(grad\\)"),
+                                                 (1.5, "differs between no_grad and grad mode")])  # fmt: skip
+def test_a_layer_that_goes_wrong_only_with_grad_fails_the_check(llama_dir, tmp_path, monkeypatch, change, failure):
+    """Each layer is checked in grad mode too: a converted MLP that is non-finite, or different, only when grad is
+    enabled (what a fused path that autograd bypasses would do) ends the run with nothing written."""
+    src, _ = llama_dir
+    real = stream.run_pipeline
+
+    def with_grad_only_change(layer, *args, **kwargs):
+        conv = real(layer, *args, **kwargs)
+        layer.mlp.register_forward_hook(lambda m, a, out: out * change if torch.is_grad_enabled() else None)
+        return conv
+
+    monkeypatch.setattr(stream, "run_pipeline", with_grad_only_change)
+    with pytest.raises(KancError, match=f"layer model.layers.0: output .*{failure}"):
+        kanc.convert_checkpoint(src, tmp_path / "out")
+    assert _left(tmp_path) == []
+
+
 def test_a_failure_in_a_later_layer_leaves_nothing(llama_dir, tmp_path, monkeypatch):
     src, _ = llama_dir
     calls = []
@@ -247,10 +276,10 @@ def test_a_failure_in_a_later_layer_leaves_nothing(llama_dir, tmp_path, monkeypa
         calls.append(1)
         if len(calls) == 2:
             raise KancError("boom")
-        return stream.__dict__["_real_compile"](layer, *args, **kwargs)
+        return stream.__dict__["_real_convert"](layer, *args, **kwargs)
 
-    monkeypatch.setitem(stream.__dict__, "_real_compile", stream.kanc_compile)
-    monkeypatch.setattr(stream, "kanc_compile", failing)
+    monkeypatch.setitem(stream.__dict__, "_real_convert", stream.run_pipeline)
+    monkeypatch.setattr(stream, "run_pipeline", failing)
     with pytest.raises(KancError, match="boom"):
         kanc.convert_checkpoint(src, tmp_path / "out")
     assert _left(tmp_path) == []
@@ -351,12 +380,12 @@ def test_a_layer_whose_root_the_conversion_replaces_is_run_as_converted(tmp_path
 def test_when_the_fit_never_runs_the_layer_the_original_is_read_again(tmp_path, monkeypatch):
     """Without the fit's forward to catch, the original layer's output comes from a fresh read of the checkpoint:
     the recorded errors are those of the converted layers against the original ones on the same inputs."""
-    real = stream.kanc_compile
-    monkeypatch.setattr(stream, "kanc_compile", lambda layer, *a, calibration, **k: real(layer, *a, **k))
+    real = stream.run_pipeline
+    monkeypatch.setattr(stream, "run_pipeline", lambda layer, *a, calibration, **k: real(layer, *a, **k))
     net, run, x = _stream_plain(tmp_path)
     h = x
     for rec, layer in zip(run.records, net.layers):
-        converted = real(layer, "grkan", verify=False)  # synthetic rows, as in the run: the same layer
+        converted = kanc.compile(layer, "grkan", verify=False)  # synthetic rows, as in the run: the same layer
         with torch.no_grad():
             want, got = layer(h), converted(h)
         assert rec.error == pytest.approx(kanc.testing.rel_error(got, want), rel=1e-6) and rec.error > 0

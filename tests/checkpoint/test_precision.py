@@ -1,0 +1,35 @@
+"""Fp32Gemm: half-precision linear layers on the CPU as fp32 GEMMs rounded to their dtype, each weight cast once."""
+
+import torch
+import torch.nn.functional as F
+
+from kanc.checkpoint.precision import Fp32Gemm
+
+
+def _operands(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((6, 64), (48, 64), (48,)))
+    return x, w, b
+
+
+def test_half_linears_are_fp32_gemms_rounded_to_their_dtype():
+    for dtype in (torch.bfloat16, torch.float16):
+        x, w, b = _operands(dtype)
+        with Fp32Gemm():
+            got = F.linear(x, w, b)
+        want = F.linear(x.float(), w.float(), b.float()).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+        native = F.linear(x, w, b)  # the CPU's own half GEMM accumulates in fp32 too: equal up to the sums' order
+        assert (got.float() - native.float()).abs().max() <= 2 * native.float().abs().max() * 2**-7
+
+
+def test_each_weight_is_cast_once_per_layer_and_other_dtypes_pass_through():
+    x, w, b = _operands(torch.bfloat16)
+    layer = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    with torch.no_grad(), Fp32Gemm() as gemm:
+        first, again = layer(x), layer(x)
+        assert torch.equal(first, again) and len(gemm._casts) == 1
+        gemm.clear()
+        assert gemm._casts == {}
+        x32, w32, b32 = _operands(torch.float32)
+        assert torch.equal(F.linear(x32, w32, b32), torch.addmm(b32, x32, w32.t())) and gemm._casts == {}
