@@ -294,10 +294,10 @@ def _output(cmd: list[str]) -> str:
 
 
 def _write(results: dict, path: Path) -> None:
+    from kanc.writing import write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(results, indent=1) + "\n", force=True)  # kanc's atomic writer; rewritten per model
 
 
 def _args() -> argparse.Namespace:

@@ -198,8 +198,11 @@ class _Stream(LayerWalk):
         self._current["ran"] = time.perf_counter()
 
     def _convert(self, layer: nn.Module, inputs: dict[str, Any]) -> Conversion:
-        """``kanc.compile(layer, inplace=True)`` without its measurement: the walk checks the layer itself (after)."""
-        return run_pipeline(layer, self.target, calibration=inputs, measure=False, **self._opts())
+        """``kanc.compile(layer, inplace=True)`` without its measurement: the walk checks the layer itself (after).
+        The blocks are found on a recorded run of the layer, so modules torch.fx cannot trace (Hugging Face
+        attention) are examined there rather than reported as not traced."""
+        opts = self._opts()
+        return run_pipeline(layer, self.target, calibration=inputs, discovery_inputs=inputs, measure=False, **opts)
 
     def _original_chain(self, layer: nn.Module, inputs: dict[str, Any]) -> Any:
         """The original layer (not converted yet) on the original model's hidden states, carried on their own: how

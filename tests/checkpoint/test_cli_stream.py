@@ -10,6 +10,7 @@ import torch
 from conftest import ids
 
 import kanc
+import kanc.testing
 from kanc.cli import common
 from kanc.errors import EXIT_FAILED, EXIT_OK
 

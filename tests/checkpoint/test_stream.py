@@ -10,6 +10,7 @@ import torch
 from conftest import ids, save, zoo
 
 import kanc
+import kanc.testing
 from kanc.checkpoint import compare_checkpoints, meta, stream
 from kanc.checkpoint.shards import INDEX_FILE, CheckpointReader
 from kanc.errors import KancError
