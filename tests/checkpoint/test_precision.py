@@ -33,3 +33,27 @@ def test_each_weight_is_cast_once_per_layer_and_other_dtypes_pass_through():
         assert gemm._casts == {}
         x32, w32, b32 = _operands(torch.float32)
         assert torch.equal(F.linear(x32, w32, b32), torch.addmm(b32, x32, w32.t())) and gemm._casts == {}
+
+
+def test_the_walk_enters_fp32gemm_only_for_half_precision_models():
+    """A mode's Python dispatch on every op (the fit's thousands) costs time: an fp32 model walks without it."""
+    from torch.overrides import _get_current_function_mode
+
+    from kanc.checkpoint.walk import LayerWalk
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+        def forward(self, x):
+            return self.layers[0](x)
+
+    class Seen(LayerWalk):
+        def before(self, name, layer, inputs):
+            self.mode = _get_current_function_mode()
+
+    for dtype, want in ((torch.float32, False), (torch.bfloat16, True)):
+        walk = Seen(Model().to(dtype))
+        walk.walk({"x": torch.ones(2, 4, dtype=dtype)})
+        assert isinstance(walk.mode, Fp32Gemm) is want
