@@ -57,3 +57,26 @@ def test_the_walk_enters_fp32gemm_only_for_half_precision_models():
         walk = Seen(Model().to(dtype))
         walk.walk({"x": torch.ones(2, 4, dtype=dtype)})
         assert isinstance(walk.mode, Fp32Gemm) is want
+
+
+def test_the_rational_fit_bypasses_the_walks_mode_with_the_same_result():
+    """The fit's thousands of small fp64 ops skip a caller's TorchFunctionMode (Fp32Gemm in a bf16 walk)."""
+    from torch.overrides import TorchFunctionMode
+
+    from kanc.nn.fit import rational_coefficients
+    from kanc.passes.ratfit import fit_to_samples
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    samples = 0.1 * torch.randn(4000, generator=torch.Generator().manual_seed(0))
+    start = rational_coefficients("gelu", (5, 4))
+    alone = fit_to_samples(F.gelu, start, samples)
+    with Count():
+        inside = fit_to_samples(F.gelu, start, samples)
+    assert all(torch.equal(a, b) for a, b in zip(alone, inside))
+    assert 0 < Count.calls < 1000  # the set-up only (~200); with the L-BFGS loop, ~11000
