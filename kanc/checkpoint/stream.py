@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from kanc.api import check_options, require_blocks
 from kanc.checkpoint import meta
+from kanc.checkpoint.patterns import Patterns
 from kanc.checkpoint.shards import (
     DEFAULT_SHARD_SIZE,
     INDEX_FILE,
@@ -154,6 +155,7 @@ class _Stream(LayerWalk):
         self._hidden: Tensor | None = None  # the original model's hidden states, carried beside the converted ones
         self.drift_note: str | None = None  # why the drift is not measured, once it cannot be
         self.seconds: dict[str, float] = {}  # where the time went, summed over the layers
+        self.patterns = Patterns()  # blocks found once per kind of layer
 
     def execute(self, writer: ShardWriter, calibration: Any) -> None:
         self.writer = writer
@@ -187,7 +189,7 @@ class _Stream(LayerWalk):
         seen: list[Any] = []
         catch = layer.register_forward_hook(lambda m, a, out: seen.append(out) if not seen else None)
         try:
-            conv = self._convert(layer, inputs)
+            conv = self._convert(name, layer, inputs)
         finally:
             catch.remove()
         original = seen[0] if seen else self._run_original(name, inputs)
@@ -197,12 +199,21 @@ class _Stream(LayerWalk):
         self._current = {"conv": conv, "original": original, "alone": alone, "params": params, "start": start}
         self._current["ran"] = time.perf_counter()
 
-    def _convert(self, layer: nn.Module, inputs: dict[str, Any]) -> Conversion:
+    def _convert(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> Conversion:
         """``kanc.compile(layer, inplace=True)`` without its measurement: the walk checks the layer itself (after).
         The blocks are found on a recorded run of the layer, so modules torch.fx cannot trace (Hugging Face
-        attention) are examined there rather than reported as not traced."""
+        attention) are examined there rather than reported as not traced; a later layer of the same kind only by
+        its trace, when that matches the first's (kanc.checkpoint.patterns)."""
         opts = self._opts()
-        return run_pipeline(layer, self.target, calibration=inputs, discovery_inputs=inputs, measure=False, **opts)
+        found = self.patterns.find(name, layer)
+        if found is not None:  # a layer of its kind was examined in full: its trace suffices (kanc.checkpoint.patterns)
+            conv = run_pipeline(layer, self.target, calibration=inputs, found=found, measure=False, **opts)
+            if self.patterns.note is not None:
+                conv.result.notes.append(self.patterns.note)
+            return conv
+        conv = run_pipeline(layer, self.target, calibration=inputs, discovery_inputs=inputs, measure=False, **opts)
+        self.patterns.learn(conv.found)
+        return conv
 
     def _original_chain(self, layer: nn.Module, inputs: dict[str, Any]) -> Any:
         """The original layer (not converted yet) on the original model's hidden states, carried on their own: how

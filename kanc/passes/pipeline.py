@@ -67,6 +67,7 @@ def run_pipeline(
     progress: Callable[[str, int, int], None] | None = None,
     near_misses: bool = False,
     measure: bool | None = None,
+    found: FindResult | None = None,
     **options: Any,
 ) -> Conversion:
     """Convert ``model`` in place and, with ``verify_inputs``, measure it against ``reference`` (the original model
@@ -74,19 +75,25 @@ def run_pipeline(
 
     Blocks are found on a recorded run of the model on ``verify_inputs`` (or ``discovery_inputs``, which only find),
     and on its symbolic trace. Each block is measured on rows inside the rewrite when no ``verify_inputs`` are given,
-    unless ``measure=False`` (the caller measures the converted model itself, e.g. with verify_equivalence)."""
+    unless ``measure=False`` (the caller measures the converted model itself, e.g. with verify_equivalence).
+    ``found``: the blocks a caller already found on ``model`` (find_mlp_blocks is not run again)."""
     if target not in REWRITES:
         raise KancError(f"unknown target {target!r}: use one of {', '.join(REWRITES)}")
     ran: list[PassRecord] = []
+    given = found
     found = _run(
         ran,
         "find_mlp_blocks",
-        lambda: find_mlp_blocks(
-            model,
-            include=include,
-            exclude=exclude,
-            inputs=verify_inputs if verify_inputs is not None else discovery_inputs,
-            near_misses=near_misses,
+        lambda: (
+            given
+            if given is not None
+            else find_mlp_blocks(
+                model,
+                include=include,
+                exclude=exclude,
+                inputs=verify_inputs if verify_inputs is not None else discovery_inputs,
+                near_misses=near_misses,
+            )
         ),
     )
     if verify_inputs is not None and reference is None and found.blocks:

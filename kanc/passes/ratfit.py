@@ -52,7 +52,9 @@ def fit_to_samples(
 
     with torch.no_grad():
         before = float(loss())
-    with torch.random.fork_rng(devices=[]):
+    # DisableTorchFunction: the fit's tensors are its own plain fp64 ones; a caller's TorchFunctionMode (the layer
+    # walk's Fp32Gemm) would only add a Python dispatch to each of its thousands of small ops
+    with torch.random.fork_rng(devices=[]), torch._C.DisableTorchFunction():
         after = minimize([num, root], loss, max_iter=MAX_ITER, tolerance_grad=1e-12, tolerance_change=1e-9)
     if not after < before or not all(torch.isfinite(t).all() for t in (num, root)):
         return start

@@ -33,3 +33,50 @@ def test_each_weight_is_cast_once_per_layer_and_other_dtypes_pass_through():
         assert gemm._casts == {}
         x32, w32, b32 = _operands(torch.float32)
         assert torch.equal(F.linear(x32, w32, b32), torch.addmm(b32, x32, w32.t())) and gemm._casts == {}
+
+
+def test_the_walk_enters_fp32gemm_only_for_half_precision_models():
+    """A mode's Python dispatch on every op (the fit's thousands) costs time: an fp32 model walks without it."""
+    from torch.overrides import _get_current_function_mode
+
+    from kanc.checkpoint.walk import LayerWalk
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+        def forward(self, x):
+            return self.layers[0](x)
+
+    class Seen(LayerWalk):
+        def before(self, name, layer, inputs):
+            self.mode = _get_current_function_mode()
+
+    for dtype, want in ((torch.float32, False), (torch.bfloat16, True)):
+        walk = Seen(Model().to(dtype))
+        walk.walk({"x": torch.ones(2, 4, dtype=dtype)})
+        assert isinstance(walk.mode, Fp32Gemm) is want
+
+
+def test_the_rational_fit_bypasses_the_walks_mode_with_the_same_result():
+    """The fit's thousands of small fp64 ops skip a caller's TorchFunctionMode (Fp32Gemm in a bf16 walk)."""
+    from torch.overrides import TorchFunctionMode
+
+    from kanc.nn.fit import rational_coefficients
+    from kanc.passes.ratfit import fit_to_samples
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    samples = 0.1 * torch.randn(4000, generator=torch.Generator().manual_seed(0))
+    start = rational_coefficients("gelu", (5, 4))
+    alone = fit_to_samples(F.gelu, start, samples)
+    with Count():
+        inside = fit_to_samples(F.gelu, start, samples)
+    assert all(torch.equal(a, b) for a, b in zip(alone, inside))
+    assert 0 < Count.calls < 1000  # the set-up only (~200); with the L-BFGS loop, ~11000
