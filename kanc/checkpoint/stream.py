@@ -44,6 +44,7 @@ from kanc.checkpoint.walk import LayerWalk, calibration_inputs, describe, first_
 from kanc.errors import CheckFailedError, KancError
 from kanc.manifest import DIR_MANIFEST, attach, is_kanc_folder, make_manifest, manifest_source
 from kanc.passes import calibrate
+from kanc.passes.find import ROOT
 from kanc.passes.pipeline import Conversion, record_block_errors, run_pipeline
 from kanc.passes.report import ConversionReport, build_report, count_params
 from kanc.passes.verify import Snapshot, verify_equivalence
@@ -407,6 +408,9 @@ def _named(out: Any) -> list[tuple[str, Tensor]]:
 
 
 def _join(prefix: str, name: str) -> str:
+    """A name inside the layer made full: the layer's own root (``""``, ``ROOT``, ``ROOT:node``) is the layer."""
+    if name.startswith(ROOT):
+        return prefix + name[len(ROOT) :]
     return f"{prefix}.{name}" if name else prefix
 
 

@@ -437,3 +437,22 @@ def test_a_full_disk_met_by_the_background_writes_leaves_nothing(llama_dir, tmp_
     with pytest.raises(KancError, match=r"^cannot write .*out: no space left on the device"):
         kanc.convert_checkpoint(llama_dir[0], tmp_path / "out", max_shard_size="40KB")
     assert _left(tmp_path) == []
+
+
+def test_a_layer_that_is_itself_the_block_streams_and_reloads(tmp_path):
+    """BERT's MLP spans the layer (intermediate + output, the `split` pattern): the block is the layer itself, named
+    by the layer's own name (not `encoder.layer.0.<root>`, which kanc.load could not find), and the folder reloads
+    converted and matches the original with a padding mask."""
+    torch.manual_seed(3)
+    original = zoo.bert(layers=2).eval()
+    src = save(original, tmp_path / "src")
+    report = kanc.convert_checkpoint(src, tmp_path / "out", "grkan")
+    assert report.blocks == ["encoder.layer.0", "encoder.layer.1"]
+    back = kanc.load(tmp_path / "out").eval()
+    assert [c["name"] for c in kanc.report(back).converted] == report.blocks
+    x, mask = ids(7), torch.ones(2, 16, dtype=torch.long)
+    mask[0, 9:] = 0
+    with torch.no_grad():
+        want = original(input_ids=x, attention_mask=mask).last_hidden_state
+        got = back(input_ids=x, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(got).all() and 0 < kanc.testing.rel_error(got, want) < 1e-3
