@@ -29,6 +29,7 @@ from kanc.checkpoint.walk import (
     with_hidden,
 )
 from kanc.errors import KancError
+from kanc.passes.find import ROOT
 
 
 def compare_checkpoints(
@@ -80,9 +81,11 @@ class _SideBySide(LayerWalk):
     def before(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> None:
         meta.fill(layer, _layer_tensors(self.original, name, self.ignored), name)
         same = layer(**inputs)
+        if self.starts_stack(name):  # each layer list starts from its own inputs (as the stream measures it)
+            self._hidden = None
         ours = with_hidden(inputs, self._hidden)
         alone = layer(**ours) if ours is not inputs else same
-        blocks = [b[len(name) + 1 :] for b in self.manifest.get("blocks", []) if b.startswith(f"{name}.")]
+        blocks = [_relative(b, name) for b in self.manifest.get("blocks", []) if b == name or b.startswith(f"{name}.")]
         conv = layer
         if blocks:
             conv = reapply(layer, {**self.manifest, "blocks": blocks})
@@ -104,6 +107,11 @@ class _SideBySide(LayerWalk):
         meta.release(cur["conv"])
         meta.release(layer)
         return output
+
+
+def _relative(block: str, layer: str) -> str:
+    """A block's name inside its layer (the layer itself, as a layer's own discovery names it, is ROOT)."""
+    return ROOT if block == layer else block[len(layer) + 1 :]
 
 
 def _layer_tensors(reader: CheckpointReader, name: str, ignored: set[str]) -> dict[str, Tensor]:

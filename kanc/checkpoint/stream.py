@@ -184,7 +184,7 @@ class _Stream(LayerWalk):
         start = time.perf_counter()
         meta.fill(layer, self._read(name), name)
         mark = self._tick("read", start)
-        alone = self._original_chain(layer, inputs)
+        alone = self._original_chain(name, layer, inputs)
         mark = self._tick("drift", mark)
         params = count_params(layer)
         seen: list[Any] = []
@@ -216,9 +216,13 @@ class _Stream(LayerWalk):
         self.patterns.learn(conv.found)
         return conv
 
-    def _original_chain(self, layer: nn.Module, inputs: dict[str, Any]) -> Any:
+    def _original_chain(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> Any:
         """The original layer (not converted yet) on the original model's hidden states, carried on their own: how
-        far the converted model drifts. None when those are the layer's inputs (the first layer, or "original")."""
+        far the converted model drifts. None when those are the layer's inputs (the first layer of a layer list, or
+        "original"). Each layer list starts from its own inputs: a decoder's first layer takes the decoder's
+        embeddings, not the encoder's hidden states (its cross-attention inputs are the converted encoder's)."""
+        if self.starts_stack(name):
+            self._hidden = None
         if self._hidden is None or self.propagate != "converted":
             return None
         try:
@@ -320,10 +324,11 @@ class _Stream(LayerWalk):
         for mode in ("no_grad", "grad"):
             r = max(self.records, key=lambda r: r.modes.get(mode, 0.0))
             worst[mode] = {"layer": r.name, "error": r.modes.get(mode, 0.0)}
-        last = self.records[-1]
-        drift = {"after": last.name, "error": last.drift} if last.drift is not None else None
+        last = {self.stack_of(r.name): r for r in self.records}  # each layer list's last layer, in the run's order
+        stacks = {s: {"after": r.name, "error": r.drift} for s, r in last.items() if r.drift is not None}
+        drift = stacks.get(self.stack_of(self.records[-1].name))
         return {"path": "layer by layer", "layers": len(self.records), "worst_layer": worst, "final_drift": drift,
-                "drift_note": self.drift_note}  # fmt: skip
+                "stack_drift": stacks, "drift_note": self.drift_note}  # fmt: skip
 
     def _summary_lines(self) -> list[str]:
         """The report's fidelity lines: every layer was checked (both grad modes), and how far the model drifted."""
@@ -334,13 +339,14 @@ class _Stream(LayerWalk):
             f"same inputs (calibration {self.calibration_text}), no_grad and grad mode",
             f"worst layer output error: {worst}",
         ]
-        drift = info["final_drift"]
-        if drift is not None:
+        stacks = info["stack_drift"]
+        for i, (stack, drift) in enumerate(stacks.items()):
+            given = f"; its other inputs ({', '.join(list(stacks)[:i])}'s states) the converted model's" if i else ""
             lines.append(
-                f"hidden states after the last layer ({drift['after']}) vs the original model's, both carried from the "
-                f"first layer on the calibration tokens (no_grad): drift {drift['error']:.2e}"
+                f"hidden states after the last layer ({drift['after']}) vs the original model's, both carried from "
+                f"{stack}.0 on the calibration tokens (no_grad{given}): drift {drift['error']:.2e}"
             )
-        else:
+        if not stacks:
             lines.append("model drift: " + (self.drift_note or "not measured (propagate='original')"))
         return lines
 

@@ -42,6 +42,15 @@ class LayerWalk:
         self._busy = False
         self._gemm = Fp32Gemm()
 
+    def stack_of(self, name: str) -> str:
+        """The layer list (``model.layers``, ``encoder.block``, ...) that layer ``name`` belongs to."""
+        return name.rpartition(".")[0]
+
+    def starts_stack(self, name: str) -> bool:
+        """Whether layer ``name`` is the first of its layer list (an encoder-decoder has two)."""
+        stack, _, index = name.rpartition(".")
+        return index == "0" and stack in self.stacks
+
     def before(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> None:
         """The forward reached ``layer``, called with ``inputs`` (its arguments by name)."""
 
