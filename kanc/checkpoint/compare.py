@@ -25,11 +25,11 @@ from kanc.checkpoint.walk import (
     calibration_inputs,
     describe,
     first_tensor,
+    local_name,
     output_error,
     with_hidden,
 )
 from kanc.errors import KancError
-from kanc.passes.find import ROOT
 
 
 def compare_checkpoints(
@@ -85,7 +85,7 @@ class _SideBySide(LayerWalk):
             self._hidden = None
         ours = with_hidden(inputs, self._hidden)
         alone = layer(**ours) if ours is not inputs else same
-        blocks = [_relative(b, name) for b in self.manifest.get("blocks", []) if b == name or b.startswith(f"{name}.")]
+        blocks = [local_name(name, b) for b in self.manifest.get("blocks", []) if b == name or b.startswith(f"{name}.")]
         conv = layer
         if blocks:
             conv = reapply(layer, {**self.manifest, "blocks": blocks})
@@ -107,11 +107,6 @@ class _SideBySide(LayerWalk):
         meta.release(cur["conv"])
         meta.release(layer)
         return output
-
-
-def _relative(block: str, layer: str) -> str:
-    """A block's name inside its layer (the layer itself, as a layer's own discovery names it, is ROOT)."""
-    return ROOT if block == layer else block[len(layer) + 1 :]
 
 
 def _layer_tensors(reader: CheckpointReader, name: str, ignored: set[str]) -> dict[str, Tensor]:

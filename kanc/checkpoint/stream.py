@@ -40,11 +40,18 @@ from kanc.checkpoint.shards import (
     ShardWriter,
     parse_size,
 )
-from kanc.checkpoint.walk import LayerWalk, calibration_inputs, describe, first_tensor, output_error, with_hidden
+from kanc.checkpoint.walk import (
+    LayerWalk,
+    calibration_inputs,
+    describe,
+    first_tensor,
+    full_name,
+    output_error,
+    with_hidden,
+)
 from kanc.errors import CheckFailedError, KancError
 from kanc.manifest import DIR_MANIFEST, attach, is_kanc_folder, make_manifest, manifest_source
 from kanc.passes import calibrate
-from kanc.passes.find import ROOT
 from kanc.passes.pipeline import Conversion, record_block_errors, run_pipeline
 from kanc.passes.report import ConversionReport, build_report, count_params
 from kanc.passes.verify import Snapshot, verify_equivalence
@@ -372,9 +379,9 @@ class _Stream(LayerWalk):
 def _merge(into: ConversionReport, prefix: str, part: ConversionReport) -> None:
     """Add one layer's report to the model's, block names made full."""
     into.converted += [
-        {**c, "name": _join(prefix, c["name"]), "owner": _join(prefix, c["owner"])} for c in part.converted
+        {**c, "name": full_name(prefix, c["name"]), "owner": full_name(prefix, c["owner"])} for c in part.converted
     ]
-    into.skipped += [{**s, "name": _join(prefix, s["name"])} for s in part.skipped]
+    into.skipped += [{**s, "name": full_name(prefix, s["name"])} for s in part.skipped]
     for key, value in part.counters.items():
         into.counters[key] = into.counters.get(key, 0) + value
     for p in part.passes:
@@ -385,7 +392,7 @@ def _merge(into: ConversionReport, prefix: str, part: ConversionReport) -> None:
         seen["seconds"] += p["seconds"]
         for key, value in p["counters"].items():
             seen["counters"][key] = seen["counters"].get(key, 0) + value
-    into.not_traced.update({_join(prefix, k): v for k, v in part.not_traced.items()})
+    into.not_traced.update({full_name(prefix, k): v for k, v in part.not_traced.items()})
     into.notes += [n for n in part.notes if n not in into.notes]
     into.params_before += part.params_before
     into.params_after += part.params_after
@@ -411,13 +418,6 @@ def _check_layer(name: str, layer: nn.Module, inputs: dict, original: Any, outpu
 
 def _named(out: Any) -> list[tuple[str, Tensor]]:
     return [(key, t.detach()) for key, t in calibrate.output_tensors(out)]
-
-
-def _join(prefix: str, name: str) -> str:
-    """A name inside the layer made full: the layer's own root (``""``, ``ROOT``, ``ROOT:node``) is the layer."""
-    if name.startswith(ROOT):
-        return prefix + name[len(ROOT) :]
-    return f"{prefix}.{name}" if name else prefix
 
 
 def streams(path: str | os.PathLike) -> bool:

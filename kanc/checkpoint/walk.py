@@ -25,6 +25,7 @@ from kanc.checkpoint.precision import HALF, Fp32Gemm
 from kanc.errors import CheckFailedError, KancError, first_line
 from kanc.numerics import rel_error
 from kanc.passes import calibrate
+from kanc.passes.find import ROOT
 
 Progress = Callable[[str, int, int], None]
 
@@ -193,6 +194,19 @@ def with_hidden(inputs: dict[str, Any], hidden: Tensor | None) -> dict[str, Any]
     if not isinstance(inputs[first], Tensor) or inputs[first].shape != hidden.shape:
         raise KancError(f"cannot carry the original hidden states: the layer's first argument {first!r} differs")
     return {**inputs, first: hidden}
+
+
+def full_name(layer: str, name: str) -> str:
+    """A name from a layer's own discovery made full: the layer's root (``""``, ``ROOT``, ``ROOT:node``) is the
+    layer itself (BERT's split MLP is the whole layer)."""
+    if name.startswith(ROOT):
+        return layer + name[len(ROOT) :]
+    return f"{layer}.{name}" if name else layer
+
+
+def local_name(layer: str, block: str) -> str:
+    """The inverse of :func:`full_name` for a block of ``layer``: its name inside the layer (the layer is ROOT)."""
+    return ROOT if block == layer else block[len(layer) + 1 :]
 
 
 def describe(inputs: Any) -> str:
