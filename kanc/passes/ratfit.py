@@ -6,6 +6,11 @@ a few percent of its output. ``fit_to_samples`` starts from the shipped fit and 
 the block's own pre-activation samples, plus a small weight on the whole [-6, 6] grid so the curve stays close to
 the activation outside the sampled range (tails stay linear; no blow-up when fine-tuning moves the inputs).
 The denominator is optimised through its square root (b = root^2), which has no kink where a b_k reaches 0.
+
+The loss and its gradient are computed in closed form (``_Loss``) rather than by autograd through
+``rational_ref``: a converted model fits one rational per block, and autograd's per-op bookkeeping over ~20 small
+ops per evaluation was most of a fit's time. ``tests/passes/test_ratfit.py`` checks both against autograd through
+``rational_ref``, the definition the layers use.
 """
 
 from __future__ import annotations
@@ -15,12 +20,44 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kanc.nn.fit import DEFAULT_INTERVAL, evaluate, minimize
+from kanc.nn.fit import DEFAULT_INTERVAL
 
 GRID_WEIGHT = 0.05
+GRID_POINTS = 2001
 MAX_SAMPLES = 20000
 # L-BFGS iterations: the fit converges in ~140 evaluations at degrees (5, 4), ~500 at (7, 6), ~1100 at (9, 8).
 MAX_ITER = 2000
+
+
+class _Loss:
+    """sum_i w_i (P(x_i) / Q(x_i) - y_i)^2 over the samples and the grid, with P(x) = sum_k a_k x^k and
+    Q(x) = 1 + sum_k root_k^2 |x|^k (k >= 1): the rational of ``rational_ref`` with b = root^2 >= 0 (so |b| = b).
+    The samples' squared error is averaged and scaled by their mean square target, the grid's likewise and weighted
+    by GRID_WEIGHT, as one weighted sum. The powers of x are built once."""
+
+    def __init__(self, z: Tensor, fz: Tensor, grid: Tensor, fg: Tensor, m: int, n: int) -> None:
+        scale_z, scale_g = float(fz.square().mean()) + 1e-12, float(fg.square().mean()) + 1e-12
+        x = torch.cat([z, grid])
+        self.y = torch.cat([fz, fg])
+        self.w = torch.cat(
+            [
+                z.new_full(z.shape, 1.0 / (z.numel() * scale_z)),
+                grid.new_full(grid.shape, GRID_WEIGHT / (grid.numel() * scale_g)),
+            ]
+        )
+        self.powers = torch.stack([x**k for k in range(m + 1)], 1)  # (N, m + 1): P's columns
+        ax = x.abs()
+        self.abs_powers = torch.stack([ax**k for k in range(1, n + 1)], 1) if n else x.new_zeros(x.numel(), 0)
+
+    def value(self, num: Tensor, root: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, d loss / d num, d loss / d root)."""
+        p = self.powers @ num
+        q = 1.0 + self.abs_powers @ root.square()
+        f = p / q
+        wr = self.w * (f - self.y)
+        loss = (wr * (f - self.y)).sum()
+        g = 2.0 * wr / q  # d loss / d P at each point
+        return loss, self.powers.T @ g, (self.abs_powers.T @ (-g * f)) * (2.0 * root)
 
 
 def fit_to_samples(
@@ -34,28 +71,30 @@ def fit_to_samples(
     if z.numel() > MAX_SAMPLES:
         gen = torch.Generator().manual_seed(seed)
         z = z[torch.randperm(z.numel(), generator=gen)[:MAX_SAMPLES]]
-    grid = torch.linspace(*DEFAULT_INTERVAL, 2001, dtype=torch.float64)
+    grid = torch.linspace(*DEFAULT_INTERVAL, GRID_POINTS, dtype=torch.float64)
     with torch.no_grad():
         fz, fg = fn(z).double(), fn(grid).double()
     if not (torch.isfinite(fz).all() and torch.isfinite(fg).all()):
         return start
+    loss = _Loss(z, fz, grid, fg, start[0].numel() - 1, start[1].numel())
     num = start[0].detach().double().clone().requires_grad_()
     # Optimised as b = root^2: F uses |b|, whose kink at b = 0 stalls L-BFGS when a coefficient gets there (a (7, 6)
     # ReLU fit stopped at 70x the loss it reaches this way, and worse than (5, 4)). root^2 is smooth everywhere.
     root = start[1].detach().double().abs().sqrt().clone().requires_grad_()
-    scale_z, scale_g = float(fz.square().mean()) + 1e-12, float(fg.square().mean()) + 1e-12
 
-    def loss() -> Tensor:
-        den = root.square()
-        data = (evaluate(num, den, z) - fz).square().mean() / scale_z
-        return data + GRID_WEIGHT * (evaluate(num, den, grid) - fg).square().mean() / scale_g
+    def closure() -> Tensor:
+        value, num.grad, root.grad = loss.value(num.detach(), root.detach())
+        return value
 
-    with torch.no_grad():
-        before = float(loss())
     # DisableTorchFunction: the fit's tensors are its own plain fp64 ones; a caller's TorchFunctionMode (the layer
-    # walk's Fp32Gemm) would only add a Python dispatch to each of its thousands of small ops
-    with torch.random.fork_rng(devices=[]), torch._C.DisableTorchFunction():
-        after = minimize([num, root], loss, max_iter=MAX_ITER, tolerance_grad=1e-12, tolerance_change=1e-9)
+    # walk's Fp32Gemm) would only add a Python dispatch to each of its small ops
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), torch._C.DisableTorchFunction():
+        before = float(closure())
+        opt = torch.optim.LBFGS(
+            [num, root], max_iter=MAX_ITER, tolerance_grad=1e-12, tolerance_change=1e-9, line_search_fn="strong_wolfe"
+        )
+        opt.step(closure)
+        after = float(closure())
     if not after < before or not all(torch.isfinite(t).all() for t in (num, root)):
         return start
     return num.detach().float(), root.detach().square().float()

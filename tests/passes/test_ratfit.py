@@ -1,0 +1,57 @@
+"""kanc.passes.ratfit: the closed-form loss and gradient are those of autograd through rational_ref, and the fit
+improves the start where the samples lie."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from kanc.nn.fit import evaluate, rational_coefficients
+from kanc.passes import ratfit
+
+
+@pytest.mark.parametrize("degrees", [(5, 4), (3, 0), (7, 6)])
+def test_closed_form_loss_and_gradient_match_autograd_through_the_reference(degrees):
+    gen = torch.Generator().manual_seed(0)
+    m, n = degrees
+    z = torch.randn(300, generator=gen, dtype=torch.float64) * 1.5
+    z[:3] = 0.0  # |x| at 0
+    grid = torch.linspace(-6, 6, 41, dtype=torch.float64)
+    fz, fg = F.gelu(z), F.gelu(grid)
+    num = torch.randn(m + 1, generator=gen, dtype=torch.float64)
+    root = torch.randn(n, generator=gen, dtype=torch.float64)
+    root[:1] = 0.0  # b = 0 exactly
+
+    loss, d_num, d_root = ratfit._Loss(z, fz, grid, fg, m, n).value(num, root)
+
+    a, r = num.clone().requires_grad_(), root.clone().requires_grad_()
+    scale_z, scale_g = float(fz.square().mean()) + 1e-12, float(fg.square().mean()) + 1e-12
+    data = (evaluate(a, r.square(), z) - fz).square().mean() / scale_z
+    ref = data + ratfit.GRID_WEIGHT * (evaluate(a, r.square(), grid) - fg).square().mean() / scale_g
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(d_num, a.grad, rtol=1e-10, atol=1e-14)
+    if n:
+        torch.testing.assert_close(d_root, r.grad, rtol=1e-10, atol=1e-14)
+    else:
+        assert d_root.numel() == 0
+
+
+@pytest.mark.parametrize(("fn", "name", "scale", "gain"), [(F.gelu, "gelu", 0.1, 0.1), (F.silu, "silu", 0.3, 0.7)])
+def test_fit_lowers_the_error_where_the_samples_lie(fn, name, scale, gain):
+    start = rational_coefficients(name, (5, 4))
+    samples = torch.randn(50000, generator=torch.Generator().manual_seed(1)) * scale
+    num, den = ratfit.fit_to_samples(fn, start, samples)
+    held = torch.randn(20000, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * scale
+
+    def err(c):
+        return float((evaluate(c[0].double(), c[1].double(), held) - fn(held)).square().mean().sqrt())
+
+    assert num.dtype == den.dtype == torch.float32
+    assert bool((den >= 0).all())
+    assert err((num, den)) < gain * err(start), (err((num, den)), err(start))
+
+
+def test_nothing_finite_to_fit_returns_the_start():
+    start = rational_coefficients("gelu", (5, 4))
+    out = ratfit.fit_to_samples(F.gelu, start, torch.full((10,), float("nan")))
+    assert out is start
