@@ -182,11 +182,10 @@ def _passthrough_child(module: nn.Module | None) -> bool:
 
 
 class _ChainReader:
-    def __init__(self, module: nn.Module, fn: ast.FunctionDef, calls: Counter) -> None:
-        self.children = dict(module.named_children())
+    def __init__(self, children: dict[str, nn.Module], uses: _Uses, calls: Counter) -> None:
+        self.children = children
         self.calls = calls
-        self.uses = _Uses()
-        self.uses.visit(fn)
+        self.uses = uses
 
     def child(self, call: ast.Call) -> tuple[str, nn.Module] | None:
         name = self_attr(call.func)
@@ -243,13 +242,27 @@ class _ChainReader:
 def inline_chains(module: nn.Module) -> list[Chain]:
     """The MLP chains written inline in ``module``'s methods (forward, or a helper such as ALBERT's ``ff_chunk``);
     empty when its source cannot be read."""
-    methods = class_methods(type(module))
-    calls = Counter(name for method in methods for name, _ in self_calls(method))
+    calls, methods = _method_facts(type(module))
+    children = dict(module.named_children())
     chains = []
-    for fn in methods:
-        reader = _ChainReader(module, fn, calls)
-        chains += [c for _, call in self_calls(fn) if (c := reader.chain_at(call)) is not None]
+    for uses, fn_calls in methods:
+        reader = _ChainReader(children, uses, calls)
+        chains += [c for call in fn_calls if (c := reader.chain_at(call)) is not None]
     return chains
+
+
+@lru_cache(maxsize=256)
+def _method_facts(cls: type) -> tuple[Counter, tuple[tuple[_Uses, tuple[ast.Call, ...]], ...]]:
+    """What ``inline_chains`` reads from a class's source, once per class (the layers of a stack share theirs):
+    how often each ``self.<name>(...)`` is called, and per method its def-use facts and those calls."""
+    methods = class_methods(cls)
+    calls = Counter(name for method in methods for name, _ in self_calls(method))
+    facts = []
+    for fn in methods:
+        uses = _Uses()
+        uses.visit(fn)
+        facts.append((uses, tuple(call for _, call in self_calls(fn))))
+    return calls, tuple(facts)
 
 
 def chain_graph(module: nn.Module, chains: list[Chain]) -> fx.GraphModule:
