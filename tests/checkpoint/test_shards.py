@@ -152,6 +152,12 @@ class _GatedFile:
     def seek(self, *a):
         return self.f.seek(*a)
 
+    def flush(self):
+        return self.f.flush()
+
+    def fileno(self):
+        return self.f.fileno()
+
     def close(self):
         return self.f.close()
 
@@ -208,3 +214,27 @@ def test_a_failed_background_write_is_raised_and_abort_closes_the_file(tmp_path,
         writer.finish()
     writer.abort()
     assert writer._file is None
+
+
+def test_shards_are_flushed_to_disk_as_they_grow_and_when_closed(tmp_path, monkeypatch):
+    """The writer thread fdatasyncs every SYNC_EVERY bytes and fsyncs each shard it closes, so kanc.writing's fsync
+    before publishing finds little left to write."""
+    from kanc.checkpoint import shards
+
+    synced = []
+    monkeypatch.setattr(shards, "SYNC_EVERY", 10_000)
+    monkeypatch.setattr(shards.os, "fdatasync", lambda fd: synced.append(("data", fd)))
+    monkeypatch.setattr(shards.os, "fsync", lambda fd: synced.append(("all", fd)))
+    writer = ShardWriter(tmp_path, 20_000)  # 4,000-byte tensors: five fill a shard
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.finish()
+    kinds = [k for k, _ in synced]
+    # shard 1 (five tensors) passes 10,000 unsynced bytes at its third, shard 2 (three) at its third; each closes
+    assert kinds == ["data", "all", "data", "all"]
+    merged = {
+        **load_file(tmp_path / "model-00001-of-00002.safetensors"),
+        **load_file(tmp_path / "model-00002-of-00002.safetensors"),
+    }
+    assert all(torch.equal(merged[n], t) for n, t in tensors.items())
