@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from kanc.numerics import cast_once
+
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -40,7 +42,8 @@ class Fp32Gemm(TorchFunctionMode):
         """The weight's fp32 copy, made once (detached: the walk's runs only check outputs, they never backprop)."""
         seen = self._casts.get(id(weight))
         if seen is None or seen[0] is not weight:
-            seen = self._casts[id(weight)] = (weight, weight.detach().float())
+            # the same copy as the block references' fp32 weights (kanc.numerics.cast_once): one cast per weight
+            seen = self._casts[id(weight)] = (weight, cast_once(weight, torch.float32))
         return seen[1]
 
     def clear(self) -> None:

@@ -32,6 +32,7 @@ from kanc.frontend.activations import (
 from kanc.frontend.dataflow import node_id, sole_consumer
 from kanc.frontend.leaves import LinearWeights, linear_kind, linear_weights, norm_width
 from kanc.frontend.tracing import Trace, TracedPart
+from kanc.numerics import cast_once
 
 _ATEN_LINEAR = torch.ops.aten.linear.default
 
@@ -712,8 +713,8 @@ def _walk_to_output(view: View, start: fx.Node) -> list[Passthrough] | None:
 
 
 def _row_linear(lin: Linear, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-    w = lin.weights.weight.detach().to(dtype)
-    b = lin.weights.bias.detach().to(dtype) if lin.weights.bias is not None else None
+    w = cast_once(lin.weights.weight, dtype)  # shared with other users of the same cast (kanc.numerics)
+    b = cast_once(lin.weights.bias, dtype) if lin.weights.bias is not None else None
     return lambda x: F.linear(x, w, b)
 
 
