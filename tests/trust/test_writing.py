@@ -247,7 +247,9 @@ write_file(sys.argv[1], fill)
 
 def _start_child(tmp_path: Path) -> subprocess.Popen:
     flag = tmp_path / "started"
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "out" / "model.pt"), str(flag)])
+    # preexec_fn: SIGINT deliverable even when the test run was started with it ignored (a background job)
+    argv = [sys.executable, "-c", _CHILD, str(tmp_path / "out" / "model.pt"), str(flag)]
+    proc = subprocess.Popen(argv, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not flag.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
