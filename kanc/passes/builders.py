@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kanc.frontend.activations import ActSpec
+from kanc.frontend.leaves import lora_base
 from kanc.nn import GroupRational, SNNKMlp
 from kanc.nn.fit import fit_rational, rational_coefficients
 from kanc.nn.init import variance_gain
@@ -232,6 +233,7 @@ def grkan_substitute(block: MLPBlock, opts: GRKANOptions, ctx: RewriteContext) -
     device = block.fc1.weights.weight.device
     samples = _preacts(block, opts, ctx)
     rational = make_rational(block.hidden, picked[0], opts.degrees, block.act.spec, ctx, samples).to(device)
+    rational.requires_grad_(trainable(block))
     placed = ChannelsLast(rational) if block.channels_first else rational
     edits: list[Edit] = [replace_act(block.act, placed)]
     notes = _group_notes(widths, picked, opts)
@@ -262,10 +264,28 @@ def _substituted(block: MLPBlock, rational: nn.Module) -> Callable[[Tensor], Ten
     return block.reference(block.fc1.weights.weight.dtype, act=rational)
 
 
+def trainable(block: MLPBlock) -> bool:
+    """Whether the parameters a conversion adds to ``block`` train: as the block's own linear layers do (any of their
+    weights and biases requiring grad). A frozen model stays frozen, and so does a block whose base weights are frozen
+    under adapters (LoRA): its new rational or SNNK readout is not trained behind the user's back (nor lost when
+    only the adapters are saved). Set ``requires_grad`` on them to train them anyway."""
+    return any(_trains(lin) for lin in (block.fc1, block.fc2, block.up) if lin is not None)
+
+
+def _trains(lin: Linear) -> bool:
+    """Whether the linear layer's own weight or bias requires grad: a LoRA layer's base layer's (its adapters train
+    either way), a module's parameters, or the tensors of a linear read from a graph."""
+    if lin.module is not None:
+        base = lora_base(lin.module) or lin.module
+        return any(p.requires_grad for p in base.parameters(recurse=False))
+    return any(t is not None and t.requires_grad for t in (lin.weights.weight, lin.weights.bias))
+
+
 @torch.no_grad()
 def _variance_linear(lin: Linear, gain: float) -> nn.Linear:
     w = lin.weights
     layer = nn.Linear(w.in_features, w.out_features, w.bias is not None, device=w.weight.device, dtype=w.weight.dtype)
+    layer.requires_grad_(w.weight.requires_grad)  # a new fc2 trains as the one it replaces did
     layer.weight.normal_(0.0, (gain / w.in_features) ** 0.5)
     if layer.bias is not None:
         layer.bias.zero_()
@@ -295,6 +315,8 @@ def _snnk_module(block: MLPBlock, opts: SNNKOptions, ctx: RewriteContext) -> SNN
             rows = ctx.calibration.get(block.key)
             snnk.fit_to(block.reference(), rows.to(device) if rows is not None else None, opts.ridge)
     snnk.linear.to(device=device, dtype=dtype)
+    if not trainable(block):
+        snnk.requires_grad_(False)
     return snnk.to(device)
 
 

@@ -88,9 +88,9 @@ def _parameter(t: torch.Tensor, fresh: bool) -> nn.Parameter:
     """``t`` itself when it is a parameter to keep; else a new parameter of its shape (its values unless ``fresh``)."""
     if isinstance(t, nn.Parameter) and not fresh:
         return t
-    if fresh:
-        return nn.Parameter(torch.empty_like(t, memory_format=torch.contiguous_format))
-    return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format))
+    if fresh:  # a new parameter trains as the one it stands for did (a frozen weight stays frozen)
+        return nn.Parameter(torch.empty_like(t, memory_format=torch.contiguous_format), requires_grad=t.requires_grad)
+    return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format), requires_grad=t.requires_grad)
 
 
 PLACEMENTS: dict[str, Callable[[FusionSite, GroupRational, bool], nn.Module]] = {"prologue": fuse_prologue}
@@ -159,8 +159,9 @@ def _unfused_note(site: FusionSite, why: str) -> str:
 
 def _take_rational(model: nn.Module, site: FusionSite, out: FuseResult) -> GroupRational:
     """The site's rational, removed from where the rewrite put it (or a new identity rational for fc1)."""
-    if site.kind == "identity":
-        return GroupRational(site.linear.in_features, site.groups, site.degrees, "identity")
+    if site.kind == "identity":  # new in front of fc1: it trains as fc1 does
+        rational = GroupRational(site.linear.in_features, site.groups, site.degrees, "identity")
+        return rational.requires_grad_(site.linear.weights.weight.requires_grad)
     placed = site.rational
     for path in _paths_of(model, placed):
         parent_path, _, name = path.rpartition(".")
