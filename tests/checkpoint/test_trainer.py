@@ -7,11 +7,10 @@ import math
 
 import torch
 import transformers
+from conftest import ids
 
 import kanc
 from kanc.nn import GroupRational
-
-from conftest import ids
 
 
 def _rationals(model: torch.nn.Module) -> dict[str, torch.Tensor]:
