@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import inspect
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -140,7 +141,12 @@ def _write_pt2(model: nn.Module, tmp: Path, example_inputs: Any) -> None:
 def _write_hf_dir(model: nn.Module, tmp: Path, manifest: dict) -> None:
     if not hasattr(model, "save_pretrained"):
         raise KancError("format 'hf_dir' needs a Hugging Face model (save_pretrained)")
-    model.save_pretrained(tmp, safe_serialization=True)
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
+        # the model's own tensor names, which kanc.load reads: transformers 5 would otherwise save some architectures
+        # under their hub names (GPT-NeoX's lm_head as embed_out, ...) and rename them only in its own from_pretrained
+        kwargs["save_original_format"] = False
+    model.save_pretrained(tmp, **kwargs)
     (tmp / DIR_MANIFEST).write_text(manifest_text(manifest), encoding="utf-8")
 
 

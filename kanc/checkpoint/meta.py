@@ -164,11 +164,43 @@ def ignored_keys(model: nn.Module, keys: list[str]) -> set[str]:
     return {k for k in keys if k not in known and any(re.search(p, k) for p in patterns)}
 
 
+class NeedsWeightConversion(KancError):
+    """The checkpoint names or shapes its tensors as transformers converts them on load (renamed, or per-expert
+    tensors merged into stacked ones): streaming by name cannot read it; loading the model whole can."""
+
+
 def check_keys(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], ignored: set[str]) -> None:
     """The checkpoint (tensor name -> shape) holds every tensor the model needs, in its shape, and nothing else.
 
-    A tensor tied to another (saved once by save_pretrained) may be missing when its partner is there.
+    A tensor tied to another (saved once by save_pretrained) may be missing when its partner is there. A mismatch
+    in a model transformers converts on load (``NeedsWeightConversion``) says so.
     """
+    try:
+        _check_keys(model, shapes, ignored)
+    except KancError as e:
+        conversions = load_time_conversions(model)
+        if conversions:
+            raise NeedsWeightConversion(
+                f"{e}: transformers converts this checkpoint's tensors when it loads {type(model).__name__} "
+                f"({', '.join(conversions)}), which streaming tensor by tensor does not do; convert the model "
+                "loaded whole (`kanc convert DIR` falls back to that itself)"
+            ) from None
+        raise
+
+
+def load_time_conversions(model: nn.Module) -> list[str]:
+    """The kinds of transformers' own load-time weight conversions for ``model`` (renames, merges), model-specific
+    ones only; empty where there are none or transformers has no such registry."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # noqa: BLE001 - an older or newer transformers without this registry: nothing to say
+        return []
+    return sorted({type(t).__name__ for t in transforms or []})
+
+
+def _check_keys(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], ignored: set[str]) -> None:
     params = model.state_dict(keep_vars=True)
     where = type(model).__name__
     unexpected = [k for k in shapes if k not in params and k not in ignored]

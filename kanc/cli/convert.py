@@ -193,9 +193,15 @@ def convert(
         _finish(as_json, None, model, None, None, None, done)
         return
     calib, example = read_inputs_file(calibration, "calibration"), read_inputs_file(inputs, "inputs")
+    whole_because = ""
     if _streams(model, include, exclude, inputs, shapes, arch):
-        _convert_checkpoint(model, out, target, calib, force, quiet, as_json, options)
-        return
+        from kanc.checkpoint.meta import NeedsWeightConversion
+
+        try:
+            _convert_checkpoint(model, out, target, calib, force, quiet, as_json, options)
+            return
+        except NeedsWeightConversion as e:  # raised before any work: load it whole, as from_pretrained converts it
+            whole_because = _whole_model_fallback(model, e)
     loaded = load_model_file(model, trust_pickle, arch, arch_kwargs)
     done = _kanc_graph(loaded.module)
     if done:
@@ -216,8 +222,33 @@ def convert(
         return
     kwargs = parse_kwargs(arch_kwargs) if arch_kwargs else None
     manifest = save(converted, out, format=loaded.format, arch=arch, arch_kwargs=kwargs, force=force, protect=reads)
-    how = f"{loaded.format}{_whole_model_note(model, include, exclude, inputs, shapes, arch)}"
+    how = f"{loaded.format}{whole_because or _whole_model_note(model, include, exclude, inputs, shapes, arch)}"
     _finish(as_json, report, model, out, manifest, loaded.format, f"wrote {out} ({how}) and {manifest.name}")
+
+
+def _whole_model_fallback(model: Path, why: Exception) -> str:
+    """The note for a folder loaded whole because its tensors need transformers' load-time conversion; an error when
+    the whole model would not fit in the memory available."""
+    from kanc.checkpoint.shards import CheckpointReader
+
+    need, free = CheckpointReader(model).nbytes(), _available_memory()
+    if free is not None and need > 0.8 * free:
+        raise KancError(
+            f"{why}; loading it whole instead needs about {need / 1e9:.1f} GB, and {free / 1e9:.1f} GB is available"
+        )
+    click.echo(f"note: {model} is loaded whole, not streamed: {why}", err=True)
+    return ", the whole model loaded, not streamed layer by layer: transformers converts its tensors on load"
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes; None where there is no such file."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _whole_model_note(model: Path, include: tuple, exclude: tuple, inputs: Any, shapes: tuple, arch: Any) -> str:

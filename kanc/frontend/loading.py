@@ -377,8 +377,13 @@ def _load_hf_dir(path: Path, arch: str | None, kwargs: dict[str, Any], trust_pic
         raise KancError(f"{path}/config.json does not load: {first_line(e)}") from None
     cls = _import_arch(arch) if arch else _hf_class(transformers, config, path)
     try:
-        model = cls.from_pretrained(
-            path, config=config, local_files_only=True, trust_remote_code=False, weights_only=not trust_pickle
+        model, info = cls.from_pretrained(
+            path,
+            config=config,
+            local_files_only=True,
+            trust_remote_code=False,
+            weights_only=not trust_pickle,
+            output_loading_info=True,
         )
     except Exception as e:  # noqa: BLE001
         if "weights only load failed" in str(e).lower():
@@ -387,7 +392,21 @@ def _load_hf_dir(path: Path, arch: str | None, kwargs: dict[str, Any], trust_pic
                 "source, or save the model with safetensors"
             ) from None
         raise KancError(f"cannot load {path} as {cls.__name__}: {first_line(e)}") from None
+    _check_loading_info(info, path, cls.__name__)
     return model.eval()
+
+
+def _check_loading_info(info: Any, path: Path, name: str) -> None:
+    """from_pretrained fills a weight the folder lacks (or holds in another shape) with a fresh random init and only
+    logs a warning: a conversion of that model would faithfully convert the wrong numbers. Refuse it instead.
+    Tensors the folder holds and the class does not use are dropped, as transformers does."""
+    info = info if isinstance(info, dict) else {}
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [k[0] if isinstance(k, tuple | list) else k for k in info.get("mismatched_keys") or []]
+    if missing:
+        raise KancError(f"{path} does not fill {name}: no tensor for {first_names(missing)}")
+    if mismatched:
+        raise KancError(f"{path} does not fit {name}: wrong shape for {first_names(sorted(mismatched))}")
 
 
 def check_hf_config(config: Any, where: Path) -> None:
