@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from kanc.frontend.activations import ActSpec
-from kanc.frontend.leaves import lora_base
 from kanc.nn import GroupRational, SNNKMlp
 from kanc.nn.fit import fit_rational, rational_coefficients
 from kanc.nn.init import variance_gain
@@ -269,23 +268,14 @@ def trainable(block: MLPBlock) -> bool:
     weights and biases requiring grad). A frozen model stays frozen, and so does a block whose base weights are frozen
     under adapters (LoRA): its new rational or SNNK readout is not trained behind the user's back (nor lost when
     only the adapters are saved). Set ``requires_grad`` on them to train them anyway."""
-    return any(_trains(lin) for lin in (block.fc1, block.fc2, block.up) if lin is not None)
-
-
-def _trains(lin: Linear) -> bool:
-    """Whether the linear layer's own weight or bias requires grad: a LoRA layer's base layer's (its adapters train
-    either way), a module's parameters, or the tensors of a linear read from a graph."""
-    if lin.module is not None:
-        base = lora_base(lin.module) or lin.module
-        return any(p.requires_grad for p in base.parameters(recurse=False))
-    return any(t is not None and t.requires_grad for t in (lin.weights.weight, lin.weights.bias))
+    return any(lin.trains for lin in (block.fc1, block.fc2, block.up) if lin is not None)
 
 
 @torch.no_grad()
 def _variance_linear(lin: Linear, gain: float) -> nn.Linear:
     w = lin.weights
     layer = nn.Linear(w.in_features, w.out_features, w.bias is not None, device=w.weight.device, dtype=w.weight.dtype)
-    layer.requires_grad_(w.weight.requires_grad)  # a new fc2 trains as the one it replaces did
+    layer.requires_grad_(lin.trains)  # a new fc2 trains as the one it replaces did
     layer.weight.normal_(0.0, (gain / w.in_features) ** 0.5)
     if layer.bias is not None:
         layer.bias.zero_()

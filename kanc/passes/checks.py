@@ -30,7 +30,7 @@ from kanc.frontend.activations import (
     region_activation,
 )
 from kanc.frontend.dataflow import node_id, sole_consumer
-from kanc.frontend.leaves import LinearWeights, linear_kind, linear_weights, norm_width
+from kanc.frontend.leaves import LinearWeights, linear_kind, linear_weights, lora_base, norm_width
 from kanc.frontend.tracing import Trace, TracedPart
 from kanc.numerics import cast_once
 
@@ -73,6 +73,16 @@ class Linear:
     @property
     def channels_first(self) -> bool:
         return self.kind == "conv1x1"
+
+    @property
+    def trains(self) -> bool:
+        """Whether the layer's own weight or bias requires grad: a LoRA layer's base layer's (its adapters train
+        either way), a module's parameters, or the tensors of an aten.linear. What a conversion adds in its place
+        trains the same way."""
+        if self.module is not None:
+            base = lora_base(self.module) or self.module
+            return any(p.requires_grad for p in base.parameters(recurse=False))
+        return any(t is not None and t.requires_grad for t in (self.weights.weight, self.weights.bias))
 
 
 def _aten_wb(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:

@@ -161,7 +161,7 @@ def _take_rational(model: nn.Module, site: FusionSite, out: FuseResult) -> Group
     """The site's rational, removed from where the rewrite put it (or a new identity rational for fc1)."""
     if site.kind == "identity":  # new in front of fc1: it trains as fc1 does
         rational = GroupRational(site.linear.in_features, site.groups, site.degrees, "identity")
-        return rational.requires_grad_(site.linear.weights.weight.requires_grad)
+        return rational.requires_grad_(site.linear.trains)
     placed = site.rational
     for path in _paths_of(model, placed):
         parent_path, _, name = path.rpartition(".")
