@@ -6,7 +6,7 @@ import weakref
 import torch
 
 from kanc.checkpoint.precision import Fp32Gemm
-from kanc.numerics import cast_once
+from kanc.numerics import CastPool, cast_once
 
 
 def test_the_same_weight_gives_the_same_cast_while_it_is_held():
@@ -56,3 +56,73 @@ def test_the_walk_fp32_gemm_shares_the_references_cast():
     with gemm:
         out = torch.nn.functional.linear(x, w)
     torch.testing.assert_close(out, torch.nn.functional.linear(x.float(), w.float()).to(torch.bfloat16))
+
+
+# ---- CastPool: the memory of casts nobody holds, used again ----------------------------------------------------------
+
+
+def _layer(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(6, 5, generator=g).to(torch.bfloat16), torch.randn(6, generator=g).to(torch.bfloat16)]
+
+
+def test_a_pooled_cast_is_the_plain_cast_and_reuses_memory_nobody_holds():
+    pool = CastPool()
+    first = [pool.cast(t, torch.float32) for t in _layer(0)]
+    ptrs = {c.data_ptr() for c in first}
+    assert all(torch.equal(c, t.float()) for c, t in zip(first, _layer(0), strict=True))
+    del first
+    pool.trim()
+    second = [pool.cast(t, torch.float32) for t in _layer(1)]
+    assert {c.data_ptr() for c in second} == ptrs  # the first layer's memory
+    assert all(torch.equal(c, t.float()) for c, t in zip(second, _layer(1), strict=True))
+    assert pool.nbytes() == (30 + 6) * 4
+
+
+def test_a_cast_still_held_in_any_form_is_never_overwritten():
+    pool = CastPool()
+    a, b, c = (pool.cast(t, torch.float32) for t in (_layer(0)[0], _layer(1)[0], _layer(2)[0]))
+    view = b.t()  # a view keeps b's memory
+    w = torch.randn(6, 6, requires_grad=True)
+    graph = (w @ c).sum()  # an autograd graph saved c
+    want = [a.clone(), b.clone(), c.clone()]
+    del b, c
+    pool.trim()
+    fresh = [pool.cast(t, torch.float32) for t in (_layer(3)[0], _layer(4)[0], _layer(5)[0])]
+    assert torch.equal(a, want[0]) and torch.equal(view.t(), want[1])
+    graph.backward()
+    assert torch.equal(w.grad, want[2].sum(1).unsqueeze(0).expand(6, 6))  # what the graph saved is intact
+    assert all(torch.equal(f, t.float()) for f, t in zip(fresh, (_layer(3)[0], _layer(4)[0], _layer(5)[0]), strict=True))
+    assert len({f.data_ptr() for f in fresh} | {a.data_ptr(), view.data_ptr()}) == 5
+
+
+def test_trim_lets_go_of_memory_no_cast_used_since_the_last_trim():
+    pool = CastPool()
+    casts = [pool.cast(t, torch.float32) for t in _layer(0)]
+    del casts
+    pool.trim()
+    assert pool.nbytes() == (30 + 6) * 4  # kept for the next layer
+    pool.trim()
+    assert pool.nbytes() == 0  # a layer of other shapes used none of it
+
+
+def test_what_the_pool_cannot_hold_is_cast_as_usual():
+    pool = CastPool()
+    t = torch.randn(5, 6).to(torch.float16).t()  # not contiguous
+    out = pool.cast(t, torch.float32)
+    assert torch.equal(out, t.float()) and out.stride() == t.float().stride()
+    assert pool.nbytes() == 0
+
+
+def test_the_walk_fp32_gemm_gives_each_layer_the_last_layers_memory():
+    gemm = Fp32Gemm()
+    x = torch.randn(3, 5, dtype=torch.bfloat16)
+    ptrs = []
+    for seed in range(3):
+        w, b = _layer(seed)
+        with gemm:
+            out = torch.nn.functional.linear(x, w, b)
+        ptrs.append(gemm._fp32(w).data_ptr())
+        torch.testing.assert_close(out, torch.nn.functional.linear(x.float(), w.float(), b.float()).to(torch.bfloat16))
+        gemm.clear()
+    assert ptrs[0] == ptrs[1] == ptrs[2]

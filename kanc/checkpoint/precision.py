@@ -4,7 +4,8 @@ PyTorch's CPU GEMM for bf16/fp16 accumulates in fp32 and rounds the result to th
 native bf16 instructions (AVX2) it is 3-7x slower than an fp32 GEMM of the same shape. Inside ``Fp32Gemm`` a
 half-precision ``F.linear`` on the CPU runs as the fp32 GEMM of the same operands, rounded to their dtype: the same
 arithmetic up to the order of the sums. Each weight is cast once per layer (``clear`` drops the casts), so a layer
-checked in several runs pays for one copy.
+checked in several runs pays for one copy, and the casts are written into the memory of the layer before's
+(:class:`kanc.numerics.CastPool`), which costs a quarter of fresh memory's page faults.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from kanc.numerics import cast_once
+from kanc.numerics import CastPool, cast_once
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -28,6 +29,7 @@ class Fp32Gemm(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self._casts: dict[int, tuple[Tensor, Tensor]] = {}  # id(weight) -> (weight, its fp32 copy)
+        self._pool = CastPool()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -43,12 +45,13 @@ class Fp32Gemm(TorchFunctionMode):
         seen = self._casts.get(id(weight))
         if seen is None or seen[0] is not weight:
             # the same copy as the block references' fp32 weights (kanc.numerics.cast_once): one cast per weight
-            seen = self._casts[id(weight)] = (weight, cast_once(weight, torch.float32))
+            seen = self._casts[id(weight)] = (weight, cast_once(weight, torch.float32, self._pool))
         return seen[1]
 
     def clear(self) -> None:
-        """Drop the fp32 copies (a layer is done)."""
+        """Drop the fp32 copies (a layer is done): their memory serves the next layer's."""
         self._casts.clear()
+        self._pool.trim()
 
 
 def _half_cpu(args: tuple, kwargs: dict) -> bool:
