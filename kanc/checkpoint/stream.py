@@ -37,6 +37,7 @@ from kanc.checkpoint.shards import (
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointReader,
+    ReadAhead,
     ShardWriter,
     parse_size,
 )
@@ -164,13 +165,17 @@ class _Stream(LayerWalk):
         self.drift_note: str | None = None  # why the drift is not measured, once it cannot be
         self.seconds: dict[str, float] = {}  # where the time went, summed over the layers
         self.patterns = Patterns()  # blocks found once per kind of layer
+        self._ahead = ReadAhead(self._read)  # the next layer's tensors, paged in while this one computes
 
     def execute(self, writer: ShardWriter, calibration: Any) -> None:
         self.writer = writer
         self._pass_through()
         inputs = calibration_inputs(self.model, calibration)
         self.calibration_text = describe(inputs)
-        self.walk(inputs)
+        try:
+            self.walk(inputs)
+        finally:
+            self._ahead.close()
         self.report = self._merged_report()
         require_blocks(self.report)  # no MLP block in any layer: exit 3, nothing written
 
@@ -189,7 +194,7 @@ class _Stream(LayerWalk):
     def before(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> None:
         """Fill the layer from the checkpoint and convert it in place; the original output comes from the fit."""
         start = time.perf_counter()
-        meta.fill(layer, self._read(name), name)
+        meta.fill(layer, self._ahead.take(name, self._following(name)), name)
         mark = self._tick("read", start)
         alone = self._original_chain(name, layer, inputs)
         mark = self._tick("drift", mark)
@@ -293,6 +298,12 @@ class _Stream(LayerWalk):
         prefix = f"{name}."
         keys = [k for k in self.reader.keys() if k.startswith(prefix) and k not in self.ignored]
         return {k[len(prefix) :]: t for k, t in self.reader.read(keys).items()}
+
+    def _following(self, name: str) -> str | None:
+        """The layer after ``name`` in the layer lists (the one the forward normally reaches next), None at the end."""
+        names = [n for n, _ in self.layers]
+        i = names.index(name) + 1
+        return names[i] if i < len(names) else None
 
     def _run_original(self, name: str, inputs: dict) -> Any:
         """The original layer's output, read again from the checkpoint (the conversion changed the layer in place)."""

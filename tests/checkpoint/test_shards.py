@@ -2,6 +2,7 @@
 
 import json
 import struct
+import threading
 
 import pytest
 import torch
@@ -238,3 +239,77 @@ def test_shards_are_flushed_to_disk_as_they_grow_and_when_closed(tmp_path, monke
         **load_file(tmp_path / "model-00002-of-00002.safetensors"),
     }
     assert all(torch.equal(merged[n], t) for n, t in tensors.items())
+
+
+# ---- ReadAhead: the next layer's tensors read on a thread ------------------------------------------------------------
+
+
+def _layers_folder(tmp_path):
+    writer = ShardWriter(tmp_path, 10**9)
+    gen = torch.Generator().manual_seed(1)
+    want = {}
+    for layer in range(3):
+        for name in ("w", "b"):
+            want[f"{layer}.{name}"] = torch.randn(300, 70, generator=gen).bfloat16()
+            writer.add(f"{layer}.{name}", want[f"{layer}.{name}"])
+    writer.finish()
+    reader = CheckpointReader(tmp_path)
+    threads = []
+
+    def read(layer):
+        threads.append((layer, threading.current_thread().name))
+        return reader.read([f"{layer}.w", f"{layer}.b"])
+
+    return want, read, threads
+
+
+def test_read_ahead_gives_each_layer_its_tensors_and_reads_the_next_on_its_thread(tmp_path):
+    want, read, threads = _layers_folder(tmp_path)
+    ahead = shards.ReadAhead(read)
+    try:
+        for layer in range(3):
+            got = ahead.take(str(layer), str(layer + 1) if layer < 2 else None)
+            assert {k: torch.equal(v, want[k]) for k, v in got.items()} == {f"{layer}.w": True, f"{layer}.b": True}
+    finally:
+        ahead.close()
+    assert threads[0] == ("0", threading.current_thread().name)  # the first layer: nothing was read ahead
+    assert [layer for layer, _ in threads] == ["0", "1", "2"]  # each layer read once
+    assert all(name.startswith("kanc-read-ahead") for _, name in threads[1:])
+
+
+def test_a_layer_out_of_order_is_read_then_and_the_read_ahead_dropped(tmp_path):
+    want, read, threads = _layers_folder(tmp_path)
+    ahead = shards.ReadAhead(read)
+    try:
+        ahead.take("0", "1")
+        got = ahead.take("2", None)  # the model ran layer 2 before layer 1
+        assert torch.equal(got["2.w"], want["2.w"])
+        assert torch.equal(ahead.take("1", None)["1.b"], want["1.b"])
+    finally:
+        ahead.close()
+
+
+def test_an_error_reading_ahead_is_raised_by_the_take_of_that_layer(tmp_path):
+    _, read, _ = _layers_folder(tmp_path)
+
+    def failing(layer):
+        if layer == "1":
+            raise KancError("shard 1 is truncated")
+        return read(layer)
+
+    ahead = shards.ReadAhead(failing)
+    try:
+        ahead.take("0", "1")  # the failed read ahead does not surface here
+        with pytest.raises(KancError, match="truncated"):
+            ahead.take("1", None)
+    finally:
+        ahead.close()
+
+
+def test_touching_pages_changes_nothing():
+    t = torch.randn(5000, 3)
+    before = t.clone()
+    shards.touch_pages(t)
+    shards.touch_pages(t.t())  # not contiguous: left alone
+    shards.touch_pages(torch.zeros(0))
+    assert torch.equal(t, before)
