@@ -92,7 +92,8 @@ def test_a_cast_still_held_in_any_form_is_never_overwritten():
     assert torch.equal(a, want[0]) and torch.equal(view.t(), want[1])
     graph.backward()
     assert torch.equal(w.grad, want[2].sum(1).unsqueeze(0).expand(6, 6))  # what the graph saved is intact
-    assert all(torch.equal(f, t.float()) for f, t in zip(fresh, (_layer(3)[0], _layer(4)[0], _layer(5)[0]), strict=True))
+    sources = (_layer(3)[0], _layer(4)[0], _layer(5)[0])
+    assert all(torch.equal(f, t.float()) for f, t in zip(fresh, sources, strict=True))
     assert len({f.data_ptr() for f in fresh} | {a.data_ptr(), view.data_ptr()}) == 5
 
 
