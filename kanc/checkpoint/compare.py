@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from kanc.api import read_manifest, reapply
 from kanc.checkpoint import meta
-from kanc.checkpoint.shards import CheckpointReader
+from kanc.checkpoint.shards import CheckpointReader, ReadAhead
 from kanc.checkpoint.walk import (
     LayerWalk,
     Progress,
@@ -49,7 +49,10 @@ def compare_checkpoints(
     walk = _SideBySide(model, CheckpointReader(original), CheckpointReader(converted), manifest, progress)
     outside = walk.fill_outside()
     data = calibration_inputs(model, inputs)
-    walk.walk(data)
+    try:
+        walk.walk(data)
+    finally:
+        walk.close()
     return {"inputs": describe(data), "layers": walk.records, **outside}
 
 
@@ -64,6 +67,15 @@ class _SideBySide(LayerWalk):
         self.records: list[dict] = []
         self._hidden: Tensor | None = None  # the original model's hidden states, carried on their own
         self._cur: dict[str, Any] = {}
+        # each folder's next layer, paged in on a thread while this one runs (kanc.checkpoint.shards.ReadAhead)
+        self._ahead = {
+            "original": ReadAhead(lambda n: _layer_tensors(original, n, self.ignored)),
+            "converted": ReadAhead(lambda n: _layer_tensors(converted, n, set())),
+        }
+
+    def close(self) -> None:
+        for ahead in self._ahead.values():
+            ahead.close()
 
     def fill_outside(self) -> dict:
         """Give the model the original's tensors outside the layers; list those the converted folder changed."""
@@ -79,7 +91,8 @@ class _SideBySide(LayerWalk):
         return {"outside_tensors": len(names), "outside_different": different}
 
     def before(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> None:
-        meta.fill(layer, _layer_tensors(self.original, name, self.ignored), name)
+        following = self.following(name)
+        meta.fill(layer, self._ahead["original"].take(name, following), name)
         same = layer(**inputs)
         if self.starts_stack(name):  # each layer list starts from its own inputs (as the stream measures it)
             self._hidden = None
@@ -90,7 +103,7 @@ class _SideBySide(LayerWalk):
         if blocks:
             conv = reapply(layer, {**self.manifest, "blocks": blocks})
             meta.release(conv)
-        meta.fill(conv, _layer_tensors(self.converted, name, set()), f"{name} (converted)")
+        meta.fill(conv, self._ahead["converted"].take(name, following), f"{name} (converted)")
         self._cur = {"same": same, "alone": alone, "conv": conv}
 
     def after(self, name: str, layer: nn.Module, inputs: dict[str, Any], output: Any) -> Any:

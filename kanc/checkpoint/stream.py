@@ -194,7 +194,7 @@ class _Stream(LayerWalk):
     def before(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> None:
         """Fill the layer from the checkpoint and convert it in place; the original output comes from the fit."""
         start = time.perf_counter()
-        meta.fill(layer, self._ahead.take(name, self._following(name)), name)
+        meta.fill(layer, self._ahead.take(name, self.following(name)), name)
         mark = self._tick("read", start)
         alone = self._original_chain(name, layer, inputs)
         mark = self._tick("drift", mark)
@@ -298,12 +298,6 @@ class _Stream(LayerWalk):
         prefix = f"{name}."
         keys = [k for k in self.reader.keys() if k.startswith(prefix) and k not in self.ignored]
         return {k[len(prefix) :]: t for k, t in self.reader.read(keys).items()}
-
-    def _following(self, name: str) -> str | None:
-        """The layer after ``name`` in the layer lists (the one the forward normally reaches next), None at the end."""
-        names = [n for n, _ in self.layers]
-        i = names.index(name) + 1
-        return names[i] if i < len(names) else None
 
     def _run_original(self, name: str, inputs: dict) -> Any:
         """The original layer's output, read again from the checkpoint (the conversion changed the layer in place)."""

@@ -47,6 +47,12 @@ class LayerWalk:
         """The layer list (``model.layers``, ``encoder.block``, ...) that layer ``name`` belongs to."""
         return name.rpartition(".")[0]
 
+    def following(self, name: str) -> str | None:
+        """The layer after ``name`` in the layer lists (the one the forward normally reaches next); None at the end."""
+        names = [n for n, _ in self.layers]
+        i = names.index(name) + 1
+        return names[i] if i < len(names) else None
+
     def starts_stack(self, name: str) -> bool:
         """Whether layer ``name`` is the first of its layer list (an encoder-decoder has two)."""
         stack, _, index = name.rpartition(".")
