@@ -1,8 +1,9 @@
 """Safetensors checkpoints read and written tensor by tensor: a whole shard is never held in memory.
 
 ``CheckpointReader`` reads the tensors a ``save_pretrained`` folder holds (one ``model.safetensors``, or shards
-listed by ``model.safetensors.index.json``), a few at a time, through safetensors' lazy ``safe_open``; a shard
-file is mapped only while its tensors are copied out, so what stays resident is the copies, not the shard.
+listed by ``model.safetensors.index.json``), a few at a time, through safetensors' lazy ``safe_open``: a tensor
+is a view of the mapped file, its pages read when first touched and let go with the tensor, so what stays resident
+is the tensors in use, not the shard.
 
 ``ShardWriter`` writes tensors into shards as they come: each shard file starts with a fixed space for its header
 (the format allows the JSON header to be padded with spaces), the tensor bytes are written after it, and the header

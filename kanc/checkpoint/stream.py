@@ -8,9 +8,9 @@ place with ``kanc.compile`` (fitted on the hidden states it is given), lets it r
 original layer's on the same inputs, writes its tensors to the output shards and drops them. The converted layer's
 output is what the next layer sees (``propagate="converted"``), or the original's (``"original"``).
 
-Memory: the untouched tensors, one layer and its conversion; a shard is never held. The output folder is written
-through :mod:`kanc.writing` (a temporary sibling published once complete, locked, never into or around the input);
-a failure leaves nothing behind.
+Memory: the untouched tensors, one layer and its conversion, and the next layer (read ahead on a thread); a shard is
+never held. The output folder is written through :mod:`kanc.writing` (a temporary sibling published once complete,
+locked, never into or around the input); a failure leaves nothing behind.
 """
 
 from __future__ import annotations
