@@ -2,7 +2,11 @@
 converted with kanc.load and the CLI's other commands."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +79,37 @@ def test_a_failed_streamed_convert_is_one_line_and_leaves_nothing(llama_dir, tmp
     assert code == EXIT_FAILED and stdout == ""
     assert err.startswith("Error: ") and err.count("\n") == 1 and "truncated or corrupt" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("sig, code, says", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_while_streaming_exits_at_once_and_leaves_nothing(llama_dir, tmp_path, sig, code, says):
+    """Stopped mid-walk, with the read-ahead and writer threads alive: the process exits 128 + signal with one line,
+    soon, and no output or temporary folder is left."""
+    src, _ = llama_dir
+    script = (
+        "import sys, time, kanc.checkpoint.stream as s; real = s._Stream.after\n"
+        "def slow(self, name, *a):\n"
+        "    out = real(self, name, *a)\n"
+        "    if name.endswith('.1'):\n        open(sys.argv[1], 'w').close(); time.sleep(60)\n"
+        "    return out\n"
+        "s._Stream.after = slow\nfrom kanc.cli import main; main(sys.argv[2:])"
+    )
+    flag, parent = tmp_path / "converting", tmp_path / "parent"
+    parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(kanc.__file__).parents[1])}
+    argv = [sys.executable, "-c", script, flag, "convert", src, "-t", "grkan", "-o", parent / "out"]
+    # SIGINT back to its default in the child: a background job's shell ignores it (see tests/trust)
+    proc = subprocess.Popen(
+        list(map(str, argv)), stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not flag.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert flag.exists(), proc.communicate()[1]
+    start = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and err.strip().splitlines()[-1] == f"Error: {says}", err
+    assert time.monotonic() - start < 30
+    assert os.listdir(parent) == []
