@@ -6,6 +6,7 @@ copy of a weight in another dtype, shared by whoever needs it at the same time.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor
 # (id(tensor), dtype) -> (the tensor, its _version when cast, the cast), all weak: see ``cast_once``
 _CASTS: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, weakref.ref]] = {}
 _PRUNE_AT = 4096
+_LOCK = threading.Lock()  # the cache is shared by threads (a layer walk runs a layer on a second thread)
 
 
 def rel_error(actual: Tensor, expected: Tensor) -> float:
@@ -50,15 +52,17 @@ def cast_once(t: Tensor, dtype: torch.dtype, pool: CastPool | None = None) -> Te
     if t.dtype == dtype:
         return t.detach()
     key = (id(t), dtype)
-    hit = _CASTS.get(key)
+    with _LOCK:
+        hit = _CASTS.get(key)
     if hit is not None:
         source, version, cast = hit[0](), hit[1], hit[2]()
         if source is t and cast is not None and version == t._version:
             return cast
     cast = pool.cast(t, dtype) if pool is not None else t.detach().to(dtype)
-    if len(_CASTS) >= _PRUNE_AT:
-        _prune()
-    _CASTS[key] = (weakref.ref(t), t._version, weakref.ref(cast))
+    with _LOCK:
+        if len(_CASTS) >= _PRUNE_AT:
+            _prune()
+        _CASTS[key] = (weakref.ref(t), t._version, weakref.ref(cast))
     return cast
 
 
@@ -83,23 +87,29 @@ class CastPool:
     def __init__(self) -> None:
         self._storages: dict[int, list[torch.UntypedStorage]] = {}  # nbytes -> storages of that size
         self._used: set[int] = set()  # id() of the storages used since the last trim
+        self._lock = threading.Lock()
 
     def cast(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         """``t.detach().to(dtype)``, written into a free storage of the pool when there is one."""
         if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
             return t.detach().to(dtype)
         nbytes = t.numel() * dtype.itemsize
-        same = self._storages.setdefault(nbytes, [])
-        storage = next((s for s in same if id(s) not in self._used and _unheld(s)), None)
-        if storage is None:
-            storage = torch.UntypedStorage(nbytes)
-            same.append(storage)
-        self._used.add(id(storage))
+        with self._lock:  # a storage goes to one cast only, whichever thread asks
+            same = self._storages.setdefault(nbytes, [])
+            storage = next((s for s in same if id(s) not in self._used and _unheld(s)), None)
+            if storage is None:
+                storage = torch.UntypedStorage(nbytes)
+                same.append(storage)
+            self._used.add(id(storage))
         out = torch.empty(0, dtype=dtype).set_(storage, 0, t.shape, t.stride())
         return out.copy_(t.detach())
 
     def trim(self) -> None:
         """Let go of the storages no cast used since the last call (memory returns once nobody holds them)."""
+        with self._lock:
+            self._trim()
+
+    def _trim(self) -> None:
         for nbytes, same in list(self._storages.items()):
             kept = [s for s in same if id(s) in self._used]
             if kept:

@@ -1,6 +1,7 @@
 """kanc.numerics.cast_once: one cast per weight and dtype while someone holds it, never a stale or foreign one."""
 
 import gc
+import threading
 import weakref
 
 import torch
@@ -127,3 +128,28 @@ def test_the_walk_fp32_gemm_gives_each_layer_the_last_layers_memory():
         torch.testing.assert_close(out, torch.nn.functional.linear(x.float(), w.float(), b.float()).to(torch.bfloat16))
         gemm.clear()
     assert ptrs[0] == ptrs[1] == ptrs[2]
+
+
+def test_two_threads_casting_from_one_pool_never_share_a_storage():
+    """The layer walk casts on two threads (the drift's beside the conversion): each cast gets storage of its own."""
+    pool = CastPool()
+    first = [pool.cast(t, torch.float32) for t in _layer(0) * 8]
+    del first
+    pool.trim()  # 16 free storages of two sizes
+    got: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def work(k: int) -> None:
+        start.wait()
+        for seed in range(8):
+            for t in _layer(10 * k + seed):
+                got[k].append((t, pool.cast(t, torch.float32)))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    casts = got[0] + got[1]
+    assert len({c.data_ptr() for _, c in casts}) == len(casts) == 32
+    assert all(torch.equal(c, t.float()) for t, c in casts)

@@ -10,6 +10,7 @@ checked in several runs pays for one copy, and the casts are written into the me
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ class Fp32Gemm(TorchFunctionMode):
         super().__init__()
         self._casts: dict[int, tuple[Tensor, Tensor]] = {}  # id(weight) -> (weight, its fp32 copy)
         self._pool = CastPool()
+        self._lock = threading.Lock()  # a layer walk may run a layer on a second thread (kanc.checkpoint.stream)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -42,16 +44,18 @@ class Fp32Gemm(TorchFunctionMode):
 
     def _fp32(self, weight: Tensor) -> Tensor:
         """The weight's fp32 copy, made once (detached: the walk's runs only check outputs, they never backprop)."""
-        seen = self._casts.get(id(weight))
-        if seen is None or seen[0] is not weight:
-            # the same copy as the block references' fp32 weights (kanc.numerics.cast_once): one cast per weight
-            seen = self._casts[id(weight)] = (weight, cast_once(weight, torch.float32, self._pool))
-        return seen[1]
+        with self._lock:
+            seen = self._casts.get(id(weight))
+            if seen is None or seen[0] is not weight:
+                # the same copy as the block references' fp32 weights (kanc.numerics.cast_once): one cast per weight
+                seen = self._casts[id(weight)] = (weight, cast_once(weight, torch.float32, self._pool))
+            return seen[1]
 
     def clear(self) -> None:
         """Drop the fp32 copies (a layer is done): their memory serves the next layer's."""
-        self._casts.clear()
-        self._pool.trim()
+        with self._lock:
+            self._casts.clear()
+            self._pool.trim()
 
 
 def _half_cpu(args: tuple, kwargs: dict) -> bool:

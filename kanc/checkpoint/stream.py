@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from kanc.checkpoint.walk import (
     with_hidden,
 )
 from kanc.errors import CheckFailedError, KancError
+from kanc.frontend.tracing import TRACING
 from kanc.manifest import DIR_MANIFEST, attach, is_kanc_folder, make_manifest, manifest_source
 from kanc.passes import calibrate
 from kanc.passes.pipeline import Conversion, record_block_errors, run_pipeline
@@ -166,6 +168,8 @@ class _Stream(LayerWalk):
         self.seconds: dict[str, float] = {}  # where the time went, summed over the layers
         self.patterns = Patterns()  # blocks found once per kind of layer
         self._ahead = ReadAhead(self._read)  # the next layer's tensors, paged in while this one computes
+        # the drift's forward on a thread of its own, beside the conversion, when the GEMMs leave a core idle
+        self._aside = ThreadPoolExecutor(1, "kanc-drift") if propagate == "converted" and _spare_core() else None
 
     def execute(self, writer: ShardWriter, calibration: Any) -> None:
         self.writer = writer
@@ -176,6 +180,8 @@ class _Stream(LayerWalk):
             self.walk(inputs)
         finally:
             self._ahead.close()
+            if self._aside is not None:
+                self._aside.shutdown(wait=True)
         self.report = self._merged_report()
         require_blocks(self.report)  # no MLP block in any layer: exit 3, nothing written
 
@@ -196,15 +202,31 @@ class _Stream(LayerWalk):
         start = time.perf_counter()
         meta.fill(layer, self._ahead.take(name, self.following(name)), name)
         mark = self._tick("read", start)
-        alone = self._original_chain(name, layer, inputs)
+        # a layer of a kind examined before: its trace now, before the drift thread starts (tracing patches modules)
+        found = self.patterns.find(name, layer)
+        mark = self._tick("convert", mark)
+        alone, pending = None, None
+        ours = self._original_inputs(name, inputs)
+        if ours is not None:
+            pending = self._drift_aside(name, layer, ours) if found is not None else None
+            if pending is None:
+                alone = layer(**ours)
         mark = self._tick("drift", mark)
         params = count_params(layer)
         seen: list[Any] = []
         catch = layer.register_forward_hook(lambda m, a, out: seen.append(out) if not seen else None)
         try:
-            conv = self._convert(name, layer, inputs)
+            conv = self._convert(layer, inputs, found)
+        except BaseException:
+            if pending is not None:  # the thread still reads the layer's tensors: let it finish, keep this error
+                wait([pending])
+            raise
         finally:
             catch.remove()
+        if pending is not None:
+            mark = self._tick("convert", mark)
+            alone = pending.result()  # its error, if any, is the model's own (as when the drift ran here)
+            mark = self._tick("drift", mark)
         original = seen[0] if seen else self._run_original(name, inputs)
         self._tick("convert", mark)
         if alone is None:
@@ -212,13 +234,12 @@ class _Stream(LayerWalk):
         self._current = {"conv": conv, "original": original, "alone": alone, "params": params, "start": start}
         self._current["ran"] = time.perf_counter()
 
-    def _convert(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> Conversion:
+    def _convert(self, layer: nn.Module, inputs: dict[str, Any], found: Any) -> Conversion:
         """``kanc.compile(layer, inplace=True)`` without its measurement: the walk checks the layer itself (after).
         The blocks are found on a recorded run of the layer, so modules torch.fx cannot trace (Hugging Face
         attention) are examined there rather than reported as not traced; a later layer of the same kind only by
-        its trace, when that matches the first's (kanc.checkpoint.patterns)."""
+        its trace, when that matches the first's (``found``, from kanc.checkpoint.patterns)."""
         opts = self._opts()
-        found = self.patterns.find(name, layer)
         if found is not None:  # a layer of its kind was examined in full: its trace suffices (kanc.checkpoint.patterns)
             conv = run_pipeline(layer, self.target, calibration=inputs, found=found, measure=False, **opts)
             if self.patterns.note is not None:
@@ -228,21 +249,50 @@ class _Stream(LayerWalk):
         self.patterns.learn(conv.found)
         return conv
 
-    def _original_chain(self, name: str, layer: nn.Module, inputs: dict[str, Any]) -> Any:
-        """The original layer (not converted yet) on the original model's hidden states, carried on their own: how
-        far the converted model drifts. None when those are the layer's inputs (the first layer of a layer list, or
-        "original"). Each layer list starts from its own inputs: a decoder's first layer takes the decoder's
-        embeddings, not the encoder's hidden states (its cross-attention inputs are the converted encoder's)."""
+    def _original_inputs(self, name: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """The layer's inputs with the original model's hidden states, carried on their own: the original layer (not
+        converted yet) on them says how far the converted model drifts. None when those are the layer's inputs (the
+        first layer of a layer list, or "original"). Each layer list starts from its own inputs: a decoder's first
+        layer takes the decoder's embeddings, not the encoder's hidden states (its cross-attention inputs are the
+        converted encoder's)."""
         if self.starts_stack(name):
             self._hidden = None
         if self._hidden is None or self.propagate != "converted":
             return None
         try:
-            ours = with_hidden(inputs, self._hidden)
+            return with_hidden(inputs, self._hidden)
         except KancError as e:
             self._hidden, self.drift_note = None, f"drift not measured: {e}"
             return None
-        return layer(**ours)
+
+    def _drift_aside(self, name: str, layer: nn.Module, ours: dict[str, Any]) -> Future | None:
+        """The original layer on ``ours``, run on the drift thread while this one converts ``layer`` in place: the
+        layer's meta template (a structure of its own, without the capture's hooks) given the layer's own parameter
+        and buffer objects (the same tensors, so the same fp32 casts), handed back when the run is done. None when
+        there is no drift thread (the GEMMs use every core) or the template's structure is not the layer's."""
+        if self._aside is None:
+            return None
+        twin = self.templates[name]
+        mine, theirs = dict(twin.named_modules()), dict(layer.named_modules())
+        if mine.keys() != theirs.keys():
+            return None
+        saved = [(m, dict(m._parameters), dict(m._buffers)) for m in mine.values()]
+        for path, m in mine.items():
+            m._parameters.update(theirs[path]._parameters)
+            m._buffers.update(theirs[path]._buffers)
+
+        def run() -> Any:
+            try:
+                with TRACING:  # no fx trace (which patches every module call) while the twin runs
+                    return self.run_aside(twin, ours)
+            finally:
+                for m, params, buffers in saved:
+                    m._parameters.clear()
+                    m._parameters.update(params)
+                    m._buffers.clear()
+                    m._buffers.update(buffers)
+
+        return self._aside.submit(run)
 
     def _drift(self, name: str, output: Any, alone: Any) -> float | None:
         """The converted model's hidden states after layer ``name`` against the original model's; carries the latter."""
@@ -402,6 +452,16 @@ def _merge(into: ConversionReport, prefix: str, part: ConversionReport) -> None:
     into.params_before += part.params_before
     into.params_after += part.params_after
     into.seconds += part.seconds
+
+
+def _spare_core() -> bool:
+    """Whether the GEMMs leave a core idle for a second thread's (torch's intra-op threads at most half the cores
+    this process may use; OMP_NUM_THREADS=1 on two cores, say)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return 2 * torch.get_num_threads() <= cores
 
 
 def _check_layer(name: str, layer: nn.Module, inputs: dict, original: Any, output: Any, conv: Conversion) -> Any:

@@ -42,6 +42,7 @@ class LayerWalk:
         self._names = {id(m): name for name, m in self.layers}
         self._busy = False
         self._gemm = Fp32Gemm()
+        self._mode: Any = contextlib.nullcontext()  # the walk's precision mode (set by walk)
 
     def stack_of(self, name: str) -> str:
         """The layer list (``model.layers``, ``encoder.block``, ...) that layer ``name`` belongs to."""
@@ -71,8 +72,9 @@ class LayerWalk:
         for _, layer in self.layers:
             hooks.append(layer.register_forward_pre_hook(self._pre, with_kwargs=True))
             hooks.append(layer.register_forward_hook(self._post, with_kwargs=True))
+        self._mode = self._precision()
         try:
-            with torch.no_grad(), self._precision():
+            with torch.no_grad(), self._mode:
                 call(self.model, inputs)
         except (KancError, OSError):
             raise  # an OSError is the file system's (reading, writing): the writer names the file and the cause
@@ -85,6 +87,12 @@ class LayerWalk:
         missing = [name for name, _ in self.layers if name not in self.done]
         if missing:
             raise KancError(f"layers {', '.join(missing[:4])} did not run on the calibration inputs")
+
+    def run_aside(self, module: nn.Module, inputs: dict[str, Any]) -> Any:
+        """``module(**inputs)`` as the walk runs its layers (no grad, its precision mode), on another thread: grad
+        mode and torch function modes are each thread's own."""
+        with torch.no_grad(), self._mode:
+            return module(**inputs)
 
     def _precision(self) -> Any:
         """Fp32Gemm (half-precision GEMMs as fp32 ones on the CPU: faster) when the model holds half-precision

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,11 @@ from kanc.frontend.leaves import is_leaf, linear_kind
 from kanc.frontend.recording import code_site
 from kanc.frontend.source import chain_graph, inline_chains
 from kanc.text import ellipsize
+
+# torch.fx traces by patching torch.nn.Module.__call__ (and more) for the whole process: a module run on another
+# thread while a trace is under way goes through the tracer. Whoever runs modules beside the main thread (the layer
+# walk's drift thread, kanc.checkpoint.stream) holds this lock while they run, and every trace holds it.
+TRACING = threading.RLock()
 
 
 class LeafTracer(fx.Tracer):
@@ -36,7 +42,8 @@ class LeafTracer(fx.Tracer):
 
 def trace_module(module: nn.Module) -> fx.GraphModule:
     """Trace ``module`` alone with LeafTracer (raises whatever tracing raises)."""
-    graph = LeafTracer().trace(module)
+    with TRACING:
+        graph = LeafTracer().trace(module)
     name = type(module).__name__
     return fx.GraphModule(module, graph, class_name=name if name.isidentifier() else "GraphModule")
 

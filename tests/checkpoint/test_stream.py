@@ -4,6 +4,7 @@ import errno
 import json
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -487,3 +488,52 @@ def test_an_encoder_decoder_measures_the_drift_per_layer_list(tmp_path):
     assert torch.isfinite(got).all() and 0 < error < 5e-2
     assert all(0 < d["error"] < 5e-2 for d in drift.values())
     assert any("decoder.block.0" in line and "encoder.block's states" in line for line in report.fidelity["summary"])
+
+
+_RUN_ASIDE = stream.LayerWalk.run_aside
+
+
+def _streamed(src, out, monkeypatch, aside: bool):
+    monkeypatch.setattr(stream, "_spare_core", lambda: aside)
+    threads = set()
+
+    def run_aside(self, module, inputs):
+        threads.add(threading.current_thread().name)
+        return _RUN_ASIDE(self, module, inputs)
+
+    monkeypatch.setattr(stream.LayerWalk, "run_aside", run_aside)
+    kanc.convert_checkpoint(src, out, "grkan")
+    manifest = json.loads((out / "kanc.json").read_text())["stream"]["layers"]
+    tensors = CheckpointReader(out)
+    return {r["name"]: (r["drift"], r["errors"]) for r in manifest}, tensors.read(tensors.keys()), threads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_drift_on_its_own_thread_gives_what_it_gives_inline(tmp_path, monkeypatch, dtype):
+    """With a spare core the drift's forward runs on a thread beside the conversion, on a twin of the layer that
+    shares its tensors; every recorded error and drift and every written tensor is the inline run's, bit for bit,
+    and the layers the twin borrowed from are left as they were (the template gets its meta tensors back)."""
+    torch.manual_seed(3)
+    src = save(zoo.llama(layers=3).eval().to(dtype), tmp_path / "src")
+    inline = _streamed(src, tmp_path / "inline", monkeypatch, aside=False)
+    aside = _streamed(src, tmp_path / "aside", monkeypatch, aside=True)
+    assert inline[2] == set() and aside[2] == {"kanc-drift_0"}  # layers 1 and 2 ran their drift on the thread
+    assert aside[0] == inline[0] and all(d is not None and 0 < d < 0.05 for d, _ in aside[0].values() if d)
+    assert aside[1].keys() == inline[1].keys()
+    assert all(torch.equal(aside[1][k], inline[1][k]) for k in inline[1])
+
+
+def test_a_failing_drift_on_its_thread_fails_the_run_as_inline(tmp_path, monkeypatch):
+    """The model's own error in the drift's forward (its thread) ends the run with the walk's one line; a
+    conversion error raised meanwhile would win, and the thread is waited for either way."""
+    torch.manual_seed(3)
+    src = save(zoo.llama(layers=3).eval(), tmp_path / "src")
+    monkeypatch.setattr(stream, "_spare_core", lambda: True)
+
+    def broken(self, module, inputs):
+        raise RuntimeError("shape mismatch in the drift")
+
+    monkeypatch.setattr(stream.LayerWalk, "run_aside", broken)
+    with pytest.raises(KancError, match="does not run on the calibration inputs: RuntimeError: shape mismatch"):
+        kanc.convert_checkpoint(src, tmp_path / "out", "grkan")
+    assert not (tmp_path / "out").exists()
