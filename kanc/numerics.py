@@ -101,7 +101,7 @@ class CastPool:
                 storage = torch.UntypedStorage(nbytes)
                 same.append(storage)
             self._used.add(id(storage))
-        out = torch.empty(0, dtype=dtype).set_(storage, 0, t.shape, t.stride())
+            out = torch.empty(0, dtype=dtype).set_(storage, 0, t.shape, t.stride())  # held before a trim can free it
         return out.copy_(t.detach())
 
     def trim(self) -> None:

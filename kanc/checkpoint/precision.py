@@ -5,7 +5,7 @@ native bf16 instructions (AVX2) it is 3-7x slower than an fp32 GEMM of the same 
 half-precision ``F.linear`` on the CPU runs as the fp32 GEMM of the same operands, rounded to their dtype: the same
 arithmetic up to the order of the sums. Each weight is cast once per layer (``clear`` drops the casts), so a layer
 checked in several runs pays for one copy, and the casts are written into the memory of the layer before's
-(:class:`kanc.numerics.CastPool`), which costs a quarter of fresh memory's page faults.
+(:class:`kanc.numerics.CastPool`): a quarter of the time a cast into fresh memory takes, page faults included.
 """
 
 from __future__ import annotations
