@@ -69,8 +69,8 @@ class _SideBySide(LayerWalk):
         self._cur: dict[str, Any] = {}
         # each folder's next layer, paged in on a thread while this one runs (kanc.checkpoint.shards.ReadAhead)
         self._ahead = {
-            "original": ReadAhead(lambda n: _layer_tensors(original, n, self.ignored)),
-            "converted": ReadAhead(lambda n: _layer_tensors(converted, n, set())),
+            "original": ReadAhead(lambda n: original.read_under(n, self.ignored)),
+            "converted": ReadAhead(converted.read_under),
         }
 
     def close(self) -> None:
@@ -120,12 +120,6 @@ class _SideBySide(LayerWalk):
         meta.release(cur["conv"])
         meta.release(layer)
         return output
-
-
-def _layer_tensors(reader: CheckpointReader, name: str, ignored: set[str]) -> dict[str, Tensor]:
-    prefix = f"{name}."
-    keys = [k for k in reader.keys() if k.startswith(prefix) and k not in ignored]
-    return {k[len(prefix) :]: t for k, t in reader.read(keys).items()}
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

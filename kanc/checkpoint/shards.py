@@ -107,6 +107,12 @@ class CheckpointReader:
             out.update(self._read_file(file, wanted))
         return out
 
+    def read_under(self, prefix: str, skip: Iterable[str] = ()) -> dict[str, Tensor]:
+        """The tensors named ``prefix.*`` (a layer's), keyed by the rest of their names; those in ``skip`` left out."""
+        start, skip = f"{prefix}.", set(skip)
+        keys = [k for k in self.keys() if k.startswith(start) and k not in skip]
+        return {k[len(start) :]: t for k, t in self.read(keys).items()}
+
     def _read_file(self, file: str, names: list[str]) -> dict[str, Tensor]:
         from safetensors import safe_open
 

@@ -345,9 +345,7 @@ class _Stream(LayerWalk):
         return {**self.opts, "seed": int(self.opts["seed"]) + sum(len(r.blocks) for r in self.records)}
 
     def _read(self, name: str) -> dict[str, Tensor]:
-        prefix = f"{name}."
-        keys = [k for k in self.reader.keys() if k.startswith(prefix) and k not in self.ignored]
-        return {k[len(prefix) :]: t for k, t in self.reader.read(keys).items()}
+        return self.reader.read_under(name, self.ignored)
 
     def _run_original(self, name: str, inputs: dict) -> Any:
         """The original layer's output, read again from the checkpoint (the conversion changed the layer in place)."""
