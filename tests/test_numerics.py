@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from kanc.checkpoint.precision import Fp32Gemm
+from kanc.checkpoint.precision import LayerGemms
 from kanc.numerics import CastPool, cast_once
 
 
@@ -51,7 +51,7 @@ def test_same_dtype_is_the_weight_itself_detached():
 def test_the_walk_fp32_gemm_shares_the_references_cast():
     w = torch.nn.Parameter(torch.randn(8, 4, dtype=torch.bfloat16))
     reference = cast_once(w, torch.float32)
-    gemm = Fp32Gemm()
+    gemm = LayerGemms()
     assert gemm._fp32(w) is reference
     x = torch.randn(3, 4, dtype=torch.bfloat16)
     with gemm:
@@ -117,7 +117,7 @@ def test_what_the_pool_cannot_hold_is_cast_as_usual():
 
 
 def test_the_walk_fp32_gemm_gives_each_layer_the_last_layers_memory():
-    gemm = Fp32Gemm()
+    gemm = LayerGemms()
     x = torch.randn(3, 5, dtype=torch.bfloat16)
     ptrs = []
     for seed in range(3):

@@ -320,6 +320,7 @@ class _Stream(LayerWalk):
         options = {**self.opts, "include": [], "exclude": []}  # as kanc.compile records them
         report = build_report(conv, type(layer).__name__, options, cur["params"])
         mark = self._tick("check", mark)
+        self._gemm.forget()  # the memo's copies of this layer's GEMMs go before its weights do
         for key, tensor in converted.state_dict().items():
             self.writer.add(f"{name}.{key}", tensor)
         self._tick("write", mark)

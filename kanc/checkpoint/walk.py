@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from kanc.api import default_inputs
 from kanc.checkpoint import meta
-from kanc.checkpoint.precision import HALF, Fp32Gemm
+from kanc.checkpoint.precision import HALF, LayerGemms
 from kanc.errors import CheckFailedError, KancError, first_line
 from kanc.numerics import rel_error
 from kanc.passes import calibrate
@@ -41,8 +41,8 @@ class LayerWalk:
         self.done: list[str] = []
         self._names = {id(m): name for name, m in self.layers}
         self._busy = False
-        self._gemm = Fp32Gemm()
-        self._mode: Any = contextlib.nullcontext()  # the walk's precision mode (set by walk)
+        self._gemm = LayerGemms()
+        self._mode: Any = contextlib.nullcontext()  # the walk's GEMM mode (set by walk)
 
     def stack_of(self, name: str) -> str:
         """The layer list (``model.layers``, ``encoder.block``, ...) that layer ``name`` belongs to."""
@@ -94,13 +94,13 @@ class LayerWalk:
         with torch.no_grad(), self._mode:
             return module(**inputs)
 
-    def _precision(self) -> Any:
-        """Fp32Gemm (half-precision GEMMs as fp32 ones on the CPU: faster) when the model holds half-precision
-        tensors; otherwise nothing, since a mode's Python dispatch on every op slows the fit (0.3 s of GPT-2 small's
-        6.7 s) for no gain."""
-        if any(t.dtype in HALF for t in itertools.chain(self.model.parameters(), self.model.buffers())):
-            return self._gemm
-        return contextlib.nullcontext()
+    def _precision(self) -> LayerGemms:
+        """The walk's GEMMs (kanc.checkpoint.precision): each computed once per layer, and half-precision ones as
+        fp32 GEMMs (faster on the CPU) when the model holds half-precision tensors. The rational fit's thousands of
+        small ops bypass the mode (kanc.passes.ratfit), so its Python dispatch costs the fp32 walk little."""
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        self._gemm.half = any(t.dtype in HALF for t in tensors)
+        return self._gemm
 
     def _pre(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._busy:
@@ -117,7 +117,7 @@ class LayerWalk:
             return None
         name = self._names[id(layer)]
         output = self._quietly(self.after, name, layer, bind_inputs(layer, args, kwargs), output)
-        self._gemm.clear()  # the layer's fp32 weight copies
+        self._gemm.clear()  # the layer's GEMM memo and fp32 weight copies
         self.done.append(name)
         return output
 

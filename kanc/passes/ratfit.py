@@ -87,7 +87,7 @@ def fit_to_samples(
         return value
 
     # DisableTorchFunction: the fit's tensors are its own plain fp64 ones; a caller's TorchFunctionMode (the layer
-    # walk's Fp32Gemm) would only add a Python dispatch to each of its small ops
+    # walk's LayerGemms) would only add a Python dispatch to each of its small ops
     with torch.no_grad(), torch.random.fork_rng(devices=[]), torch._C.DisableTorchFunction():
         before = float(closure())
         opt = torch.optim.LBFGS(

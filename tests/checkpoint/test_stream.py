@@ -537,3 +537,37 @@ def test_a_failing_drift_on_its_thread_fails_the_run_as_inline(tmp_path, monkeyp
     with pytest.raises(KancError, match="does not run on the calibration inputs: RuntimeError: shape mismatch"):
         kanc.convert_checkpoint(src, tmp_path / "out", "grkan")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("model", "dtype"), [("llama", torch.float32), ("llama", torch.bfloat16),
+                                              ("gpt2", torch.float32)])  # fmt: skip
+def test_the_gemm_memo_changes_no_number(tmp_path, monkeypatch, model, dtype):
+    """Each layer's repeated GEMMs (the converted layer's attention, a gated block's gate and up projections, a
+    block reference's fc1) are recalled from the capture run (kanc.checkpoint.precision.GemmMemo): every written
+    tensor and every recorded error and drift is what computing them all again gives, bit for bit."""
+    from kanc.checkpoint import precision, walk
+
+    torch.manual_seed(3)
+    built = zoo.llama(layers=3) if model == "llama" else zoo.gpt2(layers=3)
+    src = save(built.eval().to(dtype), tmp_path / "src")
+    memos = []
+
+    def gemms(keep):
+        def make():
+            memos.append(precision.LayerGemms(memo_bytes=precision.MEMO_BYTES if keep else 0))
+            return memos[-1]
+
+        return make
+
+    runs = {}
+    for keep in (False, True):
+        monkeypatch.setattr(walk, "LayerGemms", gemms(keep))
+        out = tmp_path / f"memo-{keep}"
+        kanc.convert_checkpoint(src, out, "grkan")
+        layers = json.loads((out / "kanc.json").read_text())["stream"]["layers"]
+        reader = CheckpointReader(out)
+        runs[keep] = ({r["name"]: (r["drift"], r["errors"], r["error"]) for r in layers}, reader.read(reader.keys()))
+    assert memos[0].memo.hits == 0 and memos[1].memo.hits > 0
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1].keys() == runs[False][1].keys()
+    assert all(torch.equal(runs[True][1][k], runs[False][1][k]) for k in runs[False][1])
