@@ -90,7 +90,8 @@ class GemmMemo:
     """``x @ W^T + b`` computed once per distinct operands: a repeat gets a copy of the result already computed.
 
     A repeat is the same weight and bias (the same memory, shape and strides, still alive and not written since:
-    their ``_version``) and an input equal to an earlier one element for element (NaN never equals: it is computed
+    their ``_version``; ``F.linear(x, W)`` and ``torch.addmm(b, x, W.t())`` are one GEMM) and an input equal to an
+    earlier one element for element, or to a run of two or more of its rows (NaN never equals: it is computed
     again). The memo holds copies of the inputs and results, up to ``budget`` bytes, and weak references to the
     weights: it keeps no weight alive, and a weight that is gone (or its memory) never matches. Under autograd a
     recalled result has the GEMM's own backward.
@@ -106,13 +107,12 @@ class GemmMemo:
     def gemm(self, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool = False) -> Tensor:
         """``F.linear(x, weight, bias)`` (``transposed``: ``torch.addmm(bias, x, weight)``, weight (in, out))."""
         key = _key(weight, bias, transposed)
-        rows = x.detach().reshape(-1, x.shape[-1]) if x.dim() >= 1 else None
+        rows = x.detach().reshape(-1, x.shape[-1])
         value = self._recall(key, weight, bias, rows)
         if value is None:
             self.misses += 1
             out = _gemm(x, weight, bias, transposed)
-            if rows is not None:
-                self._keep(key, weight, bias, rows, out)
+            self._keep(key, weight, bias, rows, out)
             return out
         self.hits += 1
         value = value.reshape(*x.shape[:-1], value.shape[-1])
@@ -125,13 +125,26 @@ class GemmMemo:
         self._guards.clear()
         self._bytes = 0
 
-    def _recall(self, key: tuple, weight: Tensor, bias: Tensor | None, rows: Tensor | None) -> Tensor | None:
+    def _recall(self, key: tuple, weight: Tensor, bias: Tensor | None, rows: Tensor) -> Tensor | None:
+        """The result for ``rows``: of an equal input, or the matching rows of an input ``rows`` is a run of (the
+        rows a fit keeps of those a capture saw: a GEMM's row depends on that row alone)."""
         guard = self._guards.get(key)
-        if rows is None or guard is None or not _same(guard, weight, bias):
+        if guard is None or not _same(guard, weight, bias):
             return None
+        n = rows.shape[0]
         for seen, result in self._entries.get(key, ()):
-            if seen.shape == rows.shape and seen.dtype == rows.dtype and torch.equal(seen, rows):
-                return result
+            if seen.dtype != rows.dtype or seen.shape[1:] != rows.shape[1:] or seen.shape[0] < n:
+                continue
+            if seen.shape[0] == n:
+                if torch.equal(seen, rows):
+                    return result
+                continue
+            if n < 2:  # one row is a GEMV, summed in another order
+                continue
+            starts = (seen[: seen.shape[0] - n + 1] == rows[0]).all(1).nonzero().flatten().tolist()
+            for k in starts:
+                if torch.equal(seen[k : k + n], rows):
+                    return result[k : k + n]
         return None
 
     def _keep(self, key: tuple, weight: Tensor, bias: Tensor | None, rows: Tensor, out: Tensor) -> None:
@@ -206,7 +219,10 @@ def _gemm(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> T
 
 
 def _key(weight: Tensor, bias: Tensor | None, transposed: bool) -> tuple:
-    parts = [transposed, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device]
+    """The GEMM as x @ M + b, M (in, out): ``F.linear(x, W)`` and ``torch.addmm(b, x, W.t())`` are one GEMM (GPT-2's
+    Conv1D runs addmm on the weight a block reference reads as a transposed view)."""
+    m = weight if transposed else weight.t()
+    parts = [m.data_ptr(), tuple(m.shape), m.stride(), m.dtype, m.device]
     if bias is not None:
         parts += [bias.data_ptr(), tuple(bias.shape), bias.stride()]
     return tuple(parts)

@@ -188,3 +188,26 @@ def test_the_walks_memo_serves_its_own_thread_only():
     assert torch.equal(out[0], F.linear(x, w)) and (gemms.memo.hits, gemms.memo.misses) == (1, 1)
     gemms.clear()
     assert gemms.memo._bytes == 0 and not gemms.memo._guards
+
+
+def test_a_run_of_an_earlier_inputs_rows_gets_those_rows_of_its_result():
+    """A fit keeps 80% of the rows a capture saw: their GEMM is the capture's, row for row."""
+    memo = GemmMemo()
+    x, w, b = _rows(32, 64), _rows(48, 64, seed=1), _rows(48, seed=2)
+    full = memo.gemm(x, w, b)
+    for start, stop in ((0, 25), (7, 32), (3, 5)):
+        got = memo.gemm(x[start:stop].clone(), w, b)
+        assert torch.equal(got, full[start:stop])
+        torch.testing.assert_close(got, F.linear(x[start:stop], w, b))  # a GEMM of fewer rows may sum otherwise
+    assert memo.hits == 3
+    shuffled = x[torch.tensor([0, 2, 1])]  # rows of it, not a run: computed
+    assert torch.equal(memo.gemm(shuffled, w, b), F.linear(shuffled, w, b)) and memo.misses == 2
+
+
+def test_a_linear_on_a_transposed_view_is_the_addmm_of_the_weight():
+    """GPT-2's Conv1D runs addmm(b, x, W) with W (in, out); a block reference reads it as the view W.T."""
+    memo = GemmMemo()
+    x, w, b = _rows(8, 16), _rows(16, 24, seed=1), _rows(24, seed=2)
+    first = memo.gemm(x, w, b, transposed=True)
+    again = memo.gemm(x, w.T, b)
+    assert memo.hits == 1 and torch.equal(again, first) and torch.equal(again, F.linear(x, w.T, b))
