@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from kanc.nn.fit import DEFAULT_INTERVAL
+from kanc.passes import lbfgs
 
 GRID_WEIGHT = 0.05
 GRID_POINTS = 2001
@@ -77,24 +79,21 @@ def fit_to_samples(
     if not (torch.isfinite(fz).all() and torch.isfinite(fg).all()):
         return start
     loss = _Loss(z, fz, grid, fg, start[0].numel() - 1, start[1].numel())
-    num = start[0].detach().double().clone().requires_grad_()
+    m = start[0].numel()
     # Optimised as b = root^2: F uses |b|, whose kink at b = 0 stalls L-BFGS when a coefficient gets there (a (7, 6)
     # ReLU fit stopped at 70x the loss it reaches this way, and worse than (5, 4)). root^2 is smooth everywhere.
-    root = start[1].detach().double().abs().sqrt().clone().requires_grad_()
+    x0 = torch.cat([start[0].detach().double().reshape(-1), start[1].detach().double().abs().sqrt().reshape(-1)])
 
-    def closure() -> Tensor:
-        value, num.grad, root.grad = loss.value(num.detach(), root.detach())
-        return value
+    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
+        v = torch.from_numpy(x)
+        value, d_num, d_root = loss.value(v[:m], v[m:])
+        return float(value), torch.cat([d_num, d_root]).numpy()
 
     # DisableTorchFunction: the fit's tensors are its own plain fp64 ones; a caller's TorchFunctionMode (the layer
     # walk's LayerGemms) would only add a Python dispatch to each of its small ops
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), torch._C.DisableTorchFunction():
-        before = float(closure())
-        opt = torch.optim.LBFGS(
-            [num, root], max_iter=MAX_ITER, tolerance_grad=1e-12, tolerance_change=1e-9, line_search_fn="strong_wolfe"
-        )
-        opt.step(closure)
-        after = float(closure())
-    if not after < before or not all(torch.isfinite(t).all() for t in (num, root)):
+    with torch.no_grad(), torch._C.DisableTorchFunction():
+        fit = lbfgs.minimize(objective, x0.numpy(), max_iter=MAX_ITER, tolerance_grad=1e-12, tolerance_change=1e-9)
+    if not fit.f < fit.f0 or not np.isfinite(fit.x).all():
         return start
-    return num.detach().float(), root.detach().square().float()
+    num, root = torch.from_numpy(fit.x[:m]), torch.from_numpy(fit.x[m:])
+    return num.reshape(start[0].shape).float(), root.square().reshape(start[1].shape).float()
