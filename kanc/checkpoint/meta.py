@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +234,26 @@ def _tied_keys(model: nn.Module) -> dict:
         tied.setdefault(a, []).append(b)
         tied.setdefault(b, []).append(a)
     return tied
+
+
+@contextlib.contextmanager
+def settled_heap() -> Iterator[Callable[[], None]]:
+    """Inside, the objects that exist at the start and at each call of the function it gives (the imports, the
+    empty model) are out of the cyclic garbage collector's reach (``gc.freeze``) until the end.
+
+    A full collection walks every tracked object: after transformers is imported (about 430,000 objects), 0.12 s
+    each on this project's CPU machine, and a conversion ran 3-4 of them (0.3-0.5 s of GPT-2 medium's 7.3 s). Skipped
+    when the process froze objects of its own (a forking server): unfreezing at the end would unfreeze those too.
+    """
+    own = gc.get_freeze_count() == 0
+
+    def settle() -> None:
+        if own:
+            gc.freeze()
+
+    settle()
+    try:
+        yield settle
+    finally:
+        if own:
+            gc.unfreeze()

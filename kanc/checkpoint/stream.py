@@ -119,22 +119,24 @@ def convert_checkpoint(
     src, out = Path(src), Path(out)
     check_outputs([_output(out)], inputs=[src], force=force)  # before any work
     reader = _open_source(src)
-    config = meta.read_config(src)
-    model = meta.empty_model(config)
-    run = _Stream(model, reader, target, opts, propagate, progress)
-    _check_space(out, reader)
+    with meta.settled_heap() as settle:
+        config = meta.read_config(src)
+        model = meta.empty_model(config)
+        settle()  # the model class's imports and the model: out of the garbage collector's way
+        run = _Stream(model, reader, target, opts, propagate, progress)
+        _check_space(out, reader)
 
-    def fill(tmp: Path) -> None:
-        writer = ShardWriter(tmp, max_shard_size)
-        try:
-            run.execute(writer, calibration)
-            writer.finish()
-        finally:
-            writer.abort()
-        _copy_extras(src, tmp)
-        run.write_manifest(tmp, out, max_shard_size)
+        def fill(tmp: Path) -> None:
+            writer = ShardWriter(tmp, max_shard_size)
+            try:
+                run.execute(writer, calibration)
+                writer.finish()
+            finally:
+                writer.abort()
+            _copy_extras(src, tmp)
+            run.write_manifest(tmp, out, max_shard_size)
 
-    write_outputs([_output(out, fill)], inputs=[src], force=force)
+        write_outputs([_output(out, fill)], inputs=[src], force=force)
     return run.report
 
 

@@ -571,3 +571,24 @@ def test_the_gemm_memo_changes_no_number(tmp_path, monkeypatch, model, dtype):
     assert runs[True][0] == runs[False][0]
     assert runs[True][1].keys() == runs[False][1].keys()
     assert all(torch.equal(runs[True][1][k], runs[False][1][k]) for k in runs[False][1])
+
+
+def test_the_garbage_collector_is_left_as_it_was_found(llama_dir, tmp_path):
+    """The conversion freezes what exists (imports, the empty model) out of the collector's full passes and unfreezes
+    it at the end, error or not; a process that froze objects of its own keeps them frozen."""
+    import gc
+
+    src, _ = llama_dir
+    assert gc.get_freeze_count() == 0
+    kanc.convert_checkpoint(src, tmp_path / "out")
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(KancError):
+        kanc.convert_checkpoint(src, tmp_path / "bad", calibration={"input_ids": torch.zeros(1, 3)})
+    assert gc.get_freeze_count() == 0 and not (tmp_path / "bad").exists()
+    gc.freeze()
+    try:
+        theirs = gc.get_freeze_count()
+        kanc.convert_checkpoint(src, tmp_path / "again")
+        assert 0.9 * theirs < gc.get_freeze_count() <= theirs  # not unfrozen, nothing added (a few freed)
+    finally:
+        gc.unfreeze()
