@@ -10,6 +10,7 @@ layer, in Python). The streamed output is then checked with
     python benchmarks/scale.py                                  # GPT-2 small/medium/large, LLaMA-style 1.1B
     python benchmarks/scale.py --models llama-7b-bf16 --skip kanc-convert
     python benchmarks/scale.py --smoke                          # a tiny 2-layer checkpoint in several shards
+    python benchmarks/scale.py --repeat 3                       # three rounds: median walls, per-round ratios
 
 Not a test: it writes GBs (``--workdir``, default a temp folder; removed after each model unless ``--keep``). Big
 runs that would not fit in memory are skipped and say so. Timings on a shared machine are noisy.
@@ -23,6 +24,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,13 +177,23 @@ def bench_model(name: str, folder: Path, args: argparse.Namespace) -> dict[str, 
         "load_average": os.getloadavg()[0],  # other users' work slows every run: say how busy the machine was
     }  # fmt: skip
     row["uptime"] = _output(["uptime"])
+    rounds: dict[str, list[dict[str, Any]]] = {run: [] for run in RUNS if run not in args.skip}
     for run in RUNS:
         if run in args.skip:
             row[run] = {"skipped": "--skip"}
-            continue
-        row[run] = _run(run, src, folder / run, args, row)
-        if run != "stream":
+    for _ in range(args.repeat):  # round by round: a slower stretch of the machine hits every run alike
+        for run, done in rounds.items():
             shutil.rmtree(folder / run, ignore_errors=True)
+            done.append(_run(run, src, folder / run, args, row))
+            if run != "stream":
+                shutil.rmtree(folder / run, ignore_errors=True)
+    for run, done in rounds.items():
+        row[run] = _summary(done)
+    if "baseline" in rounds and args.repeat > 1:
+        for run in rounds:
+            ratios = [r["wall_s"] / b["wall_s"] for r, b in zip(rounds[run], rounds["baseline"]) if _ran(r, b)]
+            if ratios and run != "baseline":
+                row[run]["paired_ratio"] = round(statistics.median(ratios), 3)
     if row["stream"].get("rc") == 0:
         row["check"] = _check(src, folder / "stream")
     if not args.keep:
@@ -201,6 +213,26 @@ def _run(run: str, src: Path, out: Path, args: argparse.Namespace, row: dict) ->
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", run, str(src), str(out), args.target]
         cmd.append(args.shard_size)
     return measure(_with_rusage(cmd), args.timeout)
+
+
+def _summary(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's rounds as one result: the median wall time (each round's too), the highest peak RSS, the first
+    failure; a run skipped for memory says so."""
+    if "skipped" in done[0]:
+        return done[0]
+    out = dict(done[-1])
+    if len(done) > 1:
+        walls = [r["wall_s"] for r in done]
+        out.update(wall_s=round(statistics.median(walls), 2), walls_s=walls)
+        out["peak_rss_gb"] = max(r.get("peak_rss_gb", 0.0) for r in done)
+        failed = next((r for r in done if r["rc"] != 0), None)
+        if failed is not None:
+            out.update(rc=failed["rc"], error=failed.get("error", ""))
+    return out
+
+
+def _ran(*results: dict[str, Any]) -> bool:
+    return all(r.get("rc") == 0 and r.get("wall_s") for r in results)
 
 
 def _with_rusage(cmd: list[str]) -> list[str]:
@@ -261,8 +293,12 @@ def _print_row(row: dict[str, Any]) -> None:
             print(f"  {run:<13} skipped: {r['skipped']}")
             continue
         ratio = f" ({r['wall_s'] / base['wall_s']:.2f}x baseline)" if base.get("wall_s") else ""
+        if "paired_ratio" in r:
+            ratio += f", {r['paired_ratio']:.2f}x paired"
+        walls = f" of {', '.join(f'{w:.1f}' for w in r['walls_s'])}" if "walls_s" in r else ""
         peak = r.get("peak_rss_gb")
-        print(f"  {run:<13} rc {r['rc']}  {r['wall_s']:7.1f} s{ratio}  peak RSS {peak:.2f} GB  {r.get('error', '')}")
+        error = r.get("error", "")
+        print(f"  {run:<13} rc {r['rc']}  {r['wall_s']:7.1f} s{walls}{ratio}  peak RSS {peak:.2f} GB  {error}")
     if "check" in row:
         c = row["check"]
         print(f"  check: worst layer error {c['worst_layer_error']:.2e}, final drift {c['final_drift']:.2e}")
@@ -310,6 +346,9 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per run")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of the runs, one after another (median wall; per-round ratios)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     parser.add_argument("--smoke", action="store_true", help="a tiny 2-layer checkpoint in several shards")
     parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)

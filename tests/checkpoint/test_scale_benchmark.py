@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_smoke_run_measures_and_checks(tmp_path):
     out = tmp_path / "scale.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--smoke", "--skip", "kanc-convert"]
-    cmd += ["--workdir", str(tmp_path / "work"), "--out", str(out)]
+    cmd += ["--workdir", str(tmp_path / "work"), "--out", str(out), "--repeat", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -24,6 +24,10 @@ def test_the_smoke_run_measures_and_checks(tmp_path):
     assert row["kanc-convert"] == {"skipped": "--skip"}
     for run in ("baseline", "stream"):
         assert row[run]["rc"] == 0 and row[run]["wall_s"] > 0 and 0 < row[run]["peak_rss_gb"] < 50
+        walls = row[run]["walls_s"]  # two rounds: the median of both
+        assert len(walls) == 2 and row[run]["wall_s"] == round((walls[0] + walls[1]) / 2, 2)
+    pairs = [s / b for s, b in zip(row["stream"]["walls_s"], row["baseline"]["walls_s"])]
+    assert row["stream"]["paired_ratio"] == round((pairs[0] + pairs[1]) / 2, 3)
     check = row["check"]
     assert 0 < check["worst_layer_error"] < 1e-3 and math.isfinite(check["final_drift"])
     assert check["worst_layer_error"] == row["stream"]["worst_layer_error"]
