@@ -59,9 +59,10 @@ MODELS: dict[str, tuple[str, dict, str]] = {
     "tiny-llama": ("LlamaForCausalLM", TINY_LLAMA, "float32"),
 }
 DEFAULT_MODELS = ["gpt2-small", "gpt2-medium", "gpt2-large", "llama-1.1b-fp32", "llama-1.1b-bf16"]
-RUNS = ("baseline", "kanc-convert", "stream")
+# baseline-synced: the baseline, then its files synced to disk, as kanc's outputs are before they are published
+RUNS = ("baseline", "baseline-synced", "kanc-convert", "stream")
 # peak memory of each run, GB = a * model size + b, to skip what cannot fit (from issue 15's table)
-MEMORY_NEED = {"baseline": (1.2, 1.0), "kanc-convert": (0.0, 0.0), "stream": (0.0, 0.0)}  # kanc convert streams
+MEMORY_NEED = {"baseline": (1.2, 1.0), "baseline-synced": (1.2, 1.0), "kanc-convert": (0.0, 0.0), "stream": (0.0, 0.0)}
 
 
 # ---- building a checkpoint without materialising the model ------------------------------------------------------
@@ -112,13 +113,15 @@ def _random_like(key: str, like, dtype, config, gen):
 
 def child(run: str, src: str, out: str, target: str, shard_size: str) -> None:
     """What one measured child process does (called with --child)."""
-    if run == "baseline":
+    if run in ("baseline", "baseline-synced"):
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(src)
         cls = getattr(transformers, config.architectures[0])
         model = cls.from_pretrained(src, dtype="auto")
         model.save_pretrained(out, max_shard_size=shard_size)
+        if run == "baseline-synced":
+            _sync_folder(Path(out))
     elif run == "stream":
         import kanc
 
@@ -126,6 +129,18 @@ def child(run: str, src: str, out: str, target: str, shard_size: str) -> None:
         print(json.dumps({"worst_layer_error": max(report.fidelity["layers"].values())}))
     else:
         raise SystemExit(f"unknown run {run}")
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync every file of ``folder``, then the folder (what kanc.writing does before it publishes an output)."""
+    for path in sorted(folder.iterdir()):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def measure(cmd: list[str], timeout: float) -> dict[str, Any]:
@@ -189,11 +204,13 @@ def bench_model(name: str, folder: Path, args: argparse.Namespace) -> dict[str, 
                 shutil.rmtree(folder / run, ignore_errors=True)
     for run, done in rounds.items():
         row[run] = _summary(done)
-    if "baseline" in rounds and args.repeat > 1:
+    for base, key in (("baseline", "paired_ratio"), ("baseline-synced", "paired_ratio_synced")):
+        if base not in rounds or args.repeat < 2:
+            continue
         for run in rounds:
-            ratios = [r["wall_s"] / b["wall_s"] for r, b in zip(rounds[run], rounds["baseline"]) if _ran(r, b)]
-            if ratios and run != "baseline":
-                row[run]["paired_ratio"] = round(statistics.median(ratios), 3)
+            ratios = [r["wall_s"] / b["wall_s"] for r, b in zip(rounds[run], rounds[base]) if _ran(r, b)]
+            if ratios and not run.startswith("baseline"):
+                row[run][key] = round(statistics.median(ratios), 3)
     if row["stream"].get("rc") == 0:
         row["check"] = _check(src, folder / "stream")
     if not args.keep:
@@ -290,15 +307,17 @@ def _print_row(row: dict[str, Any]) -> None:
     for run in RUNS:
         r = row.get(run, {})
         if "skipped" in r:
-            print(f"  {run:<13} skipped: {r['skipped']}")
+            print(f"  {run:<15} skipped: {r['skipped']}")
             continue
         ratio = f" ({r['wall_s'] / base['wall_s']:.2f}x baseline)" if base.get("wall_s") else ""
         if "paired_ratio" in r:
             ratio += f", {r['paired_ratio']:.2f}x paired"
+        if "paired_ratio_synced" in r:
+            ratio += f", {r['paired_ratio_synced']:.2f}x the synced baseline"
         walls = f" of {', '.join(f'{w:.1f}' for w in r['walls_s'])}" if "walls_s" in r else ""
         peak = r.get("peak_rss_gb")
         error = r.get("error", "")
-        print(f"  {run:<13} rc {r['rc']}  {r['wall_s']:7.1f} s{walls}{ratio}  peak RSS {peak:.2f} GB  {error}")
+        print(f"  {run:<15} rc {r['rc']}  {r['wall_s']:7.1f} s{walls}{ratio}  peak RSS {peak:.2f} GB  {error}")
     if "check" in row:
         c = row["check"]
         print(f"  check: worst layer error {c['worst_layer_error']:.2e}, final drift {c['final_drift']:.2e}")

@@ -22,12 +22,13 @@ def test_the_smoke_run_measures_and_checks(tmp_path):
     (row,) = json.loads(out.read_text())["models"]
     assert row["model"] == "tiny-llama" and row["shards"] > 1 and row["params"] == 95040
     assert row["kanc-convert"] == {"skipped": "--skip"}
-    for run in ("baseline", "stream"):
+    for run in ("baseline", "baseline-synced", "stream"):
         assert row[run]["rc"] == 0 and row[run]["wall_s"] > 0 and 0 < row[run]["peak_rss_gb"] < 50
         walls = row[run]["walls_s"]  # two rounds: the median of both
         assert len(walls) == 2 and row[run]["wall_s"] == round((walls[0] + walls[1]) / 2, 2)
     pairs = [s / b for s, b in zip(row["stream"]["walls_s"], row["baseline"]["walls_s"])]
     assert row["stream"]["paired_ratio"] == round((pairs[0] + pairs[1]) / 2, 3)
+    assert row["stream"]["paired_ratio_synced"] > 0 and "paired_ratio" not in row["baseline-synced"]
     check = row["check"]
     assert 0 < check["worst_layer_error"] < 1e-3 and math.isfinite(check["final_drift"])
     assert check["worst_layer_error"] == row["stream"]["worst_layer_error"]
