@@ -55,3 +55,17 @@ def test_nothing_finite_to_fit_returns_the_start():
     start = rational_coefficients("gelu", (5, 4))
     out = ratfit.fit_to_samples(F.gelu, start, torch.full((10,), float("nan")))
     assert out is start
+
+
+@pytest.mark.parametrize(("fn", "name", "scale", "bound"), [(F.gelu, "gelu", 0.5, 2e-6), (F.gelu, "gelu", 0.1, 1e-6),
+                                                           (F.silu, "silu", 0.5, 1e-8)])  # fmt: skip
+def test_the_fit_does_not_stop_on_a_plateau(fn, name, scale, bound):
+    """L-BFGS stopped at the first step that gained less than 1e-9: GELU (5, 4) on N(0, 0.5) samples at a relative
+    squared error of 5.8e-6, on N(0, 0.1) 3.0e-6, SiLU on N(0, 0.5) 2.6e-8; it reaches 1.3e-6, 5.8e-7 and 3.7e-9."""
+    start = rational_coefficients(name, (5, 4))
+    samples = torch.randn(40000, generator=torch.Generator().manual_seed(1)) * scale
+    num, den = ratfit.fit_to_samples(fn, start, samples)
+    held = torch.randn(20000, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * scale
+    want = fn(held)
+    error = float((evaluate(num.double(), den.double(), held) - want).square().mean() / want.square().mean())
+    assert error < bound, error
