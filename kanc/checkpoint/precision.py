@@ -148,16 +148,17 @@ class GemmMemo:
         return None
 
     def _keep(self, key: tuple, weight: Tensor, bias: Tensor | None, rows: Tensor, out: Tensor) -> None:
+        guard = self._guards.get(key)
+        if guard is None or not _same(guard, weight, bias):  # new, or written since: its old results are stale
+            stale = self._entries.pop(key, [])
+            self._bytes -= sum((seen.numel() + result.numel()) * result.element_size() for seen, result in stale)
+            version = bias._version if bias is not None else 0
+            self._guards[key] = (weakref.ref(weight), weight._version, _ref(bias), version)
         size = (rows.numel() + out.numel()) * out.element_size()
         if self._bytes + size > self.budget:
             return
-        guard = self._guards.get(key)
-        if guard is None or not _same(guard, weight, bias):  # a new weight at a dead one's address: start over
-            self._entries[key] = []
-            version = bias._version if bias is not None else 0
-            self._guards[key] = (weakref.ref(weight), weight._version, _ref(bias), version)
         result = out.detach().reshape(-1, out.shape[-1]).clone()
-        self._entries[key].append((rows.clone(), result))
+        self._entries.setdefault(key, []).append((rows.clone(), result))
         self._bytes += size
 
 

@@ -211,3 +211,14 @@ def test_a_linear_on_a_transposed_view_is_the_addmm_of_the_weight():
     first = memo.gemm(x, w, b, transposed=True)
     again = memo.gemm(x, w.T, b)
     assert memo.hits == 1 and torch.equal(again, first) and torch.equal(again, F.linear(x, w.T, b))
+
+
+def test_results_of_a_changed_weight_give_their_room_back():
+    x, w = _rows(64, 32), _rows(32, 32, seed=1)
+    memo = GemmMemo(budget=x.numel() * 4 * 2)  # room for one input and its result
+    memo.gemm(x, w, None)
+    with torch.no_grad():
+        w.add_(1)  # the entry is stale: a new GEMM of the same weight takes its place
+    memo.gemm(x, w, None)
+    assert memo._bytes == x.numel() * 4 * 2 and len(memo._entries[next(iter(memo._entries))]) == 1
+    assert torch.equal(memo.gemm(x, w, None), F.linear(x, w)) and memo.hits == 1
