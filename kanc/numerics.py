@@ -107,16 +107,13 @@ class CastPool:
     def trim(self) -> None:
         """Let go of the storages no cast used since the last call (memory returns once nobody holds them)."""
         with self._lock:
-            self._trim()
-
-    def _trim(self) -> None:
-        for nbytes, same in list(self._storages.items()):
-            kept = [s for s in same if id(s) in self._used]
-            if kept:
-                self._storages[nbytes] = kept
-            else:
-                del self._storages[nbytes]
-        self._used.clear()
+            for nbytes, same in list(self._storages.items()):
+                kept = [s for s in same if id(s) in self._used]
+                if kept:
+                    self._storages[nbytes] = kept
+                else:
+                    del self._storages[nbytes]
+            self._used.clear()
 
     def nbytes(self) -> int:
         """Bytes the pool holds (in use or free)."""
