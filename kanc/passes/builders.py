@@ -151,7 +151,7 @@ def make_rational(
     num, den = _coefficients(spec, degrees, ctx)
     if samples is not None and not isinstance(spec, str):
         with torch.enable_grad():
-            num, den = fit_to_samples(spec.fn, (num, den), samples, seed=ctx.index)
+            num, den = fit_to_samples(spec.fn, (num, den), samples)
     rational.numerator.copy_(num.reshape(1, -1).expand_as(rational.numerator))
     rational.denominator.copy_(den.reshape(1, -1).expand_as(rational.denominator))
     rational.init = spec if isinstance(spec, str) else spec.name

@@ -26,7 +26,7 @@ from kanc.passes import lbfgs
 
 GRID_WEIGHT = 0.05
 GRID_POINTS = 2001
-MAX_SAMPLES = 20000
+BINS = 4096
 # L-BFGS iterations: the fit converges in ~140 evaluations at degrees (5, 4), ~500 at (7, 6), ~1100 at (9, 8).
 MAX_ITER = 2000
 # The fit stops when a step lowers the loss (a relative squared error: the same scale for every block) by less than
@@ -39,18 +39,20 @@ TOLERANCE_CHANGE = 1e-11
 class _Loss:
     """sum_i w_i (P(x_i) / Q(x_i) - y_i)^2 over the samples and the grid, with P(x) = sum_k a_k x^k and
     Q(x) = 1 + sum_k root_k^2 |x|^k (k >= 1): the rational of ``rational_ref`` with b = root^2 >= 0 (so |b| = b).
-    The samples' squared error is averaged and scaled by their mean square target, the grid's likewise and weighted
-    by GRID_WEIGHT, as one weighted sum. The powers of x are built once."""
+    The samples' squared error is averaged (each sample counted ``counts`` times; default once) and scaled by their
+    mean square target, the grid's likewise and weighted by GRID_WEIGHT, as one weighted sum. The powers of x are
+    built once."""
 
-    def __init__(self, z: Tensor, fz: Tensor, grid: Tensor, fg: Tensor, m: int, n: int) -> None:
-        scale_z, scale_g = float(fz.square().mean()) + 1e-12, float(fg.square().mean()) + 1e-12
+    def __init__(
+        self, z: Tensor, fz: Tensor, grid: Tensor, fg: Tensor, m: int, n: int, counts: Tensor | None = None
+    ) -> None:
+        counts = torch.ones_like(z) if counts is None else counts.to(z.dtype)
+        total = float(counts.sum())
+        scale_z, scale_g = float((counts * fz.square()).sum()) / total + 1e-12, float(fg.square().mean()) + 1e-12
         x = torch.cat([z, grid])
         self.y = torch.cat([fz, fg])
         self.w = torch.cat(
-            [
-                z.new_full(z.shape, 1.0 / (z.numel() * scale_z)),
-                grid.new_full(grid.shape, GRID_WEIGHT / (grid.numel() * scale_g)),
-            ]
+            [counts / (total * scale_z), grid.new_full(grid.shape, GRID_WEIGHT / (grid.numel() * scale_g))]
         )
         self.powers = torch.stack([x**k for k in range(m + 1)], 1)  # (N, m + 1): P's columns
         ax = x.abs()
@@ -68,22 +70,21 @@ class _Loss:
 
 
 def fit_to_samples(
-    fn: Callable[[Tensor], Tensor], start: tuple[Tensor, Tensor], samples: Tensor, seed: int = 0
+    fn: Callable[[Tensor], Tensor], start: tuple[Tensor, Tensor], samples: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """(numerator, denominator) float32, refined from ``start`` for pre-activation ``samples`` (any shape)."""
-    z = samples.detach().reshape(-1).double().cpu()
+    """(numerator, denominator) float32, refined from ``start`` for pre-activation ``samples`` (any shape): every
+    finite sample counts, binned (``_bins``)."""
+    z = samples.detach().reshape(-1).cpu()
     z = z[torch.isfinite(z)]
     if z.numel() == 0:
         return start
-    if z.numel() > MAX_SAMPLES:
-        gen = torch.Generator().manual_seed(seed)
-        z = z[torch.randperm(z.numel(), generator=gen)[:MAX_SAMPLES]]
+    z, counts = _bins(z)
     grid = torch.linspace(*DEFAULT_INTERVAL, GRID_POINTS, dtype=torch.float64)
     with torch.no_grad():
         fz, fg = fn(z).double(), fn(grid).double()
     if not (torch.isfinite(fz).all() and torch.isfinite(fg).all()):
         return start
-    loss = _Loss(z, fz, grid, fg, start[0].numel() - 1, start[1].numel())
+    loss = _Loss(z, fz, grid, fg, start[0].numel() - 1, start[1].numel(), counts)
     m = start[0].numel()
     # Optimised as b = root^2: F uses |b|, whose kink at b = 0 stalls L-BFGS when a coefficient gets there (a (7, 6)
     # ReLU fit stopped at 70x the loss it reaches this way, and worse than (5, 4)). root^2 is smooth everywhere.
@@ -104,3 +105,24 @@ def fit_to_samples(
         return start
     num, root = torch.from_numpy(fit.x[:m]), torch.from_numpy(fit.x[m:])
     return num.reshape(start[0].shape).float(), root.square().reshape(start[1].shape).float()
+
+
+def _bins(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Finite samples ``z`` as at most BINS fp64 points with counts: the mean of the samples in each bin and how many
+    fell there (empty bins dropped). The bins are equal in sign(z) log(1 + |z| / s), s the mean |z|: near 0 a bin is
+    about 0.2% of s wide, and wider in proportion to |z| in the tails, so a few outliers (a transformer's massive
+    activations) do not widen the bins of the bulk. The loss is a smooth function of x: a bin's mean stands for its
+    samples to within a relative error of the order of the bin's width squared."""
+    points = z.double()
+    if z.numel() <= BINS:
+        return points, torch.ones_like(points)
+    u = z.float()
+    u = torch.log1p(u.abs() / (float(u.abs().mean()) or 1.0)).copysign(u)
+    lo, hi = float(u.min()), float(u.max())
+    if hi <= lo:
+        return points[:1], points.new_full((1,), z.numel())
+    index = ((u - lo) * (BINS / (hi - lo))).long().clamp_(max=BINS - 1)
+    counts = torch.bincount(index, minlength=BINS).double()
+    sums = torch.bincount(index, weights=points, minlength=BINS)
+    kept = counts > 0
+    return sums[kept] / counts[kept], counts[kept]

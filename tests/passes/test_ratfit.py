@@ -69,3 +69,31 @@ def test_the_fit_does_not_stop_on_a_plateau(fn, name, scale, bound):
     want = fn(held)
     error = float((evaluate(num.double(), den.double(), held) - want).square().mean() / want.square().mean())
     assert error < bound, error
+
+
+@pytest.mark.parametrize("outliers", [0, 30])
+def test_binned_samples_give_the_loss_of_every_sample(outliers):
+    """The fit sees its samples as at most BINS bin means with counts: the loss and gradient on them are those on
+    every sample, with a few huge outliers (massive activations) too, and near 0 the bins stay narrow."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(300000, generator=gen) * 0.7
+    z[:outliers] = torch.randn(outliers, generator=gen) * 400
+    points, counts = ratfit._bins(z)
+    assert points.numel() <= ratfit.BINS and points.dtype == counts.dtype == torch.float64
+    assert float(counts.sum()) == z.numel()
+    torch.testing.assert_close((points * counts).sum(), z.double().sum(), rtol=1e-12, atol=1e-9)
+    bulk = points[points.abs() < 1.0]
+    assert float(bulk.diff().max()) < 0.01 * 0.7, float(bulk.diff().max())  # the outliers leave the bulk narrow bins
+
+    grid = torch.linspace(-6, 6, 101, dtype=torch.float64)
+    num = rational_coefficients("gelu", (5, 4))[0].double() * 1.1
+    root = rational_coefficients("gelu", (5, 4))[1].double().abs().sqrt()
+    every = ratfit._Loss(z.double(), F.gelu(z.double()), grid, F.gelu(grid), 5, 4).value(num, root)
+    binned = ratfit._Loss(points, F.gelu(points), grid, F.gelu(grid), 5, 4, counts).value(num, root)
+    for got, want in zip(binned, every):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+
+
+def test_samples_of_one_value_are_one_point():
+    points, counts = ratfit._bins(torch.full((10000,), 0.25))
+    assert points.tolist() == [0.25] and counts.tolist() == [10000.0]
