@@ -1,6 +1,7 @@
 """The tensor-by-tensor safetensors writer and the lazy reader: round trips, shard splits, refusals."""
 
 import json
+import os
 import struct
 import threading
 
@@ -234,6 +235,38 @@ def test_shards_are_flushed_to_disk_as_they_grow_and_when_closed(tmp_path, monke
     kinds = [k for k, _ in synced]
     # shard 1 (five tensors) passes 10,000 unsynced bytes at its third, shard 2 (three) at its third; each closes
     assert kinds == ["data", "all", "data", "all"]
+    merged = {
+        **load_file(tmp_path / "model-00001-of-00002.safetensors"),
+        **load_file(tmp_path / "model-00002-of-00002.safetensors"),
+    }
+    assert all(torch.equal(merged[n], t) for n, t in tensors.items())
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
+def test_bytes_on_disk_are_dropped_from_the_page_cache_once_synced(tmp_path, monkeypatch):
+    """Each fdatasync is followed by dropping the range it made durable, and each closed shard by dropping the whole
+    file: the ranges follow each other from the end of the header, and the files read back intact."""
+    from kanc.checkpoint import shards
+
+    calls = []
+    monkeypatch.setattr(shards, "SYNC_EVERY", 10_000)
+    monkeypatch.setattr(shards, "DROP_WRITTEN", True)
+    real_sync = shards.os.fdatasync
+    monkeypatch.setattr(shards.os, "fdatasync", lambda fd: (calls.append(("sync", fd)), real_sync(fd)))
+    monkeypatch.setattr(
+        shards.os, "posix_fadvise", lambda fd, start, length, advice: calls.append(("drop", start, length, advice))
+    )
+    writer = ShardWriter(tmp_path, 20_000)  # 4,000-byte tensors: five fill a shard
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.finish()
+    head = 8 + shards.HEADER_SPACE
+    drops = [c[1:] for c in calls if c[0] == "drop"]
+    advice = shards.os.POSIX_FADV_DONTNEED
+    # shard 1: synced after its third tensor (12,000 bytes), closed after its fifth; shard 2 likewise after its third
+    assert drops == [(head, 12_000, advice), (0, 0, advice), (head, 12_000, advice), (0, 0, advice)]
+    assert [c[0] for c in calls].count("sync") == 2
     merged = {
         **load_file(tmp_path / "model-00001-of-00002.safetensors"),
         **load_file(tmp_path / "model-00002-of-00002.safetensors"),
