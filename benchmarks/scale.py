@@ -232,6 +232,11 @@ def _summary(done: list[dict[str, Any]]) -> dict[str, Any]:
         walls = [r["wall_s"] for r in done]
         out.update(wall_s=round(statistics.median(walls), 2), walls_s=walls)
         out["peak_rss_gb"] = max(r.get("peak_rss_gb", 0.0) for r in done)
+        for key in ("user_s", "sys_s"):  # CPU seconds: the median, and each round's
+            if all(key in r for r in done):
+                out.update(
+                    {key: round(statistics.median(r[key] for r in done), 2), f"{key}_rounds": [r[key] for r in done]}
+                )
         failed = next((r for r in done if r["rc"] != 0), None)
         if failed is not None:
             out.update(rc=failed["rc"], error=failed.get("error", ""))
@@ -243,10 +248,13 @@ def _ran(*results: dict[str, Any]) -> bool:
 
 
 def _with_rusage(cmd: list[str]) -> list[str]:
-    """The command run under a tiny Python parent that prints the child's own rusage as the last JSON line."""
+    """The command run under a tiny Python parent that prints the child's own rusage as the last JSON line: peak RSS,
+    and CPU seconds in user space and in the kernel (on this machine's VM, writing a GB into page-cache pages that
+    were not in use costs about 2 s of kernel time: the system time says how much of a wall was that)."""
     code = (
         "import json,os,subprocess,sys,resource;p=subprocess.Popen(sys.argv[1:]);"
-        "_,s,r=os.wait4(p.pid,0);print(json.dumps({'peak_rss_gb':r.ru_maxrss*1024/1e9}));"
+        "_,s,r=os.wait4(p.pid,0);print(json.dumps({'peak_rss_gb':r.ru_maxrss*1024/1e9,"
+        "'user_s':round(r.ru_utime,2),'sys_s':round(r.ru_stime,2)}));"
         "sys.exit(os.waitstatus_to_exitcode(s))"
     )
     return [sys.executable, "-c", code, *cmd]
@@ -306,8 +314,9 @@ def _print_row(row: dict[str, Any]) -> None:
             ratio += f", {r['paired_ratio_synced']:.2f}x the synced baseline"
         walls = f" of {', '.join(f'{w:.1f}' for w in r['walls_s'])}" if "walls_s" in r else ""
         peak = r.get("peak_rss_gb")
+        cpu = f"  CPU user {r['user_s']:.1f} s, sys {r['sys_s']:.1f} s" if "sys_s" in r else ""
         error = r.get("error", "")
-        print(f"  {run:<15} rc {r['rc']}  {r['wall_s']:7.1f} s{walls}{ratio}  peak RSS {peak:.2f} GB  {error}")
+        print(f"  {run:<15} rc {r['rc']}  {r['wall_s']:7.1f} s{walls}{ratio}  peak RSS {peak:.2f} GB{cpu}  {error}")
     if "check" in row:
         c = row["check"]
         print(f"  check: worst layer error {c['worst_layer_error']:.2e}, final drift {c['final_drift']:.2e}")
