@@ -109,15 +109,18 @@ def fit_to_samples(
 
 def _bins(z: Tensor) -> tuple[Tensor, Tensor]:
     """Finite samples ``z`` as at most BINS fp64 points with counts: the mean of the samples in each bin and how many
-    fell there (empty bins dropped). The bins are equal in sign(z) log(1 + |z| / s), s the mean |z|: near 0 a bin is
-    about 0.2% of s wide, and wider in proportion to |z| in the tails, so a few outliers (a transformer's massive
-    activations) do not widen the bins of the bulk. The loss is a smooth function of x: a bin's mean stands for its
-    samples to within a relative error of the order of the bin's width squared."""
+    fell there (empty bins dropped). The bins are equal in sign(z) log(1 + |z| / s), s the median |z| (of every
+    n-th sample; the mean |z| when that is 0): near 0 a bin is s times the range of log(1 + |z| / s) over BINS
+    wide, and wider in proportion to |z| in the tails. Outliers widen the bins of the bulk only logarithmically:
+    0.15% of s for normal samples, 0.5% with ten of 300,000 at 900 s (a transformer's massive activations), 6% with
+    ten near float32's limit. The loss is a smooth function of x: a bin's mean stands for its samples to within a
+    relative error of the order of the bin's width squared."""
     points = z.double()
     if z.numel() <= BINS:
         return points, torch.ones_like(points)
-    u = z.float()
-    u = torch.log1p(u.abs() / (float(u.abs().mean()) or 1.0)).copysign(u)
+    size = points.abs()  # fp64: |z| / s stays finite for any float32 z
+    s = float(size[:: max(1, z.numel() // 8192)].median()) or float(size.mean()) or 1.0
+    u = torch.log1p(size / s).copysign(points)
     lo, hi = float(u.min()), float(u.max())
     if hi <= lo:
         return points[:1], points.new_full((1,), z.numel())

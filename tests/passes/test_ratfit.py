@@ -97,3 +97,18 @@ def test_binned_samples_give_the_loss_of_every_sample(outliers):
 def test_samples_of_one_value_are_one_point():
     points, counts = ratfit._bins(torch.full((10000,), 0.25))
     assert points.tolist() == [0.25] and counts.tolist() == [10000.0]
+
+
+def test_samples_near_the_float32_limit_leave_the_bulk_its_bins():
+    """Ten samples at +-3e38 among 50,000 (their float32 sum overflows, and a float32 |z| / s would): the bulk keeps
+    bins of its own (log bins over 89 decades of e: about 0.03 wide near 0), the outliers their own points, and
+    every sample is counted."""
+    z = torch.randn(50000, generator=torch.Generator().manual_seed(4))
+    z[:10] = torch.tensor([3e38, -3e38] * 5)
+    points, counts = ratfit._bins(z)
+    assert bool(torch.isfinite(points).all()) and float(counts.sum()) == z.numel()
+    bulk = points[points.abs() < 1.0]
+    assert bulk.numel() > 40 and float(bulk.diff().max()) < 0.1, (bulk.numel(), float(bulk.diff().max()))
+    huge = points.abs() > 1e38
+    torch.testing.assert_close(points[huge], torch.tensor([-3e38, 3e38], dtype=torch.float64), rtol=1e-6, atol=0)
+    assert counts[huge].tolist() == [5.0, 5.0]
