@@ -267,6 +267,7 @@ class ShardWriter:
         self._file = None  # used by the background thread only
         self._unsynced = 0  # bytes written to ``_file`` since its last fdatasync (background thread only)
         self._synced = 0  # bytes of ``_file`` on disk (from the start; background thread only)
+        self._dropping = True  # whether the file system takes DROP_WRITTEN's advice (background thread only)
         self._is_open = False
         self._offset = 0
         self._header_bytes = 0
@@ -390,9 +391,13 @@ class ShardWriter:
             self._unsynced = 0
 
     def _drop(self, start: int, length: int) -> None:
-        """Drop bytes ``start`` to ``start + length`` of the open file, on disk by now, from the page cache."""
-        if DROP_WRITTEN:
-            os.posix_fadvise(self._file.fileno(), start, length, os.POSIX_FADV_DONTNEED)
+        """Drop bytes ``start`` to ``start + length`` of the open file, on disk by now, from the page cache. Advice
+        only: a file system that refuses it (an error) is not asked again, and the bytes stay written."""
+        if DROP_WRITTEN and self._dropping:
+            try:
+                os.posix_fadvise(self._file.fileno(), start, length, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                self._dropping = False
 
     def _close_file(self, head: bytes) -> None:
         self._file.seek(0)

@@ -274,6 +274,32 @@ def test_bytes_on_disk_are_dropped_from_the_page_cache_once_synced(tmp_path, mon
     assert all(torch.equal(merged[n], t) for n, t in tensors.items())
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
+def test_a_file_system_that_refuses_the_drop_still_gets_every_byte(tmp_path, monkeypatch):
+    from kanc.checkpoint import shards
+
+    asked = []
+
+    def refuse(fd, start, length, advice):
+        asked.append(start)
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(shards, "SYNC_EVERY", 10_000)
+    monkeypatch.setattr(shards, "DROP_WRITTEN", True)
+    monkeypatch.setattr(shards.os, "posix_fadvise", refuse)
+    writer = ShardWriter(tmp_path, 20_000)
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.finish()
+    assert len(asked) == 1  # asked once, then not again
+    merged = {
+        **load_file(tmp_path / "model-00001-of-00002.safetensors"),
+        **load_file(tmp_path / "model-00002-of-00002.safetensors"),
+    }
+    assert all(torch.equal(merged[n], t) for n, t in tensors.items())
+
+
 # ---- ReadAhead: the next layer's tensors read on a thread ------------------------------------------------------------
 
 
