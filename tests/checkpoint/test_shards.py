@@ -218,6 +218,25 @@ def test_a_failed_background_write_is_raised_and_abort_closes_the_file(tmp_path,
     assert writer._file is None
 
 
+def write_two_shards(folder) -> dict:
+    """Eight 4,000-byte tensors through a writer whose shards hold five: two shards; the tensors."""
+    writer = ShardWriter(folder, 20_000)
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.finish()
+    return tensors
+
+
+def assert_two_shards_hold(folder, tensors: dict) -> None:
+    merged = {
+        **load_file(folder / "model-00001-of-00002.safetensors"),
+        **load_file(folder / "model-00002-of-00002.safetensors"),
+    }
+    assert merged.keys() == tensors.keys()
+    assert all(torch.equal(merged[n], t) for n, t in tensors.items())
+
+
 def test_shards_are_flushed_to_disk_as_they_grow_and_when_closed(tmp_path, monkeypatch):
     """The writer thread fdatasyncs every SYNC_EVERY bytes and fsyncs each shard it closes, so kanc.writing's fsync
     before publishing finds little left to write."""
@@ -227,19 +246,11 @@ def test_shards_are_flushed_to_disk_as_they_grow_and_when_closed(tmp_path, monke
     monkeypatch.setattr(shards, "SYNC_EVERY", 10_000)
     monkeypatch.setattr(shards.os, "fdatasync", lambda fd: synced.append(("data", fd)))
     monkeypatch.setattr(shards.os, "fsync", lambda fd: synced.append(("all", fd)))
-    writer = ShardWriter(tmp_path, 20_000)  # 4,000-byte tensors: five fill a shard
-    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
-    for name, t in tensors.items():
-        writer.add(name, t)
-    writer.finish()
+    tensors = write_two_shards(tmp_path)
     kinds = [k for k, _ in synced]
     # shard 1 (five tensors) passes 10,000 unsynced bytes at its third, shard 2 (three) at its third; each closes
     assert kinds == ["data", "all", "data", "all"]
-    merged = {
-        **load_file(tmp_path / "model-00001-of-00002.safetensors"),
-        **load_file(tmp_path / "model-00002-of-00002.safetensors"),
-    }
-    assert all(torch.equal(merged[n], t) for n, t in tensors.items())
+    assert_two_shards_hold(tmp_path, tensors)
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
@@ -256,22 +267,14 @@ def test_bytes_on_disk_are_dropped_from_the_page_cache_once_synced(tmp_path, mon
     monkeypatch.setattr(
         shards.os, "posix_fadvise", lambda fd, start, length, advice: calls.append(("drop", start, length, advice))
     )
-    writer = ShardWriter(tmp_path, 20_000)  # 4,000-byte tensors: five fill a shard
-    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
-    for name, t in tensors.items():
-        writer.add(name, t)
-    writer.finish()
+    tensors = write_two_shards(tmp_path)
     head = 8 + shards.HEADER_SPACE
     drops = [c[1:] for c in calls if c[0] == "drop"]
     advice = shards.os.POSIX_FADV_DONTNEED
     # shard 1: synced after its third tensor (12,000 bytes), closed after its fifth; shard 2 likewise after its third
     assert drops == [(head, 12_000, advice), (0, 0, advice), (head, 12_000, advice), (0, 0, advice)]
     assert [c[0] for c in calls].count("sync") == 2
-    merged = {
-        **load_file(tmp_path / "model-00001-of-00002.safetensors"),
-        **load_file(tmp_path / "model-00002-of-00002.safetensors"),
-    }
-    assert all(torch.equal(merged[n], t) for n, t in tensors.items())
+    assert_two_shards_hold(tmp_path, tensors)
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
@@ -287,17 +290,9 @@ def test_a_file_system_that_refuses_the_drop_still_gets_every_byte(tmp_path, mon
     monkeypatch.setattr(shards, "SYNC_EVERY", 10_000)
     monkeypatch.setattr(shards, "DROP_WRITTEN", True)
     monkeypatch.setattr(shards.os, "posix_fadvise", refuse)
-    writer = ShardWriter(tmp_path, 20_000)
-    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
-    for name, t in tensors.items():
-        writer.add(name, t)
-    writer.finish()
+    tensors = write_two_shards(tmp_path)
     assert len(asked) == 1  # asked once, then not again
-    merged = {
-        **load_file(tmp_path / "model-00001-of-00002.safetensors"),
-        **load_file(tmp_path / "model-00002-of-00002.safetensors"),
-    }
-    assert all(torch.equal(merged[n], t) for n, t in tensors.items())
+    assert_two_shards_hold(tmp_path, tensors)
 
 
 # ---- ReadAhead: the next layer's tensors read on a thread ------------------------------------------------------------
