@@ -26,6 +26,10 @@ def test_the_smoke_run_measures_and_checks(tmp_path):
         assert row[run]["rc"] == 0 and row[run]["wall_s"] > 0 and 0 < row[run]["peak_rss_gb"] < 50
         walls = row[run]["walls_s"]  # two rounds: the median of both
         assert len(walls) == 2 and row[run]["wall_s"] == round((walls[0] + walls[1]) / 2, 2)
+        for key in ("user_s", "sys_s"):  # the child's CPU seconds (rusage), each round's and their median
+            rounds = row[run][f"{key}_rounds"]
+            assert len(rounds) == 2 and min(rounds) >= 0 and row[run][key] == round((rounds[0] + rounds[1]) / 2, 2)
+        assert row[run]["user_s"] > 0
     pairs = [s / b for s, b in zip(row["stream"]["walls_s"], row["baseline"]["walls_s"])]
     assert row["stream"]["paired_ratio"] == round((pairs[0] + pairs[1]) / 2, 3)
     assert row["stream"]["paired_ratio_synced"] > 0 and "paired_ratio" not in row["baseline-synced"]
